@@ -1,0 +1,38 @@
+# Every target creates .venv and installs what it needs by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= config/default.toml
+
+.PHONY: install test demo batch sample train serve bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+sample: install
+	$(PY) -m batch --config $(CONFIG) generate-sample
+
+train: install
+	$(PY) -m batch --config $(CONFIG) train
+
+batch: install
+	$(PY) -m batch --config $(CONFIG) generate-sample --if-missing
+	$(PY) -m batch --config $(CONFIG) run
+
+demo: batch
+	$(PY) -m batch --config $(CONFIG) snapshots
+	$(PY) -m batch --config $(CONFIG) sql "SELECT stage, seconds FROM (SELECT unnest(map_keys(stage_seconds)) AS stage, unnest(map_values(stage_seconds)) AS seconds FROM runs ORDER BY started_at DESC LIMIT 1)"
+
+bench: install
+	$(PY) tests/bench/run_all.py
+
+clean:
+	rm -rf $(VENV) data/store data/sample

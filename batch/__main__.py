@@ -1,0 +1,225 @@
+"""`python -m batch`: the batch CLI. Parses, calls the library, turns domain errors into one line
+and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from serving.errors import ConfigError, HybridServeError, StoreLockedError, ValidationFailed
+from serving.settings import load_settings
+
+LOG = logging.getLogger("batch")
+
+EXIT_FAILED, EXIT_REFUSED, EXIT_LOCKED = 1, 3, 75
+
+
+class _Ctx:
+    def __init__(self, config: str | None):
+        self.config = config
+        self._settings = None
+
+    @property
+    def settings(self):
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+
+@click.group()
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="Config file (TOML); default $HYBRIDSERVE_CONFIG or built-in defaults.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
+    """hybridserve batch: precompute what is popular into a versioned snapshot."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose + 1, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    ctx.obj = _Ctx(config)
+
+
+@cli.command("generate-sample")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder (default: paths.inputs).")
+@click.option("--if-missing", is_flag=True, help="Do nothing when the sample exists already.")
+@click.pass_obj
+def generate_sample_cmd(obj: _Ctx, out: str | None, if_missing: bool) -> None:
+    """Write the seeded sample (users, items, interactions) as Parquet."""
+    from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs
+    s = obj.settings
+    folder = Path(out or s["paths.inputs"])
+    if if_missing and (folder / INTERACTIONS).is_file() and (folder / ITEMS).is_file():
+        click.echo(f"sample exists in {folder}")
+        return
+    inter, items = generate_sample(s["sample.users"], s["sample.items"], s["sample.interactions"],
+                                   s["sample.genres"], s["sample.days"], s["sample.seed"])
+    write_inputs(folder, inter, items)
+    click.echo(f"wrote {len(inter):,} interactions, {len(items):,} items, "
+               f"{inter['user_id'].nunique():,} users to {folder}")
+
+
+@cli.command("import-movielens")
+@click.argument("path", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default="data/movielens", show_default=True)
+def import_movielens_cmd(path: str, out: str) -> None:
+    """Convert a MovieLens folder (100K layout or CSV layout, detected) into input Parquet."""
+    from batch.inputs import detect_movielens, read_movielens, write_inputs
+    layout = detect_movielens(Path(path))
+    inter, items = read_movielens(Path(path))
+    write_inputs(Path(out), inter, items)
+    click.echo(f"{layout} layout: {len(inter):,} ratings, {inter['user_id'].nunique():,} users, "
+               f"{len(items):,} items -> {out} (set paths.inputs = \"{out}\")")
+
+
+@cli.command()
+@click.pass_obj
+def train(obj: _Ctx) -> None:
+    """Train and evaluate the model; cache it in the store for the next run."""
+    from batch.inputs import load_inputs
+    from batch.job import obtain_model
+    from serving.store import Store
+    s = obj.settings
+    store = Store(s["paths.store"])
+    store.ensure_layout()
+    inputs = load_inputs(Path(s["paths.inputs"]), s["train.rating_min"], s["train.rating_max"])
+    lock = store.lock()
+    try:
+        bundle, folder, evaluation, _ = obtain_model(store, inputs, s, retrain=True)
+    finally:
+        lock.release()
+    click.echo(f"model {bundle.model_version}: {bundle.n_users:,} users, {bundle.n_items:,} items, "
+               f"index {bundle.meta['index']}")
+    _print_evaluation(evaluation)
+
+
+def _print_evaluation(ev: dict) -> None:
+    if not ev:
+        return
+    click.echo(f"hold-out ({ev['test_rows_scored']:,} of {ev['test_rows']:,} ratings scored): "
+               f"RMSE model {ev['rmse_model']:.4f} vs item-mean {ev['rmse_item_mean']:.4f}; "
+               f"recall@10 model {ev['recall_at_10']:.4f} vs most-popular {ev['recall_at_10_popular']:.4f} "
+               f"({ev['eval_users']} users)")
+
+
+@cli.command()
+@click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged.")
+@click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop.")
+@click.pass_obj
+def run(obj: _Ctx, retrain: bool, force: bool) -> None:
+    """The whole job: inputs -> model -> popular keys -> precompute -> validate -> publish."""
+    from batch.job import run as run_job
+    result = run_job(obj.settings, retrain=retrain, force=force)
+    m = result.manifest
+    click.echo(f"published snapshot {result.snapshot_id} (model {m['model_version']}, "
+               f"{'retrained' if m['retrained'] else 'model reused'})")
+    click.echo("rows: " + ", ".join(f"{k} {v:,}" for k, v in m["row_counts"].items()))
+    click.echo(f"expected hit rate on the selection window: {m['popularity']['expected_hit_rate']:.3f}")
+    _print_evaluation(m.get("evaluation"))
+    if not result.catalog_updated:
+        click.echo("catalog is held by another process: the snapshot is published; "
+                   "the catalog will be refreshed by the next run", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def snapshots(obj: _Ctx, as_json: bool) -> None:
+    """List retained snapshots (* marks CURRENT)."""
+    from serving.store import Store
+    rows = Store(obj.settings["paths.store"]).list_snapshots()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no snapshots")
+    for r in rows:
+        counts = ", ".join(f"{k}={v}" for k, v in r.get("rows", {}).items())
+        click.echo(f"{'*' if r['current'] else ' '} {r['id']}  model {r.get('model_version')}  {counts}"
+                   + (f"  ERROR {r['error']}" if "error" in r else ""))
+
+
+@cli.command()
+@click.argument("snapshot_id", required=False)
+@click.pass_obj
+def rollback(obj: _Ctx, snapshot_id: str | None) -> None:
+    """Move CURRENT to SNAPSHOT_ID (default: the snapshot before CURRENT)."""
+    from batch.catalog import refresh_views
+    from serving.store import Store
+    store = Store(obj.settings["paths.store"])
+    lock = store.lock()
+    try:
+        target = store.rollback(snapshot_id)
+    finally:
+        lock.release()
+    refresh_views(store)
+    click.echo(f"CURRENT -> {target}")
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--max-rows", default=1000, show_default=True, help="Rows printed at most.")
+@click.pass_obj
+def sql(obj: _Ctx, query: str, max_rows: int) -> None:
+    """Run a SQL query (read-only) against the store's DuckDB catalog and print a table."""
+    import duckdb
+
+    from batch.catalog import query as run_query
+    from serving.store import Store
+    store = Store(obj.settings["paths.store"])
+    try:
+        cols, rows, truncated = run_query(store.catalog_path, query, max_rows)
+    except FileNotFoundError:
+        raise HybridServeError(f"{store.catalog_path}: no catalog yet (run `python -m batch run` first)") from None
+    except duckdb.Error as exc:
+        raise HybridServeError(f"sql: {str(exc).splitlines()[0]}") from None
+    click.echo(_format_table(cols, rows))
+    if truncated:
+        click.echo(f"(first {max_rows} rows shown; --max-rows for more)")
+
+
+def _format_table(cols: list[str], rows: list[tuple]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", line]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    out += [line, f"({len(rows)} row{'s' if len(rows) != 1 else ''})"]
+    return "\n".join(out)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    text = "NULL" if v is None else str(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="python -m batch", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_FAILED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except StoreLockedError as exc:
+        click.echo(f"locked: {exc}", err=True)
+        return EXIT_LOCKED
+    except ValidationFailed as exc:
+        click.echo(f"refused: {exc}", err=True)
+        return EXIT_REFUSED
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        return EXIT_FAILED
+    except HybridServeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Inputs: the seeded sample generator, MovieLens readers, and the validating loader.
+
+Every source ends as the same two Parquet files in an inputs folder:
+    interactions.parquet  user_id int64, item_id int64, rating float32, ts timestamp[s, UTC]
+    items.parquet         item_id int64, title string, genres list<string>
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from serving.errors import InputError
+
+LOG = logging.getLogger(__name__)
+
+INTERACTIONS = "interactions.parquet"
+ITEMS = "items.parquet"
+
+INTERACTIONS_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
+                                 ("rating", pa.float32()), ("ts", pa.timestamp("s", tz="UTC"))])
+ITEMS_SCHEMA = pa.schema([("item_id", pa.int64()), ("title", pa.string()), ("genres", pa.list_(pa.string()))])
+
+# The sample's clock is fixed, so the same seed gives the same files on any day.
+SAMPLE_END = datetime(2026, 1, 1, tzinfo=timezone.utc)
+_ADJECTIVES = ("Silent", "Crimson", "Last", "Hidden", "Electric", "Golden", "Broken", "Distant", "Wild", "Final",
+               "Frozen", "Secret", "Midnight", "Lost", "Bright", "Iron")
+_NOUNS = ("River", "Empire", "Garden", "Signal", "Harbor", "Machine", "Summer", "Kingdom", "Voyage", "Mirror",
+          "Frontier", "Orchard", "Storm", "Letter", "Circus", "Planet")
+_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+
+
+@dataclass
+class Inputs:
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    fingerprint: str
+    folder: Path
+
+
+# --- the sample --------------------------------------------------------------------
+def generate_sample(users: int, items: int, interactions: int, genres: int = 18, days: int = 180,
+                    seed: int = 42, factors: int = 16) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded sample with latent-factor structure and long-tailed item popularity.
+
+    Items belong to genre clusters in factor space, so nearest neighbours mean something;
+    each user draws items without replacement with probability ~ popularity * exp(affinity).
+    """
+    if interactions > users * items // 2:
+        raise ValueError("interactions must be at most half of users x items")
+    rng = np.random.default_rng(seed)
+    n_genres = max(1, genres)
+    centres = rng.normal(size=(n_genres, factors)) * 1.5
+    primary = rng.integers(0, n_genres, size=items)
+    item_f = centres[primary] + rng.normal(scale=0.7, size=(items, factors))
+    user_f = centres[rng.integers(0, n_genres, size=users)] + rng.normal(scale=1.0, size=(users, factors))
+    # Zipf-like popularity over a random permutation of items.
+    log_pop = -1.0 * np.log(rng.permutation(items) + 1.0)
+    # Heavy-tailed activity per user, summing to the requested total.
+    activity = rng.lognormal(mean=0.0, sigma=1.0, size=users)
+    per_user = np.maximum(1, np.round(activity / activity.sum() * interactions)).astype(np.int64)
+    per_user = np.minimum(per_user, items // 2)
+    diff = interactions - per_user.sum()
+    order = np.argsort(-activity)
+    i = 0
+    while diff != 0:  # nudge the most active users until the total is exact
+        u = order[i % users]
+        step = 1 if diff > 0 else -1
+        if 1 <= per_user[u] + step <= items // 2:
+            per_user[u] += step
+            diff -= step
+        i += 1
+    scale = np.sqrt(factors)
+    user_rows, item_rows, ratings = [], [], []
+    item_bias = rng.normal(scale=0.35, size=items)
+    user_bias = rng.normal(scale=0.3, size=users)
+    chunk = max(1, 2_000_000 // items)
+    for start in range(0, users, chunk):
+        stop = min(users, start + chunk)
+        affinity = user_f[start:stop] @ item_f.T / scale
+        # Standardise per user, so ratings spread around the scale's middle whatever the draw.
+        affinity = (affinity - affinity.mean(axis=1, keepdims=True)) / affinity.std(axis=1, keepdims=True)
+        # Gumbel top-k: sampling without replacement proportional to exp(logits).
+        logits = log_pop[None, :] + 1.2 * affinity + rng.gumbel(size=affinity.shape)
+        for r in range(stop - start):
+            n = per_user[start + r]
+            chosen = np.argpartition(-logits[r], n - 1)[:n]
+            user_rows.append(np.full(n, start + r))
+            item_rows.append(chosen)
+            raw = 2.6 + 0.7 * affinity[r, chosen] + item_bias[chosen] + user_bias[start + r]
+            ratings.append(raw + rng.normal(scale=0.6, size=n))
+    u = np.concatenate(user_rows)
+    it = np.concatenate(item_rows)
+    rating = np.clip(np.round(np.concatenate(ratings)), 1, 5).astype(np.float32)
+    span = days * 86400
+    ts = SAMPLE_END.timestamp() - span + np.sort(rng.uniform(0, span, size=len(u)))
+    ts = ts[rng.permutation(len(u))]
+    inter = pd.DataFrame({"user_id": u.astype(np.int64) + 1, "item_id": it.astype(np.int64) + 1,
+                          "rating": rating, "ts": pd.to_datetime(ts.astype(np.int64), unit="s", utc=True)})
+    names = [_GENRES[g % len(_GENRES)] + ("" if g < len(_GENRES) else f" {g // len(_GENRES) + 1}")
+             for g in range(n_genres)]
+    second = rng.integers(0, n_genres, size=items)
+    has_second = rng.random(items) < 0.3
+    item_genres = [[names[p]] + ([names[s]] if h and s != p else []) for p, s, h in zip(primary, second, has_second)]
+    titles = [f"{_ADJECTIVES[rng.integers(len(_ADJECTIVES))]} {_NOUNS[rng.integers(len(_NOUNS))]} ({1950 + i % 75})"
+              for i in range(items)]
+    item_df = pd.DataFrame({"item_id": np.arange(1, items + 1, dtype=np.int64), "title": titles,
+                            "genres": item_genres})
+    return inter.sort_values(["ts", "user_id", "item_id"], kind="stable").reset_index(drop=True), item_df
+
+
+def write_inputs(folder: Path, interactions: pd.DataFrame, items: pd.DataFrame) -> None:
+    """Write the two input files atomically (``name.tmp`` then ``os.replace``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame, schema in ((INTERACTIONS, interactions, INTERACTIONS_SCHEMA), (ITEMS, items, ITEMS_SCHEMA)):
+        table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+        tmp = folder / f"{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, folder / name)
+
+
+# --- MovieLens ------------------------------------------------------------------------
+def detect_movielens(path: Path) -> str:
+    path = Path(path)
+    if (path / "u.data").is_file():
+        return "100k"
+    if (path / "ratings.csv").is_file():
+        return "csv"
+    raise InputError(path, None, "not a MovieLens folder: expected u.data (100K layout) or ratings.csv (CSV layout)")
+
+
+def read_movielens(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read either MovieLens layout into (interactions, items) frames of the input schema."""
+    layout = detect_movielens(path)
+    return read_movielens_100k(path) if layout == "100k" else read_movielens_csv(path)
+
+
+def read_movielens_100k(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    path = Path(path)
+    data = _read_csv(path / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "ts"])
+    genre_names = list(_GENRES_100K)
+    if (path / "u.genre").is_file():
+        g = _read_csv(path / "u.genre", sep="|", header=None, names=["name", "index"], skip_blank_lines=True)
+        genre_names = [str(n) for n in g.sort_values("index")["name"]]
+    cols = ["item_id", "title", "release_date", "video_release_date", "url"] + [f"g{i}" for i in range(len(genre_names))]
+    items = _read_csv(path / "u.item", sep="|", header=None, names=cols, encoding="latin-1")
+    flags = items[[f"g{i}" for i in range(len(genre_names))]].to_numpy()
+    genres = [[genre_names[j] for j in np.flatnonzero(row)] for row in flags]
+    return _frames(data, path / "u.data", items["item_id"], items["title"].fillna(""), genres)
+
+
+_GENRES_100K = ("unknown",) + _GENRES
+
+
+def read_movielens_csv(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    path = Path(path)
+    ratings = _read_csv(path / "ratings.csv")
+    movies = _read_csv(path / "movies.csv")
+    _require(ratings, path / "ratings.csv", ["userId", "movieId", "rating", "timestamp"])
+    _require(movies, path / "movies.csv", ["movieId", "title", "genres"])
+    data = ratings.rename(columns={"userId": "user_id", "movieId": "item_id", "timestamp": "ts"})
+    genres = [[] if (not isinstance(g, str) or g == "(no genres listed)") else g.split("|")
+              for g in movies["genres"]]
+    return _frames(data, path / "ratings.csv", movies["movieId"], movies["title"].fillna("").astype(str), genres)
+
+
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise InputError(path, None, "file not found") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(path, None, "file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, None, f"cannot parse: {str(exc).splitlines()[0]}") from None
+
+
+def _require(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    for col in columns:
+        if col not in frame.columns:
+            raise InputError(path, col, "missing column")
+
+
+def _frames(data, data_path, item_ids, titles, genres) -> tuple[pd.DataFrame, pd.DataFrame]:
+    for col in ("user_id", "item_id", "rating", "ts"):
+        if not pd.api.types.is_numeric_dtype(data[col]):
+            raise InputError(data_path, col, "expected numbers")
+    inter = pd.DataFrame({"user_id": data["user_id"].astype(np.int64), "item_id": data["item_id"].astype(np.int64),
+                          "rating": data["rating"].astype(np.float32),
+                          "ts": pd.to_datetime(data["ts"].astype(np.int64), unit="s", utc=True)})
+    items = pd.DataFrame({"item_id": pd.Series(item_ids).astype(np.int64).to_numpy(),
+                          "title": pd.Series(titles).astype(str).to_numpy(), "genres": genres})
+    return inter, items
+
+
+# --- loading and validation -------------------------------------------------------------
+def load_inputs(folder: Path, rating_min: float = 0.5, rating_max: float = 5.0) -> Inputs:
+    """Read and validate the input folder; any problem is an InputError naming the file and field."""
+    folder = Path(folder)
+    ipath, tpath = folder / INTERACTIONS, folder / ITEMS
+    inter = _read_parquet(ipath, INTERACTIONS_SCHEMA)
+    items = _read_parquet(tpath, ITEMS_SCHEMA)
+    if items["item_id"].duplicated().any():
+        dup = items.loc[items["item_id"].duplicated(), "item_id"].iloc[0]
+        raise InputError(tpath, "item_id", f"duplicate id {dup}")
+    r = inter["rating"].to_numpy()
+    bad = ~np.isfinite(r) | (r < rating_min) | (r > rating_max)
+    if bad.any():
+        raise InputError(ipath, "rating", f"{int(bad.sum())} values are NaN or outside [{rating_min}, {rating_max}] "
+                                          f"(first: {r[bad][0]!r})")
+    pairs = inter.duplicated(["user_id", "item_id"])
+    if pairs.any():
+        row = inter.loc[pairs].iloc[0]
+        raise InputError(ipath, "user_id, item_id",
+                         f"{int(pairs.sum())} duplicate pairs (first: user {row.user_id}, item {row.item_id})")
+    unknown = ~inter["item_id"].isin(items["item_id"])
+    if unknown.any():
+        raise InputError(ipath, "item_id", f"{int(unknown.sum())} rows name items missing from {ITEMS} "
+                                           f"(first: {inter.loc[unknown, 'item_id'].iloc[0]})")
+    return Inputs(inter, items, fingerprint_files([ipath, tpath]), folder)
+
+
+def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, None, "file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, None, f"not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise InputError(path, None, "file has no rows")
+    for f in schema:
+        if f.name not in table.column_names:
+            raise InputError(path, f.name, "missing column")
+        col = table.column(f.name)
+        if col.null_count:
+            raise InputError(path, f.name, f"{col.null_count} null values")
+        try:
+            table = table.set_column(table.schema.get_field_index(f.name), f.name, col.cast(f.type, safe=not pa.types.is_timestamp(f.type)))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise InputError(path, f.name, f"type {col.type} cannot be read as {f.type}") from None
+    if "user_id" in schema.names and pc.min(table.column("user_id")).as_py() < 0:
+        raise InputError(path, "user_id", "negative ids")
+    if pc.min(table.column("item_id")).as_py() < 0:
+        raise InputError(path, "item_id", "negative ids")
+    return table.select(schema.names).to_pandas()
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,315 @@
+"""The batch job: load inputs -> train (or reuse) -> select -> precompute -> validate -> publish.
+
+Every answer is computed by serving.model, the same functions the API calls live.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from batch import catalog, popularity
+from batch.inputs import Inputs, load_inputs
+from batch.train import train_and_evaluate, training_key
+from serving.errors import HybridServeError, ValidationFailed
+from serving.model import ModelBundle
+from serving.settings import Settings
+from serving.store import Store, new_snapshot_id
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    snapshot_id: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    catalog_updated: bool = False
+
+
+class _Stages:
+    """Seconds spent per stage, for the runs table."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        LOG.info("stage %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+# --- model --------------------------------------------------------------------------
+def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool = False
+                 ) -> tuple[ModelBundle, Path, dict[str, Any], bool]:
+    """The trained bundle for these inputs and settings: reused from the store's model cache
+    when the training key matches, else trained. Returns (bundle, folder, evaluation, trained)."""
+    key = training_key(inputs.fingerprint, settings)
+    folder = store.models_dir / key
+    if folder.is_dir() and not retrain:
+        LOG.info("inputs unchanged: reusing model %s", key)
+        bundle = ModelBundle.load(folder)
+        return bundle, folder, bundle.meta.get("evaluation", {}), False
+    bundle, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings)
+    bundle.meta.update(model_version=f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", training_key=key,
+                       inputs_fingerprint=inputs.fingerprint, evaluation=evaluation)
+    tmp = store.models_dir / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
+    bundle.save(tmp)
+    if folder.exists():  # --retrain: replace the cached bundle (snapshots hold hard links, not this folder)
+        trash = store.models_dir / f".trash-{key}-{uuid.uuid4().hex[:6]}"
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, folder)
+    return bundle, folder, evaluation, True
+
+
+# --- precompute ---------------------------------------------------------------------
+def _batched(n: int, size: int, desc: str) -> Iterator[slice]:
+    for start in tqdm(range(0, n, size), desc=desc, unit="batch", disable=None, leave=False):
+        yield slice(start, min(n, start + size))
+
+
+def list_table(key_name: str, keys: np.ndarray, ids_name: str, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """(n,) keys and (n, k) ids/scores padded with -1 -> a table with list columns (padding dropped)."""
+    valid = ids >= 0
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
+    return pa.table({key_name: pa.array(keys, pa.int64()),
+                     ids_name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[valid], pa.int64())),
+                     "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid], pa.float32()))})
+
+
+def precompute_similar(bundle: ModelBundle, item_ids: np.ndarray, k: int, batch_size: int) -> pa.Table:
+    iidx = bundle.item_index(item_ids)
+    ids = np.full((len(iidx), k), -1, dtype=np.int64)
+    scores = np.full((len(iidx), k), np.nan, dtype=np.float32)
+    for sl in _batched(len(iidx), batch_size, "similar items"):
+        ids[sl], scores[sl] = bundle.similar_items(iidx[sl], k)
+    return list_table("item_id", item_ids, "neighbor_ids", ids, scores)
+
+
+def precompute_recs(bundle: ModelBundle, user_ids: np.ndarray, k: int, batch_size: int
+                    ) -> tuple[pa.Table, np.ndarray]:
+    uidx = bundle.user_index(user_ids)
+    ids = np.full((len(uidx), k), -1, dtype=np.int64)
+    scores = np.full((len(uidx), k), np.nan, dtype=np.float32)
+    for sl in _batched(len(uidx), batch_size, "user recommendations"):
+        ids[sl], scores[sl] = bundle.recommend(uidx[sl], k)
+    return list_table("user_id", user_ids, "item_ids", ids, scores), ids
+
+
+def precompute_predictions(bundle: ModelBundle, pairs: pd.DataFrame, batch_size: int) -> pa.Table:
+    uidx = bundle.user_index(pairs["user_id"].to_numpy())
+    iidx = bundle.item_index(pairs["item_id"].to_numpy())
+    pred = np.empty(len(pairs), dtype=np.float32)
+    for sl in _batched(len(pairs), batch_size * 16, "predictions"):
+        pred[sl] = bundle.predict(uidx[sl], iidx[sl])
+    return pa.table({"user_id": pa.array(pairs["user_id"].to_numpy(), pa.int64()),
+                     "item_id": pa.array(pairs["item_id"].to_numpy(), pa.int64()),
+                     "prediction": pa.array(pred, pa.float32())})
+
+
+def pairs_from_recs(user_ids: np.ndarray, rec_ids: np.ndarray, per_user: int, cap: int) -> pd.DataFrame:
+    """Before any request log: each popular user against their own top recommended items."""
+    top = rec_ids[:, :per_user]
+    users = np.repeat(user_ids, top.shape[1])
+    items = top.ravel()
+    ok = items >= 0
+    frame = pd.DataFrame({"user_id": users[ok], "item_id": items[ok]}).iloc[:cap]
+    return frame.sort_values(["user_id", "item_id"], ignore_index=True)
+
+
+def items_table(items: pd.DataFrame) -> pa.Table:
+    return pa.table({"item_id": pa.array(items["item_id"].to_numpy(), pa.int64()),
+                     "title": pa.array(items["title"].tolist(), pa.string()),
+                     "genres": pa.array([list(g) for g in items["genres"]], pa.list_(pa.string()))})
+
+
+# --- validation ---------------------------------------------------------------------
+def validate(model_folder: Path, tables: dict[str, pa.Table], settings: Settings, live_rows: dict[str, int] | None,
+             force: bool) -> dict[str, Any]:
+    """Checks on the unpublished snapshot, with the bundle loaded back from its folder.
+
+    - a sample of precomputed answers recomputed live must match;
+    - ANN recall@10 against exact search on a sample of items must reach batch.min_recall;
+    - row counts must not fall by more than batch.max_row_drop from the live snapshot (unless force).
+    Raises ValidationFailed; returns the results for the manifest.
+    """
+    bundle = ModelBundle.load(model_folder)
+    rng = np.random.default_rng(settings["train.seed"])
+    n = settings["batch.validate_sample"]
+    k_max = settings["batch.k_max"]
+    out: dict[str, Any] = {}
+    problems = []
+
+    def sample(table):
+        return np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+
+    sim = tables["similar_items"]
+    rows = sample(sim)
+    if len(rows):
+        keys = sim.column("item_id").to_numpy()[rows]
+        ids, _ = bundle.similar_items(bundle.item_index(keys), k_max)
+        want = sim.column("neighbor_ids").to_pylist()
+        bad = sum(ids[j][ids[j] >= 0].tolist() != want[r] for j, r in enumerate(rows))
+        out["similar_items_mismatches"] = int(bad)
+        if bad:
+            problems.append(f"{bad}/{len(rows)} similar-item lists differ when recomputed live")
+    recs = tables["user_recs"]
+    rows = sample(recs)
+    if len(rows):
+        keys = recs.column("user_id").to_numpy()[rows]
+        ids, _ = bundle.recommend(bundle.user_index(keys), k_max)
+        want = recs.column("item_ids").to_pylist()
+        bad = sum(ids[j][ids[j] >= 0].tolist() != want[r] for j, r in enumerate(rows))
+        out["user_recs_mismatches"] = int(bad)
+        if bad:
+            problems.append(f"{bad}/{len(rows)} user recommendation lists differ when recomputed live")
+    preds = tables["predictions"]
+    rows = sample(preds)
+    if len(rows):
+        u = preds.column("user_id").to_numpy()[rows]
+        i = preds.column("item_id").to_numpy()[rows]
+        got = bundle.predict(bundle.user_index(u), bundle.item_index(i))
+        bad = int((~np.isclose(got, preds.column("prediction").to_numpy()[rows], rtol=1e-5, atol=1e-5)).sum())
+        out["prediction_mismatches"] = bad
+        if bad:
+            problems.append(f"{bad}/{len(rows)} predictions differ when recomputed live")
+
+    out["ann_recall_at_10"] = ann_recall(bundle, rng.choice(bundle.n_items, size=min(n, bundle.n_items),
+                                                           replace=False), 10)
+    if out["ann_recall_at_10"] < settings["batch.min_recall"]:
+        problems.append(f"ANN recall@10 {out['ann_recall_at_10']:.3f} < batch.min_recall "
+                        f"{settings['batch.min_recall']}")
+    if live_rows:
+        for table, before in live_rows.items():
+            after = tables[table].num_rows if table in tables else 0
+            if before and after < before * (1 - settings["batch.max_row_drop"]):
+                msg = f"{table} rows fell from {before} to {after} (more than batch.max_row_drop)"
+                if force:
+                    out.setdefault("forced", []).append(msg)
+                else:
+                    problems.append(msg + "; --force publishes anyway")
+    out["passed"] = not problems
+    out["problems"] = problems
+    if problems:
+        raise ValidationFailed("validation refused the snapshot: " + "; ".join(problems))
+    return out
+
+
+def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
+    """Recall@k of the bundle's index against exact inner-product search, for the given query items."""
+    q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
+    k = min(k, bundle.n_items)
+    _, approx = bundle.search(q, k)
+    _, exact = faiss.knn(q, np.ascontiguousarray(bundle.item_vecs), k, faiss.METRIC_INNER_PRODUCT)
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return hits / exact.size if exact.size else 1.0
+
+
+# --- the run ------------------------------------------------------------------------
+def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at: str | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> RunResult:
+    """One whole batch run under the store lock. Raises HybridServeError subclasses on failure;
+    a run record reaches the catalog whatever the outcome."""
+    store = Store(settings["paths.store"])
+    lock = store.lock()
+    try:
+        return _run_locked(store, settings, retrain, force, crash_at, now)
+    finally:
+        lock.release()
+
+
+def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
+    started = now()
+    run_id = f"run-{started:%Y%m%d-%H%M%S-%f}"
+    stages = _Stages()
+    record: dict[str, Any] = {"run_id": run_id, "started_at": started.isoformat(), "status": "failed",
+                              "retrained": False}
+    result = RunResult(run_id=run_id, status="failed")
+    writer = None
+    threads = settings["batch.threads"] or os.cpu_count() or 1
+    faiss.omp_set_num_threads(threads)
+    try:
+        store.ensure_layout()
+        store.clean_temp()
+        with stages("inputs"):
+            inputs = load_inputs(Path(settings["paths.inputs"]), settings["train.rating_min"],
+                                 settings["train.rating_max"])
+        with stages("train"):
+            bundle, model_folder, evaluation, trained = obtain_model(store, inputs, settings, retrain)
+        record.update(model_version=bundle.model_version, retrained=trained)
+        with stages("select"):
+            log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
+            sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
+        record["expected_hit_rate"] = sel.report["expected_hit_rate"]
+        k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
+        with stages("precompute"):
+            tables = {"similar_items": precompute_similar(bundle, sel.items, k_max, bs)}
+            tables["user_recs"], rec_ids = precompute_recs(bundle, sel.users, k_max, bs)
+            pairs = sel.pairs if sel.pairs is not None else pairs_from_recs(
+                sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
+            tables["predictions"] = precompute_predictions(bundle, pairs, bs)
+            tables["items"] = items_table(inputs.items)
+        with stages("publish"):
+            snapshot_id = _new_snapshot_id(store, started)
+            writer = store.begin(snapshot_id, crash_at=crash_at)
+            for name, table in tables.items():
+                writer.write_table(name, table)
+            writer.link_model(model_folder)
+            live = store.current_id()
+            live_rows = store.read_manifest(live).get("row_counts") if live else None
+            manifest = {
+                "created_at": started.isoformat(), "model_version": bundle.model_version,
+                "inputs_fingerprint": inputs.fingerprint, "inputs": str(inputs.folder),
+                "settings": settings.as_dict(), "evaluation": evaluation, "popularity": sel.report,
+                "k_max": k_max, "run_id": run_id, "retrained": trained,
+            }
+            with stages("validate"):
+                # On the complete, unpublished folder, with the bundle read back from disk.
+                manifest["validation"] = validate(writer.model_dir, tables, settings, live_rows, force)
+            manifest = writer.publish(manifest)
+            writer = None
+            store.apply_retention(settings["batch.keep"])
+        record.update(status="published", snapshot_id=snapshot_id, row_counts=manifest["row_counts"])
+        result = RunResult(run_id=run_id, status="published", snapshot_id=snapshot_id, manifest=manifest)
+        return result
+    except ValidationFailed as exc:
+        record.update(status="refused", error=str(exc))
+        raise
+    except HybridServeError as exc:
+        record["error"] = str(exc)
+        raise
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if writer is not None:
+            writer.abort()
+        record.update(ended_at=now().isoformat(), stage_seconds=stages.seconds)
+        result.catalog_updated = catalog.record_run(store, record)
+
+
+def _new_snapshot_id(store: Store, started: datetime) -> str:
+    sid = new_snapshot_id(started)
+    while sid in store.snapshot_ids():  # two runs within one microsecond (tests with a fixed clock)
+        started = started.replace(microsecond=(started.microsecond + 1) % 1_000_000)
+        sid = new_snapshot_id(started)
+    return sid

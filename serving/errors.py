@@ -1,0 +1,31 @@
+"""Domain errors shared by the batch job and the API; each carries a one-line message."""
+from __future__ import annotations
+
+
+class HybridServeError(Exception):
+    """Base: an error a user can act on, printed as one line."""
+
+
+class ConfigError(HybridServeError):
+    """A bad config file, key, type or value. The message names the file and the key."""
+
+
+class InputError(HybridServeError):
+    """A missing, empty or malformed input file. The message names the file and the field."""
+
+    def __init__(self, path: object, field: str | None, message: str):
+        self.path, self.field = str(path), field
+        where = f"{self.path}: {field}" if field else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class SnapshotError(HybridServeError):
+    """A snapshot that is missing, incomplete or fails its checks."""
+
+
+class StoreLockedError(HybridServeError):
+    """Another process holds a lock in the store."""
+
+
+class ValidationFailed(HybridServeError):
+    """A new snapshot failed its checks before publish; it is not published."""

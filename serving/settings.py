@@ -1,0 +1,218 @@
+"""Typed settings: every setting declared once, read from a TOML file and the environment.
+
+A typo in a config file is an error that names the file and the key.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.errors import ConfigError
+
+ENV_FILE = "HYBRIDSERVE_CONFIG"
+ENV_PREFIX = "HYBRIDSERVE_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # paths
+    Setting("paths", "store", "data/store", "Store root: snapshots/, requests/, catalog.duckdb (relative to the working directory)"),
+    Setting("paths", "inputs", "data/sample", "Folder holding interactions.parquet and items.parquet"),
+    # sample generator
+    Setting("sample", "users", 5000, "Users in the generated sample", minimum=10),
+    Setting("sample", "items", 3000, "Items in the generated sample", minimum=20),
+    Setting("sample", "interactions", 300_000, "Interactions in the generated sample", minimum=100),
+    Setting("sample", "genres", 18, "Genres (latent clusters) in the generated sample", minimum=1, maximum=64),
+    Setting("sample", "days", 180, "Days of history the sample's timestamps span", minimum=1),
+    Setting("sample", "seed", 42, "Random seed of the sample generator"),
+    # training
+    Setting("train", "dim", 64, "Embedding dimension (TruncatedSVD components)", minimum=2, maximum=1024),
+    Setting("train", "holdout_share", 0.1, "Share of the newest interactions held out for evaluation", minimum=0.01, maximum=0.5),
+    Setting("train", "index", "auto", "FAISS index: 'auto', 'Flat', 'HNSW<M>' or 'IVF<nlist>,Flat' (cosine via normalised inner product)"),
+    Setting("train", "flat_max_items", 100_000, "With index='auto': exact Flat up to this many items, HNSW32 above", minimum=1),
+    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off)", minimum=1),
+    Setting("train", "ivf_nprobe", 16, "IVF nprobe (recall/speed trade-off)", minimum=1),
+    Setting("train", "model_iterations", 150, "Boosting iterations of the rating model (HistGradientBoostingRegressor)", minimum=1),
+    Setting("train", "learning_rate", 0.1, "Learning rate of the rating model", minimum=0.0001, maximum=1.0),
+    Setting("train", "eval_users", 2000, "Users sampled for recall@10 on the hold-out", minimum=1),
+    Setting("train", "rating_min", 0.5, "Lowest valid rating in the inputs"),
+    Setting("train", "rating_max", 5.0, "Highest valid rating in the inputs"),
+    Setting("train", "seed", 0, "Random seed of training"),
+    # batch job
+    Setting("batch", "k_max", 50, "Entries kept per precomputed list; any k <= k_max is a slice", minimum=1, maximum=1000),
+    Setting("batch", "candidates", 100, "FAISS candidates per user that the model re-ranks", minimum=1),
+    Setting("batch", "coverage", 0.95, "Share of traffic the precomputed keys should cover", minimum=0.0, maximum=1.0),
+    Setting("batch", "max_items", 200_000, "Most items to precompute similar items for", minimum=0),
+    Setting("batch", "max_users", 200_000, "Most users to precompute recommendations for", minimum=0),
+    Setting("batch", "max_pairs", 1_000_000, "Most (user, item) pairs to precompute predictions for", minimum=0),
+    Setting("batch", "pairs_per_user", 10, "Before any request log: predictions for each popular user's top-N recommended items", minimum=0),
+    Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log)", minimum=1),
+    Setting("batch", "batch_size", 4096, "Queries per vectorised call when precomputing", minimum=1),
+    Setting("batch", "keep", 5, "Snapshots retained (CURRENT and its predecessor are always kept)", minimum=2),
+    Setting("batch", "decay_half_life_hours", 168.0, "Request-log traffic loses half its weight per this many hours (0 = no decay)", minimum=0.0),
+    Setting("batch", "validate_sample", 200, "Precomputed answers per table recomputed live before publish", minimum=1),
+    Setting("batch", "min_recall", 0.95, "Refuse a snapshot whose ANN recall@10 against exact search is below this", minimum=0.0, maximum=1.0),
+    Setting("batch", "max_row_drop", 0.5, "Refuse a snapshot whose row counts fall by more than this share (unless --force)", minimum=0.0, maximum=1.0),
+    Setting("batch", "threads", 0, "FAISS/OpenMP threads for the batch job (0 = all cores)", minimum=0),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+class Settings:
+    """Read-only view of resolved settings: ``settings["batch.k_max"]`` or ``settings.batch.k_max``."""
+
+    def __init__(self, values: dict[str, Any], source: str = "<defaults>"):
+        self._values = dict(values)
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, section: str) -> "_Section":
+        if section.startswith("_"):
+            raise AttributeError(section)
+        if not any(k.startswith(section + ".") for k in self._values):
+            raise AttributeError(f"no settings section {section!r}")
+        return _Section(self._values, section)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in self._values.items():
+            section, name = key.split(".", 1)
+            out.setdefault(section, {})[name] = value
+        return out
+
+    def replace(self, **overrides: Any) -> "Settings":
+        """A copy with ``section__name=value`` overrides (validated)."""
+        values = dict(self._values)
+        for dunder, value in overrides.items():
+            key = dunder.replace("__", ".", 1)
+            values[key] = _check(_lookup(key, "<override>"), value, "<override>")
+        return Settings(values, self.source)
+
+
+class _Section:
+    def __init__(self, values: dict[str, Any], section: str):
+        self._values, self._section = values, section
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[f"{self._section}.{name}"]
+        except KeyError:
+            raise AttributeError(f"no setting {self._section}.{name}") from None
+
+
+def _lookup(key: str, source: str) -> Setting:
+    try:
+        return _BY_KEY[key]
+    except KeyError:
+        raise ConfigError(f"{source}: {key}: unknown setting") from None
+
+
+def _check(setting: Setting, value: Any, source: str) -> Any:
+    want = setting.type
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:
+        raise ConfigError(
+            f"{source}: {setting.key}: expected {want.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(f"{source}: {setting.key}: must be one of {', '.join(map(str, setting.choices))}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(f"{source}: {setting.key}: must be >= {setting.minimum}, got {value!r}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ConfigError(f"{source}: {setting.key}: must be <= {setting.maximum}, got {value!r}")
+    return value
+
+
+def _parse_env(setting: Setting, raw: str, source: str) -> Any:
+    want = setting.type
+    try:
+        if want is bool:
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes"}
+        return want(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: {setting.key}: expected {want.__name__}, got {raw!r}") from None
+
+
+def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file (``path`` or $HYBRIDSERVE_CONFIG), then HYBRIDSERVE_<SECTION>_<NAME>."""
+    env = os.environ if env is None else env
+    values = {s.key: s.default for s in SETTINGS}
+    path = path or env.get(ENV_FILE) or None
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: {section}: expected a [{section}] table")
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                values[key] = _check(_lookup(key, source), value, source)
+    for setting in SETTINGS:
+        var = f"{ENV_PREFIX}{setting.section}_{setting.name}".upper()
+        if var in env:
+            values[setting.key] = _check(setting, _parse_env(setting, env[var], var), var)
+    return Settings(values, source)
+
+
+def render_default_toml() -> str:
+    """The commented default config, derived from the table above (config/default.toml)."""
+    lines = ["# hybridserve settings: every setting, with its default.",
+             "# Generated from serving/settings.py; environment overrides: HYBRIDSERVE_<SECTION>_<NAME>.", ""]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            if section is not None:
+                lines.append("")
+            lines.append(f"[{s.section}]")
+            section = s.section
+        lines.append(f"# {s.help}")
+        lines.append(f"{s.name} = {_toml_value(s.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, int):
+        return f"{value:_}" if abs(value) >= 10_000 else str(value)
+    return repr(value)
+
+
+def resolve_path(settings: Settings, key: str) -> Path:
+    return Path(settings[key])
