@@ -36,7 +36,7 @@ class _Ctx:
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
     """hybridserve batch: precompute what is popular into a versioned snapshot."""
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose + 1, 2),
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     ctx.obj = _Ctx(config)

@@ -5,6 +5,7 @@ A typo in a config file is an error that names the file and the key.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ class Setting:
     choices: tuple | None = None
     minimum: float | None = None
     maximum: float | None = None
+    pattern: str | None = None  # a string setting must match this regex in full
 
     @property
     def key(self) -> str:
@@ -49,7 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     # training
     Setting("train", "dim", 64, "Embedding dimension (TruncatedSVD components)", minimum=2, maximum=1024),
     Setting("train", "holdout_share", 0.1, "Share of the newest interactions held out for evaluation", minimum=0.01, maximum=0.5),
-    Setting("train", "index", "auto", "FAISS index: 'auto', 'Flat', 'HNSW<M>' or 'IVF<nlist>,Flat' (cosine via normalised inner product)"),
+    Setting("train", "index", "auto", "FAISS index: 'auto', 'Flat', 'HNSW<M>' or 'IVF<nlist>,Flat' (cosine via normalised inner product)",
+            pattern=r"auto|Flat|HNSW\d+|IVF\d+,Flat"),
     Setting("train", "flat_max_items", 100_000, "With index='auto': exact Flat up to this many items, HNSW32 above", minimum=1),
     Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off)", minimum=1),
     Setting("train", "ivf_nprobe", 16, "IVF nprobe (recall/speed trade-off)", minimum=1),
@@ -141,6 +144,8 @@ def _check(setting: Setting, value: Any, source: str) -> Any:
         )
     if setting.choices is not None and value not in setting.choices:
         raise ConfigError(f"{source}: {setting.key}: must be one of {', '.join(map(str, setting.choices))}")
+    if setting.pattern is not None and not re.fullmatch(setting.pattern, value):
+        raise ConfigError(f"{source}: {setting.key}: {value!r} does not match {setting.pattern!r}")
     if setting.minimum is not None and value < setting.minimum:
         raise ConfigError(f"{source}: {setting.key}: must be >= {setting.minimum}, got {value!r}")
     if setting.maximum is not None and value > setting.maximum:

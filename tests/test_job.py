@@ -1,0 +1,144 @@
+"""A batch run on a small seeded sample, checked against independent computations."""
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batch.job import run
+from serving.model import ModelBundle
+from serving.store import TABLES, Store, sha256_file
+
+
+@pytest.fixture(scope="module")
+def snap(published):
+    root, settings, result = published
+    store = Store(root / "store")
+    sid = store.current_id()
+    bundle = ModelBundle.load(store.model_dir(sid))
+    return store, sid, bundle, settings, root
+
+
+def test_layout_and_manifest(snap):
+    store, sid, _, settings, _ = snap
+    d = store.snapshot_dir(sid)
+    for t in TABLES:
+        assert (d / f"{t}.parquet").is_file()
+    assert (d / "model" / "items.faiss").is_file()
+    m = json.loads((d / "manifest.json").read_text())
+    for key in ("id", "created_at", "model_version", "inputs_fingerprint", "row_counts", "settings", "files",
+                "evaluation", "validation", "popularity", "parent", "k_max"):
+        assert key in m, key
+    assert m["id"] == sid
+    assert m["settings"]["batch"]["k_max"] == settings["batch.k_max"]
+    assert m["validation"]["passed"] is True
+    ev = m["evaluation"]
+    assert 0 < ev["rmse_model"] < 2 and 0 < ev["rmse_item_mean"] < 2
+    assert 0 <= ev["recall_at_10"] <= 1 and 0 <= ev["recall_at_10_popular"] <= 1
+    for t in TABLES:
+        assert m["row_counts"][t] == pq.read_metadata(d / f"{t}.parquet").num_rows > 0
+    # every file but the manifest is listed, with a checksum that verifies
+    listed = set(m["files"])
+    on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert listed == on_disk
+    for rel, meta in m["files"].items():
+        assert sha256_file(d / rel) == meta["sha256"]
+    store.verify(sid)
+
+
+def test_similar_items_equal_brute_force(snap):
+    store, sid, bundle, settings, _ = snap
+    assert bundle.meta["index"] == "Flat"
+    table = store.read_table(sid, "similar_items").to_pandas()
+    k = settings["batch.k_max"]
+    vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
+    for row in table.sample(40, random_state=1).itertuples():
+        i = int(np.searchsorted(bundle.item_ids, row.item_id))
+        sims = vecs @ vecs[i]
+        sims[i] = -np.inf  # itself excluded
+        order = np.argsort(-sims, kind="stable")[:k]
+        np.testing.assert_array_equal(np.asarray(row.neighbor_ids), bundle.item_ids[order])
+        np.testing.assert_allclose(np.asarray(row.scores), sims[order], rtol=1e-4, atol=1e-5)
+
+
+def test_predictions_equal_model_predict(snap):
+    store, sid, bundle, _, root = snap
+    preds = store.read_table(sid, "predictions").to_pandas()
+    items = pd.read_parquet(root / "inputs" / "items.parquet").set_index("item_id")
+    u = np.searchsorted(bundle.user_ids, preds["user_id"].to_numpy())
+    i = np.searchsorted(bundle.item_ids, preds["item_id"].to_numpy())
+    # Assemble the rows independently of ModelBundle.features.
+    cos = (np.asarray(bundle.user_vecs)[u] * np.asarray(bundle.item_vecs)[i]).sum(axis=1)
+    vocab = bundle.meta["genres"]
+    flags = np.array([[g in items.loc[iid, "genres"] for g in vocab] for iid in preds["item_id"]], dtype=np.float32)
+    seen = {uid: set() for uid in bundle.user_ids}
+    inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
+    for a, b in zip(inter["user_id"], inter["item_id"]):
+        seen[a].add(b)
+    gidx = {iid: j for j, iid in enumerate(bundle.item_ids)}
+    genres = np.asarray(bundle.item_genres)
+    affinity = np.array([genres[[gidx[x] for x in seen[uid]]].mean(axis=0) @ flags[r]
+                         for r, uid in enumerate(preds["user_id"])])
+    x = np.column_stack([cos, np.asarray(bundle.user_stats)[u], np.asarray(bundle.item_stats)[i], affinity, flags])
+    lo, hi = bundle.meta["rating_range"]
+    want = np.clip(bundle.regressor.predict(x.astype(np.float32)), lo, hi)
+    np.testing.assert_allclose(preds["prediction"].to_numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_user_recs_exclude_seen_and_are_ranked(snap):
+    store, sid, bundle, settings, root = snap
+    recs = store.read_table(sid, "user_recs").to_pandas()
+    inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
+    seen = inter.groupby("user_id")["item_id"].apply(set)
+    assert len(recs) > 0
+    for row in recs.itertuples():
+        ids = list(row.item_ids)
+        assert len(ids) == settings["batch.k_max"]
+        assert not set(ids) & seen[row.user_id]
+        assert len(set(ids)) == len(ids)
+        scores = np.asarray(row.scores)
+        assert np.all(np.diff(scores) <= 1e-6), "ranked by predicted rating"
+        u = np.searchsorted(bundle.user_ids, row.user_id)
+        np.testing.assert_allclose(scores, bundle.predict(np.full(len(ids), u), bundle.item_index(ids)), rtol=1e-5)
+
+
+def test_one_query_agrees_with_the_batch(snap):
+    """The API will call the same functions with one query; answers must agree."""
+    store, sid, bundle, settings, _ = snap
+    k = settings["batch.k_max"]
+    recs = store.read_table(sid, "user_recs").to_pandas().head(25)
+    for row in recs.itertuples():
+        ids, scores = bundle.recommend(bundle.user_index([row.user_id]), k)
+        np.testing.assert_array_equal(ids[0], np.asarray(row.item_ids))
+        np.testing.assert_allclose(scores[0], np.asarray(row.scores), rtol=1e-5)
+    sim = store.read_table(sid, "similar_items").to_pandas().head(25)
+    for row in sim.itertuples():
+        ids, _ = bundle.similar_items(bundle.item_index([row.item_id]), k)
+        np.testing.assert_array_equal(ids[0], np.asarray(row.neighbor_ids))
+
+
+def test_popularity_report_and_selection(snap):
+    store, sid, _, settings, root = snap
+    m = store.read_manifest(sid)
+    pop = m["popularity"]
+    assert pop["items"]["source"] == "interactions"
+    assert pop["items"]["expected_hit_rate"] >= settings["batch.coverage"] - 1e-9
+    assert pop["items"]["chosen"] == m["row_counts"]["similar_items"]
+    assert pop["users"]["chosen"] == m["row_counts"]["user_recs"]
+    # predictions before any request log: each chosen user's own top recommended items
+    recs = store.read_table(sid, "user_recs").to_pandas()
+    preds = store.read_table(sid, "predictions").to_pandas()
+    want = {(r.user_id, i) for r in recs.itertuples() for i in list(r.item_ids)[:settings["batch.pairs_per_user"]]}
+    assert set(zip(preds["user_id"], preds["item_id"])) == want
+
+
+def test_second_run_reuses_model_and_keeps_parent(workspace):
+    root, settings, _, first = workspace
+    second = run(settings)
+    assert second.manifest["parent"] == first.snapshot_id
+    assert second.manifest["model_version"] == first.manifest["model_version"]
+    assert second.manifest["retrained"] is False
+    third = run(settings, retrain=True)
+    assert third.manifest["retrained"] is True
+    assert third.manifest["model_version"] != first.manifest["model_version"]
