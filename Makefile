@@ -29,10 +29,10 @@ batch: install
 
 demo: batch
 	$(PY) -m batch --config $(CONFIG) snapshots
-	$(PY) -m batch --config $(CONFIG) sql "SELECT stage, seconds FROM (SELECT unnest(map_keys(stage_seconds)) AS stage, unnest(map_values(stage_seconds)) AS seconds FROM runs ORDER BY started_at DESC LIMIT 1)"
+	$(PY) -m batch --config $(CONFIG) sql "SELECT run_id, status, round(expected_hit_rate, 3) AS expected_hit_rate, stage_seconds->>'train' AS train_s, stage_seconds->>'precompute' AS precompute_s FROM runs ORDER BY started_at DESC LIMIT 3"
 
 bench: install
-	$(PY) tests/bench/run_all.py
+	$(PY) tests/bench/bench_batch.py
 
 clean:
 	rm -rf $(VENV) data/store data/sample

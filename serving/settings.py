@@ -53,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train", "holdout_share", 0.1, "Share of the newest interactions held out for evaluation", minimum=0.01, maximum=0.5),
     Setting("train", "index", "auto", "FAISS index: 'auto', 'Flat', 'HNSW<M>' or 'IVF<nlist>,Flat' (cosine via normalised inner product)",
             pattern=r"auto|Flat|HNSW\d+|IVF\d+,Flat"),
-    Setting("train", "flat_max_items", 100_000, "With index='auto': exact Flat up to this many items, HNSW32 above", minimum=1),
+    Setting("train", "flat_max_items", 100_000, "With index='auto': exact Flat up to this many items, IVF (about 4 sqrt(n) lists) above", minimum=1),
     Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off)", minimum=1),
     Setting("train", "ivf_nprobe", 16, "IVF nprobe (recall/speed trade-off)", minimum=1),
     Setting("train", "model_iterations", 150, "Boosting iterations of the rating model (HistGradientBoostingRegressor)", minimum=1),

@@ -1,0 +1,99 @@
+"""Batch benchmark: precompute similar items for N synthetic clustered items with the configured index.
+
+Prints, side by side in one run: the job's queries/s against raw FAISS `search` on the same
+queries, recall@10 against exact search on a sample, total minutes and peak RSS.
+
+    python tests/bench/bench_batch.py [--items 1000000] [--dim 64] [--index auto]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from batch.job import ann_recall, precompute_similar  # noqa: E402
+from batch.train import build_index, index_spec  # noqa: E402
+from common import peak_rss_mb, write_result  # noqa: E402
+from serving.model import ModelBundle, normalise  # noqa: E402
+from serving.settings import load_settings  # noqa: E402
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)]
+    x += 0.8 * rng.normal(size=(n, d)).astype(np.float32)
+    return normalise(x)
+
+
+def item_only_bundle(vecs: np.ndarray, index) -> ModelBundle:
+    """A bundle with items only (no users): what similar-items precompute needs."""
+    n, d = vecs.shape
+    return ModelBundle(item_ids=np.arange(1, n + 1, dtype=np.int64), user_ids=np.zeros(0, np.int64),
+                       item_vecs=vecs, user_vecs=np.zeros((0, d), np.float32),
+                       item_stats=np.zeros((n, 2), np.float32), user_stats=np.zeros((0, 2), np.float32),
+                       item_genres=np.zeros((n, 0), np.float32), seen_indptr=np.zeros(1, np.int64),
+                       seen_items=np.zeros(0, np.int32), index=index, regressor=None)
+
+
+def run(items: int, dim: int, index: str, k: int = 10, recall_queries: int = 1000, out_dir=None) -> dict:
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # the batch side gets every core
+    settings = load_settings(env={}).replace(train__index=index)
+    t0 = time.perf_counter()
+    vecs = clustered(items, dim, clusters=max(10, items // 500))
+    t_data = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    spec = index_spec(items, settings)
+    idx, params = build_index(vecs, spec, settings)
+    bundle = item_only_bundle(vecs, idx)
+    t_build = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    table = precompute_similar(bundle, bundle.item_ids, k, settings["batch.batch_size"])
+    t_job = time.perf_counter() - t2
+    assert table.num_rows == items
+
+    t3 = time.perf_counter()
+    for start in range(0, items, settings["batch.batch_size"]):
+        idx.search(vecs[start:start + settings["batch.batch_size"]], k + 1)
+    t_raw = time.perf_counter() - t3
+
+    rng = np.random.default_rng(1)
+    recall = ann_recall(bundle, rng.choice(items, size=min(recall_queries, items), replace=False), k)
+    result = {
+        "items": items, "dim": dim, "k": k, "index": spec, "search_params": params,
+        "job_queries_per_s": items / t_job, "raw_faiss_queries_per_s": items / t_raw,
+        "job_vs_raw": (items / t_job) / (items / t_raw),
+        "recall_at_10": recall, "recall_queries": min(recall_queries, items),
+        "seconds": {"data": t_data, "build_index": t_build, "precompute": t_job, "raw_search": t_raw},
+        "job_minutes": (t_build + t_job) / 60.0,
+        "peak_rss_mb": peak_rss_mb(),
+        "targets": {"job_vs_raw": ">= 0.8", "recall_at_10": ">= 0.95", "job_minutes": "<= 3",
+                    "peak_rss_mb": "<= 3072"},
+    }
+    print(f"{'':24}{'job':>12}{'raw faiss':>12}")
+    print(f"{'queries/s':24}{result['job_queries_per_s']:12.0f}{result['raw_faiss_queries_per_s']:12.0f}"
+          f"   ratio {result['job_vs_raw']:.2f} (target >= 0.8)")
+    print(f"recall@10 vs exact ({result['recall_queries']} queries): {recall:.4f} (target >= 0.95)")
+    print(f"index {spec} {params}; build {t_build:.1f}s + precompute {t_job:.1f}s = "
+          f"{result['job_minutes']:.2f} min (target <= 3); peak RSS {result['peak_rss_mb']:.0f} MB (target <= 3072)")
+    write_result("batch_similar_items", result, out_dir)
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--index", default="auto")
+    a = ap.parse_args()
+    run(a.items, a.dim, a.index)
