@@ -29,3 +29,15 @@ class StoreLockedError(HybridServeError):
 
 class ValidationFailed(HybridServeError):
     """A new snapshot failed its checks before publish; it is not published."""
+
+
+class NotFound(HybridServeError):
+    """An id that is not in the live snapshot's catalogue (HTTP 404)."""
+
+
+class BadRequest(HybridServeError):
+    """A malformed request (HTTP 400); the message says what is wrong."""
+
+
+class Unavailable(HybridServeError):
+    """Nothing loaded to answer from yet (HTTP 503)."""

@@ -78,6 +78,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "min_recall", 0.95, "Refuse a snapshot whose ANN recall@10 against exact search is below this", minimum=0.0, maximum=1.0),
     Setting("batch", "max_row_drop", 0.5, "Refuse a snapshot whose row counts fall by more than this share (unless --force)", minimum=0.0, maximum=1.0),
     Setting("batch", "threads", 0, "FAISS/OpenMP threads for the batch job (0 = all cores)", minimum=0),
+    # serving
+    Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
+    Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),
+    Setting("serving", "workers", 2, "gunicorn worker processes (make serve)", minimum=1),
+    Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
+    Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
+    Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
+    Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
+    Setting("serving", "session_max_items", 50, "Most item ids in a session query", minimum=1),
+    Setting("serving", "cors_origins", "*", "Comma-separated origins allowed by CORS ('*' for any)"),
+    Setting("serving", "reload_interval_s", 2.0, "How often each worker checks CURRENT for a new snapshot", minimum=0.05),
+    Setting("serving", "verify_checksums", True, "Verify sha256 of every snapshot file before swapping it in"),
+    Setting("serving", "log_flush_rows", 5000, "Request-log rows buffered before a flush", minimum=1),
+    Setting("serving", "log_flush_interval_s", 5.0, "Request-log flush interval in seconds (0 = only on size and exit)", minimum=0.0),
+    Setting("serving", "log_max_buffer", 200_000, "Request-log rows kept in memory at most (older are dropped and counted)", minimum=1),
+    Setting("serving", "max_url_bytes", 2048, "Longer request URLs get 414", minimum=64),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -1,0 +1,254 @@
+"""The hybrid: precomputed -> cache of live results -> live compute. No Flask in here.
+
+Every answer says where it came from (``precomputed`` | ``cache`` | ``live``), which snapshot,
+when it was computed and how old it is. The clock is injected so tests can move time.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import numpy as np
+from cachetools import TTLCache
+
+from serving.errors import NotFound, SnapshotError, Unavailable
+from serving.model import ModelBundle
+from serving.snapshot import LoadedSnapshot
+from serving.store import Store
+
+LOG = logging.getLogger(__name__)
+
+PRECOMPUTED, CACHE, LIVE = "precomputed", "cache", "live"
+
+
+@dataclass(frozen=True)
+class Answer:
+    source: str
+    snapshot: str
+    computed_at: float                 # epoch seconds
+    ids: np.ndarray | None = None      # for lists
+    scores: np.ndarray | None = None
+    value: float | None = None         # for a prediction
+    fresh_for_s: float = 0.0           # how long this answer may still be served (Cache-Control)
+
+    def age_s(self, now: float) -> float:
+        return max(0.0, now - self.computed_at)
+
+
+@dataclass(frozen=True)
+class _Live:
+    computed_at: float
+    ids: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    value: float | None = None
+
+
+class Engine:
+    """Answers queries from the live snapshot; thread-safe; swaps snapshots atomically."""
+
+    def __init__(self, store: Store, max_age_s: float, cache_ttl_s: float, cache_size: int,
+                 clock: Callable[[], float] = time.time, verify_checksums: bool = True):
+        self.store, self.max_age_s, self.cache_ttl_s = store, max_age_s, cache_ttl_s
+        self.clock = clock
+        self.verify_checksums = verify_checksums
+        self._snap: LoadedSnapshot | None = None
+        self._cache: TTLCache = TTLCache(maxsize=cache_size, ttl=cache_ttl_s, timer=clock)
+        self._lock = threading.Lock()
+        self._inflight: dict[Hashable, threading.Event] = {}
+        self._reload_lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.last_reload_error: str | None = None
+        self._refused: str | None = None
+        self.on_snapshot: Callable[[LoadedSnapshot], None] | None = None
+        self.on_reload_failure: Callable[[str], None] | None = None
+        self.on_stale: Callable[[str], None] | None = None
+        self.on_live: Callable[[str, float], None] | None = None
+
+    # --- snapshots --------------------------------------------------------------
+    @property
+    def snapshot(self) -> LoadedSnapshot | None:
+        return self._snap
+
+    def reload(self) -> bool:
+        """Load CURRENT if it changed; swap it in when it passes its checks. True if swapped.
+
+        A snapshot that fails is refused (logged, counted, reported by /readyz) and the old one keeps
+        serving; it is not retried until CURRENT changes again.
+        """
+        with self._reload_lock:
+            target = self.store.current_id()
+            current = self._snap.id if self._snap else None
+            if target is None:
+                if current is None:
+                    self.last_reload_error = f"no snapshot published in {self.store.root} (CURRENT missing)"
+                    self._fall_back_to_model()
+                return False
+            if target == current or target == self._refused:
+                return False
+            try:
+                snap = LoadedSnapshot.load(self.store, target, checksums=self.verify_checksums)
+            except (SnapshotError, OSError, ValueError, KeyError) as exc:
+                self._refused = target
+                self.last_reload_error = f"snapshot {target} refused: {exc}"
+                self.counts["reload_failures"] += 1
+                LOG.error("%s; still serving %s", self.last_reload_error, current)
+                if self.on_reload_failure:
+                    self.on_reload_failure(self.last_reload_error)
+                if self._snap is None:
+                    self._fall_back_to_model()
+                return False
+            self._snap = snap  # atomic reference swap; requests in flight keep the old object
+            self._refused, self.last_reload_error = None, None
+            self.counts["reloads"] += 1
+            LOG.info("serving snapshot %s (was %s)", snap.id, current)
+            if self.on_snapshot:
+                self.on_snapshot(snap)
+            return True
+
+    def _fall_back_to_model(self) -> None:
+        """No valid snapshot: serve live from the newest trained model in the store, if any."""
+        folders = sorted((p for p in self.store.models_dir.glob("*") if not p.name.startswith(".")),
+                         key=lambda p: p.stat().st_mtime, reverse=True) if self.store.models_dir.is_dir() else []
+        for folder in folders:
+            try:
+                self._snap = LoadedSnapshot.live_only(ModelBundle.load(folder))
+            except Exception as exc:  # try the next one
+                LOG.warning("model %s does not load: %s", folder.name, exc)
+                continue
+            LOG.warning("no valid snapshot: serving live only from model %s", folder.name)
+            return
+
+    def _require(self) -> LoadedSnapshot:
+        snap = self._snap
+        if snap is None:
+            raise Unavailable(self.last_reload_error or "no snapshot loaded yet")
+        return snap
+
+    # --- queries ----------------------------------------------------------------
+    def similar_items(self, item_id: int, k: int) -> Answer:
+        snap = self._require()
+        iidx = int(snap.bundle.item_index([item_id])[0])
+        if iidx < 0:
+            raise NotFound(f"item {item_id} is not in the catalogue")
+        hit = self._precomputed(snap, "similar_items", k, lambda: snap.similar.get(iidx, k))
+        if hit is not None:
+            return hit
+        return self._live(snap, ("similar", item_id, k),
+                          lambda: _first(snap.bundle.similar_items(np.array([iidx]), k)))
+
+    def user_recs(self, user_id: int, k: int) -> Answer:
+        snap = self._require()
+        uidx = int(snap.bundle.user_index([user_id])[0])
+        if uidx < 0:
+            raise NotFound(f"user {user_id} is unknown")
+        hit = self._precomputed(snap, "user_recs", k, lambda: snap.recs.get(uidx, k))
+        if hit is not None:
+            return hit
+        return self._live(snap, ("recs", user_id, k), lambda: _first(snap.bundle.recommend(np.array([uidx]), k)))
+
+    def prediction(self, user_id: int, item_id: int) -> Answer:
+        snap = self._require()
+        uidx = int(snap.bundle.user_index([user_id])[0])
+        if uidx < 0:
+            raise NotFound(f"user {user_id} is unknown")
+        iidx = int(snap.bundle.item_index([item_id])[0])
+        if iidx < 0:
+            raise NotFound(f"item {item_id} is not in the catalogue")
+        value = snap.prediction(uidx, iidx)
+        if value is not None:
+            hit = self._fresh(snap, "prediction", value=value)
+            if hit is not None:
+                return hit
+        return self._live(snap, ("pred", user_id, item_id),
+                          lambda: (None, None, float(snap.bundle.predict(np.array([uidx]), np.array([iidx]))[0])))
+
+    def session(self, item_ids: tuple[int, ...], k: int) -> Answer:
+        """Session recommendations: always live (then cached)."""
+        snap = self._require()
+        iidx = snap.bundle.item_index(np.array(item_ids))
+        unknown = [i for i, x in zip(item_ids, iidx) if x < 0]
+        if unknown:
+            raise NotFound(f"items not in the catalogue: {', '.join(map(str, unknown))}")
+        return self._live(snap, ("session", tuple(sorted(item_ids)), k),
+                          lambda: _first(snap.bundle.recommend_for_items([iidx], k)))
+
+    # --- the three sources ------------------------------------------------------
+    def _precomputed(self, snap, kind, k, get) -> Answer | None:
+        if k > snap.k_max:
+            return None
+        found = get()
+        if found is None:
+            return None
+        return self._fresh(snap, kind, ids=found[0], scores=found[1])
+
+    def _fresh(self, snap, kind, **payload) -> Answer | None:
+        remaining = self.max_age_s - (self.clock() - snap.created_at)
+        if remaining <= 0:
+            self.counts["stale"] += 1
+            if self.on_stale:
+                self.on_stale(kind)
+            return None
+        return Answer(PRECOMPUTED, snap.id, snap.created_at, fresh_for_s=remaining, **payload)
+
+    def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple]) -> Answer:
+        """Cached live result, else compute once however many identical requests are waiting."""
+        full_key = (snap.id,) + key
+        while True:
+            with self._lock:
+                cached = self._cache.get(full_key)
+                if cached is not None:
+                    return self._answer(snap, CACHE, cached)
+                event = self._inflight.get(full_key)
+                if event is None:
+                    event = self._inflight[full_key] = threading.Event()
+                    break
+            event.wait()  # someone else is computing it: take theirs from the cache
+            with self._lock:
+                cached = self._cache.get(full_key)
+            if cached is not None:
+                self.counts["coalesced"] += 1
+                return self._answer(snap, CACHE, cached)
+            # their computation failed or the entry expired at once: loop and compute ourselves
+        try:
+            cpu0 = time.thread_time()
+            ids, scores, value = compute()
+            cpu = time.thread_time() - cpu0
+            result = _Live(self.clock(), ids, scores, value)
+            self.counts["live_computations"] += 1
+            self.counts["live_cpu_s"] += cpu
+            if self.on_live:
+                self.on_live(key[0], cpu)
+            with self._lock:
+                self._cache[full_key] = result
+        finally:
+            with self._lock:
+                self._inflight.pop(full_key, None)
+            event.set()
+        return self._answer(snap, LIVE, result)
+
+    def _answer(self, snap, source, live: _Live) -> Answer:
+        remaining = self.cache_ttl_s - (self.clock() - live.computed_at)
+        return Answer(source, snap.id, live.computed_at, live.ids, live.scores, live.value,
+                      fresh_for_s=max(0.0, remaining))
+
+    def status(self) -> dict[str, Any]:
+        snap = self._snap
+        live_only = snap is not None and snap.live_only_mode
+        info: dict[str, Any] = {"ready": snap is not None and not live_only,
+                                "snapshot": None if snap is None or live_only else snap.id,
+                                "live_only_model": snap.manifest["model_version"] if live_only else None,
+                                "error": self.last_reload_error, "cache_entries": len(self._cache)}
+        if snap is not None:
+            info["age_s"] = round(self.clock() - snap.created_at, 3)
+            info["fresh"] = info["age_s"] <= self.max_age_s
+        return info
+
+
+def _first(pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, None]:
+    ids, scores = pair[0][0], pair[1][0]
+    valid = ids >= 0
+    return ids[valid], scores[valid], None

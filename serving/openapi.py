@@ -1,0 +1,99 @@
+"""The OpenAPI 3 document served at /openapi.json (every endpoint, parameter and error)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "headers": {"Cache-Control": {"schema": {"type": "string"},
+                                          "description": "max-age = how long this answer stays fresh"},
+                        "ETag": {"schema": {"type": "string"}, "description": "on precomputed answers"}},
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _id_param(name: str, where: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": True, "description": description,
+            "schema": {"type": "integer", "format": "int64", "minimum": 0}}
+
+
+def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
+    k = {"name": "k", "in": "query", "required": True,
+         "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
+         "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
+    inm = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+           "description": "An ETag from an earlier precomputed answer; 304 if unchanged"}
+    errors = {"400": _problem("Malformed request: the detail says what is wrong"),
+              "404": _problem("Unknown user or item"), "405": _problem("Only GET is allowed"),
+              "414": _problem("URL too long"), "503": _problem("No snapshot or model loaded yet")}
+    provenance = {
+        "source": {"type": "string", "enum": ["precomputed", "cache", "live"]},
+        "snapshot": {"type": "string", "description": "id of the snapshot (and model) that answered"},
+        "computed_at": {"type": "string", "format": "date-time"},
+        "age_s": {"type": "number", "description": "seconds since computed_at"},
+    }
+    scored = {"type": "array", "items": {"type": "object", "required": ["item_id", "score"], "properties": {
+        "item_id": {"type": "integer"}, "score": {"type": "number"}}}}
+
+    def get(summary, op_id, params, schema, extra_errors=("400", "404", "405", "414", "503")):
+        return {"get": {"summary": summary, "operationId": op_id, "parameters": params,
+                        "responses": {"200": _ok(schema, summary), "304": {"description": "Not modified"},
+                                      **{c: errors[c] for c in extra_errors}}}}
+
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "hybridserve", "version": "1",
+                 "description": "Precomputed answers from the live snapshot, live FAISS search and model inference "
+                                "for the rest. Every answer says where it came from and how old it is."},
+        "paths": {
+            "/v1/items/{item_id}/similar": get(
+                "Items most similar to an item (cosine)", "similarItems",
+                [_id_param("item_id", "path", "Item id"), k, inm], "SimilarItems"),
+            "/v1/users/{user_id}/recommendations": get(
+                "Recommendations for a user: unseen items ranked by predicted rating", "userRecommendations",
+                [_id_param("user_id", "path", "User id"), k, inm], "UserRecommendations"),
+            "/v1/predictions": get(
+                "Predicted rating of an item by a user", "prediction",
+                [_id_param("user_id", "query", "User id"), _id_param("item_id", "query", "Item id"), inm],
+                "Prediction"),
+            "/v1/recommendations": get(
+                "Session recommendations from items just viewed (always live, then cached)", "sessionRecommendations",
+                [{"name": "items", "in": "query", "required": True,
+                  "description": f"Comma-separated item ids, 1 to {session_max_items}, no duplicates, all known",
+                  "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"}}, k], "SessionRecommendations"),
+            "/v1/snapshot": get("The live snapshot's manifest", "snapshot", [], "Snapshot",
+                                extra_errors=("405", "503")),
+            "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "parameters": [],
+                                 "responses": {"200": {"description": "The process is up"}}}},
+            "/readyz": {"get": {"summary": "Readiness: a valid snapshot is loaded", "operationId": "readyz",
+                                "parameters": [], "responses": {"200": {"description": "Ready"},
+                                                                "503": {"description": "Not ready; says why"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics", "parameters": [],
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "parameters": [],
+                                      "responses": {"200": {"description": "OpenAPI 3",
+                                                            "content": {"application/json": {}}}}}},
+        },
+        "components": {"schemas": {
+            "Problem": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                "detail": {"type": "string"}, "instance": {"type": "string"}}},
+            "SimilarItems": {"type": "object", "properties": {"item_id": {"type": "integer"}, "k": {"type": "integer"},
+                                                              "items": scored, **provenance}},
+            "UserRecommendations": {"type": "object", "properties": {
+                "user_id": {"type": "integer"}, "k": {"type": "integer"}, "items": scored, **provenance}},
+            "Prediction": {"type": "object", "properties": {
+                "user_id": {"type": "integer"}, "item_id": {"type": "integer"}, "prediction": {"type": "number"},
+                **provenance}},
+            "SessionRecommendations": {"type": "object", "properties": {
+                "viewed": {"type": "array", "items": {"type": "integer"}}, "k": {"type": "integer"},
+                "items": scored, **provenance}},
+            "Snapshot": {"type": "object", "description": "The manifest plus age_s"},
+        }},
+    }
