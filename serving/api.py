@@ -98,8 +98,8 @@ def _answer(ans: Answer, endpoint: str, key: str, body: dict[str, Any]) -> Respo
                 age_s=round(ans.age_s(now), 3))
     etag = None
     if ans.source == PRECOMPUTED:
-        etag = f'"{ans.snapshot}.{endpoint}.{key}"'
-        if etag in request.if_none_match:
+        etag = f"{ans.snapshot}.{endpoint}.{key}"  # the answer never changes within a snapshot
+        if request.if_none_match.contains(etag):
             resp = current_app.response_class(status=304)
             return _cache_headers(resp, ans, etag)
     return _cache_headers(_json(body), ans, etag)
@@ -108,7 +108,7 @@ def _answer(ans: Answer, endpoint: str, key: str, body: dict[str, Any]) -> Respo
 def _cache_headers(resp: Response, ans: Answer, etag: str | None) -> Response:
     resp.headers["Cache-Control"] = f"public, max-age={max(0, int(math.floor(ans.fresh_for_s)))}"
     if etag is not None:
-        resp.headers["ETag"] = etag
+        resp.set_etag(etag)
     return resp
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOOKUPS = ("similar_items", "user_recs", "prediction", "session")
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -55,7 +56,8 @@ class Metrics:
         for family in registry.collect():
             if family.name == "hybridserve_requests":
                 for s in family.samples:
-                    if s.name.endswith("_total") and s.labels.get("status", "").startswith(("2", "3")):
+                    if (s.name.endswith("_total") and s.labels.get("endpoint") in LOOKUPS
+                            and s.labels.get("status", "").startswith(("2", "3"))):
                         total += s.value
                         hits += s.value if s.labels.get("source") == "precomputed" else 0.0
             elif family.name == "hybridserve_snapshot_created_timestamp_seconds":
