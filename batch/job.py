@@ -264,8 +264,11 @@ def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
         with stages("precompute"):
             tables = {"similar_items": precompute_similar(bundle, sel.items, k_max, bs)}
             tables["user_recs"], rec_ids = precompute_recs(bundle, sel.users, k_max, bs)
-            pairs = sel.pairs if sel.pairs is not None else pairs_from_recs(
-                sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
+            # The pairs a frontend is likely to show (each user's top recs) plus those actually asked for.
+            pairs = pairs_from_recs(sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
+            if sel.pairs is not None:
+                pairs = (pd.concat([sel.pairs, pairs]).drop_duplicates().iloc[:settings["batch.max_pairs"]]
+                         .sort_values(["user_id", "item_id"], ignore_index=True))
             tables["predictions"] = precompute_predictions(bundle, pairs, bs)
             tables["items"] = items_table(inputs.items)
         with stages("publish"):

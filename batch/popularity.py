@@ -27,7 +27,7 @@ ENDPOINT_ITEMS, ENDPOINT_USERS, ENDPOINT_PAIRS = "similar_items", "user_recs", "
 class Selection:
     items: np.ndarray                       # item ids to precompute similar items for
     users: np.ndarray                       # user ids to precompute recommendations for
-    pairs: pd.DataFrame | None              # (user_id, item_id) to predict; None = derive from recs
+    pairs: pd.DataFrame | None              # (user_id, item_id) asked for in the log; None if none
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +86,13 @@ def _counts(frame: pd.DataFrame, column: str, weight: str | None = None) -> tupl
     return grouped.index.to_numpy(dtype=np.int64), grouped.to_numpy(dtype=np.float64)
 
 
+def _align(keys: np.ndarray, sub_keys: np.ndarray, sub_w: np.ndarray) -> np.ndarray:
+    """Weights of ``sub_keys`` placed on the sorted ``keys`` (0 where absent)."""
+    out = np.zeros(len(keys), dtype=np.float64)
+    out[np.searchsorted(keys, sub_keys)] = sub_w
+    return out
+
+
 def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarray, known_users: np.ndarray,
            settings) -> Selection:
     """Choose items, users and (user, item) pairs to precompute; report the expected hit rate."""
@@ -94,20 +101,31 @@ def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarra
     report: dict[str, Any] = {"coverage_target": share}
     log = log[log["endpoint"].isin([ENDPOINT_ITEMS, ENDPOINT_USERS, ENDPOINT_PAIRS])]
 
+    alpha = settings["batch.interactions_weight"]
+
     def choose(kind, endpoint, column, known, cap):
         rows = log[(log["endpoint"] == endpoint) & log[column].notna()]
+        i_keys, i_w = _counts(window, column)
         if len(rows):
-            keys, w = _counts(rows.astype({column: np.int64}), column, "weight")
+            # Traffic as the log saw it, blended with a share of interaction history so that a young
+            # log (a few thousand requests) does not shrink the precomputed set to what it happened to see.
+            l_keys, l_w = _counts(rows.astype({column: np.int64}), column, "weight")
+            keys = np.union1d(l_keys, i_keys)
+            log_w = _align(keys, l_keys, l_w)
+            w = (1 - alpha) * log_w / log_w.sum() + alpha * _align(keys, i_keys, i_w) / max(i_w.sum(), 1e-12)
             source = "request_log"
         else:
-            keys, w = _counts(window, column)
+            keys, w = i_keys, i_w
+            log_w = i_w
             source = "interactions"
         ok = np.isin(keys, known)
-        keys, w = keys[ok], w[ok]
-        chosen, covered = cover(keys, w, share, cap)
-        report[kind] = {"source": source, "distinct_keys": int(len(keys)), "chosen": int(len(chosen)),
-                        "traffic": float(w.sum()), "expected_hit_rate": covered}
-        return np.sort(chosen), covered * float(w.sum()), float(w.sum())
+        keys, w, log_w = keys[ok], w[ok], log_w[ok]
+        chosen, _ = cover(keys, w, share, cap)
+        traffic = float(log_w.sum())
+        hit = float(log_w[np.isin(keys, chosen)].sum())
+        report[kind] = {"source": source, "distinct_keys": int((log_w > 0).sum()), "chosen": int(len(chosen)),
+                        "traffic": traffic, "expected_hit_rate": hit / traffic if traffic else 0.0}
+        return np.sort(chosen), hit, traffic
 
     items, i_hit, i_all = choose("items", ENDPOINT_ITEMS, "item_id", known_items, settings["batch.max_items"])
     users, u_hit, u_all = choose("users", ENDPOINT_USERS, "user_id", known_users, settings["batch.max_users"])
@@ -125,7 +143,8 @@ def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarra
         p_all = float(g["weight"].sum())
         p_hit = covered * p_all
         report["pairs"] = {"source": "request_log", "distinct_keys": int(len(g)), "chosen": int(len(pairs)),
-                           "traffic": p_all, "expected_hit_rate": covered}
+                           "traffic": p_all, "expected_hit_rate": covered,
+                           "plus_top_recs_per_user": settings["batch.pairs_per_user"]}
     else:
         report["pairs"] = {"source": "user_recs", "per_user": settings["batch.pairs_per_user"]}
     total = i_all + u_all + p_all
