@@ -27,9 +27,11 @@ batch: install
 	$(PY) -m batch --config $(CONFIG) generate-sample --if-missing
 	$(PY) -m batch --config $(CONFIG) run
 
-demo: batch
-	$(PY) -m batch --config $(CONFIG) snapshots
-	$(PY) -m batch --config $(CONFIG) sql "SELECT run_id, status, round(expected_hit_rate, 3) AS expected_hit_rate, stage_seconds->>'train' AS train_s, stage_seconds->>'precompute' AS precompute_s FROM runs ORDER BY started_at DESC LIMIT 3"
+demo: install
+	$(PY) -m batch --config $(CONFIG) demo
+
+serve: install
+	HYBRIDSERVE_CONFIG=$(CONFIG) $(PY) -m gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'
 
 bench: install
 	$(PY) tests/bench/bench_batch.py

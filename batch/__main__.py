@@ -166,6 +166,7 @@ def sql(obj: _Ctx, query: str, max_rows: int) -> None:
     """Run a SQL query (read-only) against the store's DuckDB catalog and print a table."""
     import duckdb
 
+    from batch.catalog import format_table
     from batch.catalog import query as run_query
     from serving.store import Store
     store = Store(obj.settings["paths.store"])
@@ -175,26 +176,19 @@ def sql(obj: _Ctx, query: str, max_rows: int) -> None:
         raise HybridServeError(f"{store.catalog_path}: no catalog yet (run `python -m batch run` first)") from None
     except duckdb.Error as exc:
         raise HybridServeError(f"sql: {str(exc).splitlines()[0]}") from None
-    click.echo(_format_table(cols, rows))
+    click.echo(format_table(cols, rows))
     if truncated:
         click.echo(f"(first {max_rows} rows shown; --max-rows for more)")
 
 
-def _format_table(cols: list[str], rows: list[tuple]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", line]
-    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
-    out += [line, f"({len(rows)} row{'s' if len(rows) != 1 else ''})"]
-    return "\n".join(out)
-
-
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    text = "NULL" if v is None else str(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+@cli.command()
+@click.option("--requests", default=3000, show_default=True, help="GET requests per replay.")
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight at once.")
+@click.pass_obj
+def demo(obj: _Ctx, requests: int, concurrency: int) -> None:
+    """The whole loop on the sample: batch, gunicorn, replay, batch again, replay, SQL."""
+    from batch.demo import demo as run_demo
+    run_demo(obj.settings, Path(obj.config) if obj.config else None, requests, concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:

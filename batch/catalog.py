@@ -108,3 +108,20 @@ def query(catalog: Path, sql: str, max_rows: int = 1000):
     finally:
         con.close()
     return cols, rows[:max_rows], len(rows) > max_rows
+
+
+def format_table(cols: list[str], rows: list[tuple]) -> str:
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", line]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    out += [line, f"({len(rows)} row{'s' if len(rows) != 1 else ''})"]
+    return "\n".join(out)
+
+
+def cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    text = "NULL" if v is None else str(v)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -86,13 +86,6 @@ def _counts(frame: pd.DataFrame, column: str, weight: str | None = None) -> tupl
     return grouped.index.to_numpy(dtype=np.int64), grouped.to_numpy(dtype=np.float64)
 
 
-def _align(keys: np.ndarray, sub_keys: np.ndarray, sub_w: np.ndarray) -> np.ndarray:
-    """Weights of ``sub_keys`` placed on the sorted ``keys`` (0 where absent)."""
-    out = np.zeros(len(keys), dtype=np.float64)
-    out[np.searchsorted(keys, sub_keys)] = sub_w
-    return out
-
-
 def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarray, known_users: np.ndarray,
            settings) -> Selection:
     """Choose items, users and (user, item) pairs to precompute; report the expected hit rate."""
@@ -101,29 +94,28 @@ def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarra
     report: dict[str, Any] = {"coverage_target": share}
     log = log[log["endpoint"].isin([ENDPOINT_ITEMS, ENDPOINT_USERS, ENDPOINT_PAIRS])]
 
-    alpha = settings["batch.interactions_weight"]
-
     def choose(kind, endpoint, column, known, cap):
         rows = log[(log["endpoint"] == endpoint) & log[column].notna()]
         i_keys, i_w = _counts(window, column)
+        ok = np.isin(i_keys, known)
+        i_keys, i_w = i_keys[ok], i_w[ok]
+        chosen, _ = cover(i_keys, i_w, share, cap)
         if len(rows):
-            # Traffic as the log saw it, blended with a share of interaction history so that a young
-            # log (a few thousand requests) does not shrink the precomputed set to what it happened to see.
-            l_keys, l_w = _counts(rows.astype({column: np.int64}), column, "weight")
-            keys = np.union1d(l_keys, i_keys)
-            log_w = _align(keys, l_keys, l_w)
-            w = (1 - alpha) * log_w / log_w.sum() + alpha * _align(keys, i_keys, i_w) / max(i_w.sum(), 1e-12)
-            source = "request_log"
+            # The keys covering the logged traffic, then those covering interaction history, up to the cap:
+            # a young log (a few thousand requests under a Zipf law) sees most keys once or never, so it
+            # alone would shrink the set to what it happened to see.
+            keys, w = _counts(rows.astype({column: np.int64}), column, "weight")
+            ok = np.isin(keys, known)
+            keys, w = keys[ok], w[ok]
+            from_log, _ = cover(keys, w, share, cap)
+            chosen = np.concatenate([from_log, chosen[~np.isin(chosen, from_log)]])[:cap]
+            source = "request_log+interactions"
         else:
             keys, w = i_keys, i_w
-            log_w = i_w
             source = "interactions"
-        ok = np.isin(keys, known)
-        keys, w, log_w = keys[ok], w[ok], log_w[ok]
-        chosen, _ = cover(keys, w, share, cap)
-        traffic = float(log_w.sum())
-        hit = float(log_w[np.isin(keys, chosen)].sum())
-        report[kind] = {"source": source, "distinct_keys": int((log_w > 0).sum()), "chosen": int(len(chosen)),
+        traffic = float(w.sum())
+        hit = float(w[np.isin(keys, chosen)].sum())
+        report[kind] = {"source": source, "distinct_keys": int(len(keys)), "chosen": int(len(chosen)),
                         "traffic": traffic, "expected_hit_rate": hit / traffic if traffic else 0.0}
         return np.sort(chosen), hit, traffic
 

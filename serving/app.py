@@ -11,6 +11,7 @@ from typing import Callable
 import faiss
 from flask import Flask
 from flask_cors import CORS
+from threadpoolctl import threadpool_limits
 
 from serving import api
 from serving.engine import Engine
@@ -47,8 +48,10 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     ``background=False`` starts no threads (tests call ``engine.reload()`` and ``requestlog.flush()``).
     """
     settings = settings or load_settings()
-    # One OpenMP thread on the request path: two made single queries slower with a 4x worse p99.
+    # One thread per pool on the request path (FAISS's OpenMP, the rating model's OpenMP, BLAS):
+    # two made single queries slower with a 4x worse p99, and workers already use every core.
     faiss.omp_set_num_threads(1)
+    threadpool_limits(1)
     store = Store(settings["paths.store"])
     metrics = Metrics()
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],

@@ -73,7 +73,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log)", minimum=1),
     Setting("batch", "batch_size", 4096, "Queries per vectorised call when precomputing", minimum=1),
     Setting("batch", "keep", 5, "Snapshots retained (CURRENT and its predecessor are always kept)", minimum=2),
-    Setting("batch", "interactions_weight", 0.25, "With a request log: share of the popularity estimate given to interaction history", minimum=0.0, maximum=1.0),
     Setting("batch", "decay_half_life_hours", 168.0, "Request-log traffic loses half its weight per this many hours (0 = no decay)", minimum=0.0),
     Setting("batch", "validate_sample", 200, "Precomputed answers per table recomputed live before publish", minimum=1),
     Setting("batch", "min_recall", 0.95, "Refuse a snapshot whose ANN recall@10 against exact search is below this", minimum=0.0, maximum=1.0),

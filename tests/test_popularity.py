@@ -74,9 +74,10 @@ def test_request_log_drives_the_next_selection(workspace):
     write_log(store, rows)
     counts = read_request_counts(store, now)
     assert counts["weight"].sum() == 20 * 3 + 20 * 2 + 5
-    result = run(settings, force=True)  # far fewer keys than before: the row-count guard needs --force
+    result = run(settings)
     pop = result.manifest["popularity"]
-    assert pop["items"]["source"] == pop["users"]["source"] == pop["pairs"]["source"] == "request_log"
+    assert pop["items"]["source"] == pop["users"]["source"] == "request_log+interactions"
+    assert pop["pairs"]["source"] == "request_log"
     sim = store.read_table(result.snapshot_id, "similar_items").column("item_id").to_pylist()
     recs = store.read_table(result.snapshot_id, "user_recs").column("user_id").to_pylist()
     preds = store.read_table(result.snapshot_id, "predictions").to_pandas()
@@ -88,7 +89,7 @@ def test_request_log_drives_the_next_selection(workspace):
     assert pop["items"]["traffic"] == pytest.approx(60) and pop["users"]["traffic"] == pytest.approx(40)
 
 
-def test_log_only_selection_when_interactions_get_no_weight(workspace):
+def test_log_keys_come_first_when_the_cap_binds(workspace):
     root, settings, _, _ = workspace
     store = Store(settings["paths.store"])
     now = datetime.now(timezone.utc)
@@ -96,10 +97,13 @@ def test_log_only_selection_when_interactions_get_no_weight(workspace):
                            latency_us=1)] * 3)
     inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
     known = np.sort(inter["item_id"].unique())
-    sel = select(inter, read_request_counts(store, now), known, np.sort(inter["user_id"].unique()),
-                 settings.replace(batch__interactions_weight=0.0))
-    assert list(sel.items) == [5]
-    assert sel.report["items"]["expected_hit_rate"] == 1.0
+    users = np.sort(inter["user_id"].unique())
+    counts = read_request_counts(store, now)
+    capped = select(inter, counts, known, users, settings.replace(batch__max_items=1))
+    assert list(capped.items) == [5] and capped.report["items"]["expected_hit_rate"] == 1.0
+    full = select(inter, counts, known, users, settings)
+    no_log = select(inter, counts.iloc[:0], known, users, settings)
+    assert set(full.items) == set(no_log.items) | {5}  # the log adds; it never shrinks the set
 
 
 def test_decay_weights_old_traffic_less(workspace):
