@@ -32,6 +32,8 @@ ITEMS_SCHEMA = pa.schema([("item_id", pa.int64()), ("title", pa.string()), ("gen
 
 # The sample's clock is fixed, so the same seed gives the same files on any day.
 SAMPLE_END = datetime(2026, 1, 1, tzinfo=timezone.utc)
+# Up to this many items the generator scores every user against every item.
+_FULL_MATRIX_ITEMS = 20_000
 _ADJECTIVES = ("Silent", "Crimson", "Last", "Hidden", "Electric", "Golden", "Broken", "Distant", "Wild", "Final",
                "Frozen", "Secret", "Midnight", "Lost", "Bright", "Iron")
 _NOUNS = ("River", "Empire", "Garden", "Signal", "Harbor", "Machine", "Summer", "Kingdom", "Voyage", "Mirror",
@@ -84,20 +86,38 @@ def generate_sample(users: int, items: int, interactions: int, genres: int = 18,
     user_rows, item_rows, ratings = [], [], []
     item_bias = rng.normal(scale=0.35, size=items)
     user_bias = rng.normal(scale=0.3, size=users)
-    chunk = max(1, 2_000_000 // items)
+    pop = np.exp(log_pop)
+    pop /= pop.sum()
+    # Large catalogues: score affinity only on candidates drawn by popularity (the full
+    # users x items matrix would not fit); small ones: every item is a candidate.
+    n_cand = items if items <= _FULL_MATRIX_ITEMS else None
+    chunk = max(1, 2_000_000 // (n_cand or 2000))
     for start in range(0, users, chunk):
         stop = min(users, start + chunk)
-        affinity = user_f[start:stop] @ item_f.T / scale
+        if n_cand is not None:
+            cand = np.broadcast_to(np.arange(items), (stop - start, items))
+        else:
+            width = int(min(items, max(200, 8 * per_user[start:stop].max())))
+            cand = rng.choice(items, size=(stop - start, width), p=pop)  # with replacement: fast
+        raw_aff = np.einsum("uf,ucf->uc", user_f[start:stop], item_f[cand]) / scale
         # Standardise per user, so ratings spread around the scale's middle whatever the draw.
-        affinity = (affinity - affinity.mean(axis=1, keepdims=True)) / affinity.std(axis=1, keepdims=True)
+        affinity = (raw_aff - raw_aff.mean(axis=1, keepdims=True)) / raw_aff.std(axis=1, keepdims=True)
         # Gumbel top-k: sampling without replacement proportional to exp(logits).
-        logits = log_pop[None, :] + 1.2 * affinity + rng.gumbel(size=affinity.shape)
+        base = log_pop[cand] if n_cand is not None else 0.0  # candidates were already drawn by popularity
+        logits = base + 1.2 * affinity + rng.gumbel(size=affinity.shape)
         for r in range(stop - start):
             n = per_user[start + r]
-            chosen = np.argpartition(-logits[r], n - 1)[:n]
+            if n_cand is not None:
+                pick = np.argpartition(-logits[r], n - 1)[:n]
+            else:  # candidates may repeat: keep each item's best draw, then the top n
+                order = np.argsort(-logits[r])
+                _, first = np.unique(cand[r, order], return_index=True)
+                pick = order[np.sort(first)[:n]]
+                n = len(pick)
+            chosen = cand[r, pick]
             user_rows.append(np.full(n, start + r))
             item_rows.append(chosen)
-            raw = 2.6 + 0.7 * affinity[r, chosen] + item_bias[chosen] + user_bias[start + r]
+            raw = 2.6 + 0.7 * affinity[r, pick] + item_bias[chosen] + user_bias[start + r]
             ratings.append(raw + rng.normal(scale=0.6, size=n))
     u = np.concatenate(user_rows)
     it = np.concatenate(item_rows)

@@ -32,9 +32,14 @@ TRAINING_KEYS = ("train.dim", "train.index", "train.flat_max_items", "train.hnsw
                  "train.model_iterations", "train.learning_rate", "train.seed", "batch.candidates")
 
 
+# Bump when training code changes what it produces, so cached models are not reused across it.
+TRAINING_CODE_VERSION = 2
+
+
 def training_key(fingerprint: str, settings: Settings) -> str:
-    """Identifies a trained model: the inputs' fingerprint plus every setting training reads."""
-    payload = json.dumps({"inputs": fingerprint, **{k: settings[k] for k in TRAINING_KEYS}}, sort_keys=True)
+    """Identifies a trained model: the inputs' fingerprint, every setting training reads, the code version."""
+    payload = json.dumps({"inputs": fingerprint, "code": TRAINING_CODE_VERSION,
+                          **{k: settings[k] for k in TRAINING_KEYS}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -113,6 +118,12 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
         warm = ~cold
         centroid = (item_genres[warm].T @ item_raw[warm]) / np.maximum(item_genres[warm].sum(0), 1)[:, None]
         item_raw[cold] = item_genres[cold] @ centroid
+        # A seeded jitter per item id, so cold items sharing genres are not exact duplicates (a tie
+        # group hundreds long would make their neighbour lists arbitrary).
+        scale = 0.05 * np.linalg.norm(item_raw[cold], axis=1, keepdims=True)
+        jitter = np.stack([np.random.default_rng([seed, int(i)]).normal(size=item_raw.shape[1])
+                           for i in item_ids[cold]]).astype(np.float32)
+        item_raw[cold] += scale * jitter / np.sqrt(item_raw.shape[1])
     item_vecs, user_vecs = normalise(item_raw), normalise(user_raw)
 
     glob = float(ratings.mean())

@@ -1,13 +1,16 @@
 """The lookup API blueprint: parse, ask the engine, shape the answer. Errors are mapped once, at the end."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qsl
 
+import numpy as np
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
@@ -26,16 +29,31 @@ def services():
     return current_app.extensions["hybridserve"]
 
 
+class _State:
+    """What the after-request hook needs; one object on ``g`` instead of many lookups."""
+
+    __slots__ = ("t0", "endpoint", "source", "log")
+
+    def __init__(self, t0: float):
+        self.t0, self.endpoint, self.source, self.log = t0, None, None, None
+
+
+def _state() -> _State:
+    return g._hs
+
+
 # --- parsing ------------------------------------------------------------------------
 def _params(allowed: tuple[str, ...]) -> dict[str, str]:
-    args = request.args
-    for name in args:
+    out: dict[str, str] = {}
+    for name, value in parse_qsl(request.environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                 errors="replace"):
         if name not in allowed:
             allow = ", ".join(allowed) if allowed else "none"
             raise BadRequest(f"unknown query parameter {_show(name)} (allowed: {allow})")
-        if len(args.getlist(name)) > 1:
+        if name in out:
             raise BadRequest(f"query parameter {_show(name)} given more than once")
-    return {name: args[name] for name in args}
+        out[name] = value
+    return out
 
 
 def _show(text: str, limit: int = 40) -> str:
@@ -51,8 +69,8 @@ def parse_id(name: str, raw: str | None) -> int:
     return int(raw)
 
 
-def parse_k(raw: str | None) -> int:
-    limit = services().settings["serving.k_limit"]
+def parse_k(svc, raw: str | None) -> int:
+    limit = svc.settings["serving.k_limit"]
     if raw is None:
         raise BadRequest(f"query parameter 'k' is required: an integer from 1 to {limit}")
     if not re.fullmatch(r"-?[0-9]{1,19}", raw):
@@ -63,8 +81,8 @@ def parse_k(raw: str | None) -> int:
     return k
 
 
-def parse_items(raw: str | None) -> tuple[int, ...]:
-    most = services().settings["serving.session_max_items"]
+def parse_items(svc, raw: str | None) -> tuple[int, ...]:
+    most = svc.settings["serving.session_max_items"]
     if raw is None or raw.strip() == "":
         raise BadRequest(f"query parameter 'items' is required: 1 to {most} comma-separated item ids")
     parts = raw.split(",")
@@ -83,25 +101,23 @@ def parse_items(raw: str | None) -> tuple[int, ...]:
 
 # --- responses ----------------------------------------------------------------------
 def _json(body: Any, status: int = 200, mimetype: str = "application/json") -> Response:
-    return current_app.response_class(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status=status,
-                                      mimetype=mimetype)
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status=status, mimetype=mimetype)
 
 
+@functools.lru_cache(maxsize=4096)  # precomputed answers share their snapshot's timestamp
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _answer(ans: Answer, endpoint: str, key: str, body: dict[str, Any]) -> Response:
-    g.source = ans.source
-    now = services().engine.clock()
+def _answer(svc, ans: Answer, endpoint: str, key: str, body: dict[str, Any]) -> Response:
+    _state().source = ans.source
     body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at),
-                age_s=round(ans.age_s(now), 3))
+                age_s=round(ans.age_s(svc.engine.clock()), 3))
     etag = None
     if ans.source == PRECOMPUTED:
         etag = f"{ans.snapshot}.{endpoint}.{key}"  # the answer never changes within a snapshot
-        if request.if_none_match.contains(etag):
-            resp = current_app.response_class(status=304)
-            return _cache_headers(resp, ans, etag)
+        if "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(etag):
+            return _cache_headers(Response(status=304), ans, etag)
     return _cache_headers(_json(body), ans, etag)
 
 
@@ -113,72 +129,75 @@ def _cache_headers(resp: Response, ans: Answer, etag: str | None) -> Response:
 
 
 def _scored(ans: Answer) -> list[dict[str, Any]]:
-    return [{"item_id": int(i), "score": round(float(s), 6)} for i, s in zip(ans.ids.tolist(), ans.scores.tolist())]
+    scores = np.round(ans.scores.astype(np.float64), 6).tolist()
+    return [{"item_id": i, "score": s} for i, s in zip(ans.ids.tolist(), scores)]
 
 
-def _log(endpoint: str, item_id: int | None = None, user_id: int | None = None, k: int | None = None) -> None:
-    g.log = (endpoint, item_id, user_id, k)
+def _begin(endpoint: str) -> _State:
+    st = _state()
+    st.endpoint = endpoint
+    return st
 
 
 # --- endpoints ----------------------------------------------------------------------
 @bp.get("/v1/items/<item_id>/similar")
 def similar_items(item_id: str):
     """Items most similar to one item."""
-    g.endpoint = "similar_items"
+    st, svc = _begin("similar_items"), services()
     params = _params(("k",))
     iid = parse_id("item_id", item_id)
-    _log("similar_items", item_id=iid)
-    k = parse_k(params.get("k"))
-    _log("similar_items", item_id=iid, k=k)
-    ans = services().engine.similar_items(iid, k)
-    return _answer(ans, "similar", f"{iid}.{k}", {"item_id": iid, "k": k, "items": _scored(ans)})
+    st.log = ("similar_items", iid, None, None)
+    k = parse_k(svc, params.get("k"))
+    st.log = ("similar_items", iid, None, k)
+    ans = svc.engine.similar_items(iid, k)
+    return _answer(svc, ans, "similar", f"{iid}.{k}", {"item_id": iid, "k": k, "items": _scored(ans)})
 
 
 @bp.get("/v1/users/<user_id>/recommendations")
 def user_recommendations(user_id: str):
     """Unseen items for a user, ranked by predicted rating."""
-    g.endpoint = "user_recs"
+    st, svc = _begin("user_recs"), services()
     params = _params(("k",))
     uid = parse_id("user_id", user_id)
-    _log("user_recs", user_id=uid)
-    k = parse_k(params.get("k"))
-    _log("user_recs", user_id=uid, k=k)
-    ans = services().engine.user_recs(uid, k)
-    return _answer(ans, "recs", f"{uid}.{k}", {"user_id": uid, "k": k, "items": _scored(ans)})
+    st.log = ("user_recs", None, uid, None)
+    k = parse_k(svc, params.get("k"))
+    st.log = ("user_recs", None, uid, k)
+    ans = svc.engine.user_recs(uid, k)
+    return _answer(svc, ans, "recs", f"{uid}.{k}", {"user_id": uid, "k": k, "items": _scored(ans)})
 
 
 @bp.get("/v1/predictions")
 def prediction():
     """A user's predicted rating of an item."""
-    g.endpoint = "prediction"
+    st, svc = _begin("prediction"), services()
     params = _params(("user_id", "item_id"))
     uid = parse_id("user_id", params.get("user_id"))
     iid = parse_id("item_id", params.get("item_id"))
-    _log("prediction", item_id=iid, user_id=uid, k=1)
-    ans = services().engine.prediction(uid, iid)
-    return _answer(ans, "pred", f"{uid}.{iid}",
+    st.log = ("prediction", iid, uid, 1)
+    ans = svc.engine.prediction(uid, iid)
+    return _answer(svc, ans, "pred", f"{uid}.{iid}",
                    {"user_id": uid, "item_id": iid, "prediction": round(float(ans.value), 6)})
 
 
 @bp.get("/v1/recommendations")
 def session_recommendations():
     """Recommendations from the items a visitor just viewed (always live, then cached)."""
-    g.endpoint = "session"
+    st, svc = _begin("session"), services()
     params = _params(("items", "k"))
-    items = parse_items(params.get("items"))
-    k = parse_k(params.get("k"))
-    _log("session", k=k)
+    items = parse_items(svc, params.get("items"))
+    k = parse_k(svc, params.get("k"))
+    st.log = ("session", None, None, k)
     try:
-        ans = services().engine.session(items, k)
+        ans = svc.engine.session(items, k)
     except NotFound as exc:  # an unknown id inside the list is a malformed list, not a missing resource
         raise BadRequest(str(exc)) from None
-    return _answer(ans, "session", "", {"viewed": list(items), "k": k, "items": _scored(ans)})
+    return _answer(svc, ans, "session", "", {"viewed": list(items), "k": k, "items": _scored(ans)})
 
 
 @bp.get("/v1/snapshot")
 def snapshot():
     """The live snapshot's manifest and age."""
-    g.endpoint = "snapshot"
+    _begin("snapshot")
     _params(())
     engine = services().engine
     snap = engine.snapshot
@@ -207,7 +226,7 @@ def readyz():
 def metrics():
     """Prometheus metrics."""
     from serving.metrics import CONTENT_TYPE
-    return current_app.response_class(services().metrics.render(), mimetype=None, content_type=CONTENT_TYPE)
+    return Response(services().metrics.render(), content_type=CONTENT_TYPE)
 
 
 @bp.get("/openapi.json")
@@ -225,19 +244,23 @@ _STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503}
 def problem(status: int, detail: str) -> Response:
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
             "instance": request.path[:200]}
-    g.source = "error"
+    st = g.get("_hs")
+    if st is not None:
+        st.source = "error"
     return _json(body, status=status, mimetype="application/problem+json")
 
 
 def register(app: Flask) -> None:
     app.register_blueprint(bp)
 
+    limit = app.extensions["hybridserve"].settings["serving.max_url_bytes"]
+
     @app.before_request
     def _start():
-        g.t0 = time.perf_counter()
-        limit = app.extensions["hybridserve"].settings["serving.max_url_bytes"]
-        if len(request.full_path.encode("utf-8", "surrogateescape")) > limit:
-            g.endpoint = "too_long"
+        g._hs = st = _State(time.perf_counter())
+        env = request.environ
+        if len(env.get("PATH_INFO", "")) + len(env.get("QUERY_STRING", "")) > limit:
+            st.endpoint = "too_long"
             return problem(414, f"URL is longer than {limit} bytes")
 
     @app.errorhandler(BadRequest)
@@ -258,20 +281,20 @@ def register(app: Flask) -> None:
         app.logger.exception("unhandled error on %s", request.path[:200])
         return problem(500, "internal error; it has been logged")
 
+    services_ = app.extensions["hybridserve"]
+
     @app.after_request
     def _record(resp: Response) -> Response:
-        ext = app.extensions["hybridserve"]
-        endpoint = g.get("endpoint")
-        if endpoint is None:
+        st = g.get("_hs")
+        if st is None or st.endpoint is None:
             return resp
-        elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
-        source = g.get("source") or ("error" if resp.status_code >= 400 else "none")
-        ext.metrics.requests.labels(endpoint, source, str(resp.status_code)).inc()
-        ext.metrics.latency.labels(endpoint, source).observe(elapsed)
-        entry = g.get("log")
-        if entry is not None:
-            ep, item_id, user_id, k = entry
-            ext.requestlog.append(ep, item_id, user_id, k, source, resp.status_code, int(elapsed * 1e6))
+        elapsed = time.perf_counter() - st.t0
+        status = resp.status_code
+        source = st.source or ("error" if status >= 400 else "none")
+        services_.metrics.observe(st.endpoint, source, status, elapsed)
+        if st.log is not None:
+            ep, item_id, user_id, k = st.log
+            services_.requestlog.append(ep, item_id, user_id, k, source, status, int(elapsed * 1e6))
         return resp
 
 

@@ -72,8 +72,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     services = Services(settings, engine, requestlog, metrics, threading.Event())
     app.extensions["hybridserve"] = services
     origins = [o.strip() for o in settings["serving.cors_origins"].split(",") if o.strip()]
-    CORS(app, resources={r"/v1/*": {"origins": origins}}, methods=["GET"],
-         expose_headers=["ETag", "Cache-Control"], max_age=3600)
+    if origins:  # empty: no CORS (a same-origin deployment saves its cost on every response)
+        CORS(app, resources={r"/v1/*": {"origins": origins}}, methods=["GET"],
+             expose_headers=["ETag", "Cache-Control"], max_age=3600)
     api.register(app)
 
     if background:

@@ -131,7 +131,7 @@ class Engine:
     # --- queries ----------------------------------------------------------------
     def similar_items(self, item_id: int, k: int) -> Answer:
         snap = self._require()
-        iidx = int(snap.bundle.item_index([item_id])[0])
+        iidx = snap.bundle.item_index_one(item_id)
         if iidx < 0:
             raise NotFound(f"item {item_id} is not in the catalogue")
         hit = self._precomputed(snap, "similar_items", k, lambda: snap.similar.get(iidx, k))
@@ -142,7 +142,7 @@ class Engine:
 
     def user_recs(self, user_id: int, k: int) -> Answer:
         snap = self._require()
-        uidx = int(snap.bundle.user_index([user_id])[0])
+        uidx = snap.bundle.user_index_one(user_id)
         if uidx < 0:
             raise NotFound(f"user {user_id} is unknown")
         hit = self._precomputed(snap, "user_recs", k, lambda: snap.recs.get(uidx, k))
@@ -152,10 +152,10 @@ class Engine:
 
     def prediction(self, user_id: int, item_id: int) -> Answer:
         snap = self._require()
-        uidx = int(snap.bundle.user_index([user_id])[0])
+        uidx = snap.bundle.user_index_one(user_id)
         if uidx < 0:
             raise NotFound(f"user {user_id} is unknown")
-        iidx = int(snap.bundle.item_index([item_id])[0])
+        iidx = snap.bundle.item_index_one(item_id)
         if iidx < 0:
             raise NotFound(f"item {item_id} is not in the catalogue")
         value = snap.prediction(uidx, iidx)

@@ -41,8 +41,19 @@ class Metrics:
                                       multiprocess_mode="max")
         self.requestlog_failures = Counter("hybridserve_requestlog_flush_failures", "Failed request-log flushes",
                                            registry=r)
+        self._children: dict[tuple, tuple] = {}
         self.requestlog_dropped = Counter("hybridserve_requestlog_dropped_rows",
                                           "Request-log rows dropped to bound memory", registry=r)
+
+    def observe(self, endpoint: str, source: str, status: int, seconds: float) -> None:
+        """Count one request and its latency (labelled children cached: labels() is slow per call)."""
+        key = (endpoint, source, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(endpoint, source, str(status)),
+                                               self.latency.labels(endpoint, source))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         if multiprocess():

@@ -29,6 +29,9 @@ _META_FILE = "meta.json"
 # Feature columns assembled for the rating model (genre flags follow).
 BASE_FEATURES = ("cosine", "user_mean", "user_log_count", "item_mean", "item_log_count", "user_item_genre_affinity")
 
+# Extra candidates asked of FAISS beyond what is kept, so exact re-scoring decides the cut.
+_MARGIN = 8
+
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -91,6 +94,13 @@ class ModelBundle:
     def user_index(self, ids: np.ndarray) -> np.ndarray:
         return lookup(self.user_ids, ids)
 
+    def item_index_one(self, item_id: int) -> int:
+        """One id -> row index or -1 (the request path's fast form of item_index)."""
+        return _lookup_one(self.item_ids, item_id)
+
+    def user_index_one(self, user_id: int) -> int:
+        return _lookup_one(self.user_ids, user_id)
+
     def seen_mask(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
         """(n, c) bool: whether user uidx[r] has seen item iidx[r, j]. iidx may hold -1."""
         keys = uidx.astype(np.int64)[:, None] * self.n_items + iidx.astype(np.int64)
@@ -129,15 +139,10 @@ class ModelBundle:
         iidx (n,) item indices -> (ids (n, k) int64, scores (n, k) float32 cosine), padded with -1 / nan.
         """
         iidx = np.asarray(iidx, dtype=np.int64)
-        k_search = min(k + 1, self.n_items)
-        scores, idx = self.search(np.ascontiguousarray(self.item_vecs[iidx]), k_search)
-        # Drop the query item itself wherever it appears; otherwise drop the last column.
-        drop = (idx == iidx[:, None]) | (idx < 0)
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        idx = np.take_along_axis(idx, order, axis=1)
-        scores = np.take_along_axis(scores, order, axis=1)
-        valid = ~np.take_along_axis(drop, order, axis=1)
-        return self._to_ids(idx, scores, valid, k)
+        q = np.ascontiguousarray(self.item_vecs[iidx])
+        _, idx = self.search(q, min(k + 1 + _MARGIN, self.n_items))
+        scores, idx = self._rescore(q, idx, drop=idx == iidx[:, None])
+        return self._to_ids(idx[:, :k], scores[:, :k], idx[:, :k] >= 0, k)
 
     def recommend(self, uidx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS candidates for each user's vector, unseen only, ranked by the rating model.
@@ -147,10 +152,10 @@ class ModelBundle:
         """
         uidx = np.asarray(uidx, dtype=np.int64)
         n_cand = int(self.meta.get("candidates", 100))
-        k_search = min(self.n_items, n_cand + self.max_seen)
-        _, idx = self.search(np.ascontiguousarray(self.user_vecs[uidx]), k_search)
-        keep = (idx >= 0) & ~self.seen_mask(uidx, idx)
-        return self._rank_candidates(uidx, idx, keep, n_cand, k)
+        q = np.ascontiguousarray(self.user_vecs[uidx])
+        _, idx = self.search(q, min(self.n_items, n_cand + self.max_seen + _MARGIN))
+        _, idx = self._rescore(q, idx, drop=self.seen_mask(uidx, idx))
+        return self._rank_candidates(uidx, idx, idx >= 0, n_cand, k)
 
     def recommend_for_items(self, item_lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Session recommendations: the mean of the given items' vectors, those items excluded.
@@ -160,16 +165,32 @@ class ModelBundle:
         q = np.stack([self.item_vecs[np.asarray(lst, dtype=np.int64)].mean(axis=0) for lst in item_lists])
         q = normalise(q.astype(np.float32))
         longest = max(len(lst) for lst in item_lists)
-        scores, idx = self.search(q, min(self.n_items, k + longest))
+        _, idx = self.search(q, min(self.n_items, k + longest + _MARGIN))
         given = np.full((len(item_lists), longest), -2, dtype=np.int64)
         for r, lst in enumerate(item_lists):
             given[r, :len(lst)] = lst
-        drop = (idx < 0) | (idx[:, :, None] == given[:, None, :]).any(axis=2)
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        return self._to_ids(np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1),
-                            ~np.take_along_axis(drop, order, axis=1), k)
+        scores, idx = self._rescore(q, idx, drop=(idx[:, :, None] == given[:, None, :]).any(axis=2))
+        return self._to_ids(idx[:, :k], scores[:, :k], idx[:, :k] >= 0, k)
 
     # --- helpers ----------------------------------------------------------------
+    def _rescore(self, q: np.ndarray, idx: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine of each candidate, computed row by row the same way for one query or many,
+        then ordered by (score desc, item index asc); dropped and missing candidates go last as -1.
+
+        FAISS proposes the candidates; its batched and single-query kernels round differently, which
+        reorders near-ties. Ordering here makes batch and live answers identical.
+        """
+        idx = np.where(drop, -1, idx)
+        scores = np.full(idx.shape, -np.inf, dtype=np.float32)
+        rows = max(1, (1 << 22) // max(1, idx.shape[1] * q.shape[1]))  # bounded temporary memory
+        for start in range(0, len(idx), rows):
+            part = idx[start:start + rows]
+            vecs = self.item_vecs[np.maximum(part, 0)]
+            s = np.einsum("kd,knd->kn", q[start:start + rows], vecs)
+            scores[start:start + rows] = np.where(part >= 0, s, -np.inf)
+        order = np.lexsort((np.where(idx >= 0, idx, np.iinfo(np.int64).max), -scores), axis=1)
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
     def _rank_candidates(self, uidx, idx, keep, n_cand, k):
         # First n_cand kept candidates per row, in search order.
         order = np.argsort(~keep, axis=1, kind="stable")[:, :n_cand]
@@ -224,6 +245,11 @@ def lookup(sorted_ids: np.ndarray, ids) -> np.ndarray:
     pos = np.searchsorted(sorted_ids, ids)
     pos = np.minimum(pos, len(sorted_ids) - 1)
     return np.where(sorted_ids[pos] == ids, pos, -1).astype(np.int64)
+
+
+def _lookup_one(sorted_ids: np.ndarray, key: int) -> int:
+    pos = int(sorted_ids.searchsorted(key))
+    return pos if pos < len(sorted_ids) and sorted_ids[pos] == key else -1
 
 
 def set_search_params(index, meta: dict[str, Any]) -> None:

@@ -1,0 +1,108 @@
+"""Run wrk (an established C load generator) over a list of paths and parse its report."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+_LUA = """
+local paths = {}
+for line in io.lines("%s") do paths[#paths + 1] = line end
+local i = 0
+function setup(thread) thread:set("offset", math.random(#paths)) end
+function init(args) i = tonumber(offset) or 0 end
+function request()
+  i = i %% #paths + 1
+  return wrk.format("GET", paths[i])
+end
+"""
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def require_wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("wrk is not installed: `apt-get install wrk` (make bench does this)")
+    return path
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None) -> dict:
+    """Requests/s and latency percentiles (ms) for GETs cycling through ``paths``."""
+    wrk = require_wrk()
+    with tempfile.TemporaryDirectory() as tmp:
+        plist = Path(tmp) / "paths.txt"
+        plist.write_text("\n".join(paths) + "\n")
+        script = Path(tmp) / "paths.lua"
+        script.write_text(_LUA % plist)
+        threads = threads or min(connections, 2)
+        out = subprocess.run([wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(round(seconds)))}s", "--latency",
+                              "-s", str(script), base_url], capture_output=True, text=True, timeout=seconds + 60)
+    text = out.stdout
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed: {out.stderr or text}")
+    pct = {f"p{int(p)}_ms": _ms(v) for p, v in re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M)}
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return {"requests_per_s": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": sum(map(int, socket_errors.groups())) if socket_errors else 0,
+            "connections": connections, "seconds": seconds, **pct}
+
+
+def run_python(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None) -> dict:
+    """The same measurement with Python threads: for the benchmarks' smoke tests, where wrk may be absent.
+    Much slower than wrk (the client costs more than the server); never use its numbers as results."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+
+    lat: list[float] = []
+    codes: list[int] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(offset: int) -> None:
+        i = offset
+        mine, my_codes = [], []
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(base_url + paths[i % len(paths)], timeout=10) as r:
+                    r.read()
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            mine.append((time.perf_counter() - t0) * 1000)
+            my_codes.append(code)
+            i += 1
+        with lock:
+            lat.extend(mine)
+            codes.extend(my_codes)
+
+    t_start = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(k * 7919,)) for k in range(connections)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    arr = np.asarray(lat)
+    return {"requests_per_s": len(arr) / elapsed, "requests": len(arr),
+            "non_2xx": int(sum(1 for c in codes if not 200 <= c < 400)), "socket_errors": 0,
+            "connections": connections, "seconds": seconds,
+            **{f"p{p}_ms": float(np.percentile(arr, p)) for p in (50, 75, 90, 99)}}
+
+
+LOADGENS = {"wrk": run_wrk, "python": run_python}
