@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/default.toml
 
-.PHONY: install test demo batch sample train serve bench clean
+.PHONY: install test demo batch sample train schedule serve bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ batch: install
 
 demo: install
 	$(PY) -m batch --config $(CONFIG) demo
+
+schedule: install
+	$(PY) -m batch --config $(CONFIG) schedule
 
 serve: install
 	HYBRIDSERVE_CONFIG=$(CONFIG) $(PY) -m gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'

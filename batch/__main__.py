@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from serving.errors import ConfigError, HybridServeError, StoreLockedError, ValidationFailed
+from serving.errors import Abandoned, ConfigError, HybridServeError, StoreLockedError, ValidationFailed
 from serving.settings import load_settings
 
 LOG = logging.getLogger("batch")
@@ -182,6 +182,15 @@ def sql(obj: _Ctx, query: str, max_rows: int) -> None:
 
 
 @cli.command()
+@click.pass_obj
+def schedule(obj: _Ctx) -> None:
+    """Run the job on batch.schedule until SIGTERM/SIGINT (APScheduler; one run at a time)."""
+    from batch.schedule import Daemon
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    Daemon(obj.settings).serve()
+
+
+@cli.command()
 @click.option("--requests", default=3000, show_default=True, help="GET requests per replay.")
 @click.option("--concurrency", default=8, show_default=True, help="Requests in flight at once.")
 @click.pass_obj
@@ -206,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationFailed as exc:
         click.echo(f"refused: {exc}", err=True)
         return EXIT_REFUSED
+    except Abandoned as exc:
+        click.echo(f"abandoned: {exc}", err=True)
+        return EXIT_FAILED
     except ConfigError as exc:
         click.echo(f"config error: {exc}", err=True)
         return EXIT_FAILED

@@ -32,12 +32,18 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
+def record_pending(store: Store, run: dict[str, Any]) -> Path:
+    """Leave a run record for the next catalog update (used directly by a run that found the lock taken)."""
+    store.pending_runs_dir.mkdir(parents=True, exist_ok=True)
+    pending = store.pending_runs_dir / f"{run['run_id']}-{os.getpid()}.json"
+    write_atomic(pending, json.dumps(run, default=str).encode())
+    return pending
+
+
 def record_run(store: Store, run: dict[str, Any]) -> bool:
     """Append ``run`` to the catalog and refresh its views. False (and the record kept pending)
     when another process holds the catalog."""
-    store.pending_runs_dir.mkdir(parents=True, exist_ok=True)
-    pending = store.pending_runs_dir / f"{run['run_id']}.json"
-    write_atomic(pending, json.dumps(run, default=str).encode())
+    pending = record_pending(store, run)
     try:
         con = duckdb.connect(str(store.catalog_path))
     except duckdb.IOException as exc:
@@ -46,16 +52,19 @@ def record_run(store: Store, run: dict[str, Any]) -> bool:
         return False
     try:
         con.execute(_RUNS_DDL)
-        for path in sorted(store.pending_runs_dir.glob("*.json")):
+        ingested = sorted(store.pending_runs_dir.glob("*.json"))
+        for path in ingested:
             rec = json.loads(path.read_text())
             values = [rec.get(c) for c in RUN_COLUMNS]
             for i in (8, 9):
                 values[i] = json.dumps(values[i]) if values[i] is not None else None
+            if rec.get("status") == "locked":  # a run that never started: keep its own id distinct
+                values[0] = f"{values[0]}-locked-{path.stem.rsplit('-', 1)[-1]}"
             con.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", values)
         _refresh_views(con, store)
     finally:
         con.close()
-    for path in store.pending_runs_dir.glob("*.json"):
+    for path in ingested:  # only these: a locked run may have added one meanwhile
         os.unlink(path)
     return True
 

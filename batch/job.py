@@ -24,7 +24,7 @@ from tqdm import tqdm
 from batch import catalog, popularity
 from batch.inputs import Inputs, load_inputs
 from batch.train import train_and_evaluate, training_key
-from serving.errors import HybridServeError, ValidationFailed
+from serving.errors import Abandoned, HybridServeError, StoreLockedError, ValidationFailed
 from serving.model import ModelBundle
 from serving.settings import Settings
 from serving.store import Store, new_snapshot_id
@@ -64,10 +64,20 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
     when the training key matches, else trained. Returns (bundle, folder, evaluation, trained)."""
     key = training_key(inputs.fingerprint, settings)
     folder = store.models_dir / key
+    live = store.current_id()
+    if not retrain and not folder.is_dir() and live is not None:
+        # The cache was pruned, but the live snapshot may carry this very model.
+        try:
+            live_model = store.model_dir(live)
+            if ModelBundle.read_meta(live_model).get("training_key") == key:
+                folder = live_model
+        except (OSError, ValueError):
+            pass
     if folder.is_dir() and not retrain:
         LOG.info("inputs unchanged: reusing model %s", key)
         bundle = ModelBundle.load(folder)
         return bundle, folder, bundle.meta.get("evaluation", {}), False
+    folder = store.models_dir / key
     bundle, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings)
     bundle.meta.update(model_version=f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", training_key=key,
                        inputs_fingerprint=inputs.fingerprint, evaluation=evaluation)
@@ -79,6 +89,40 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, folder)
     return bundle, folder, evaluation, True
+
+
+def prune_models(store: Store, keep: int) -> list[str]:
+    """Keep the newest ``keep`` cached models (snapshots hold their own hard links, so none breaks)."""
+    if not store.models_dir.is_dir():
+        return []
+    folders = sorted((p for p in store.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for p in folders[keep:]:
+        trash = store.models_dir / f".trash-{p.name}-{uuid.uuid4().hex[:6]}"
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+def observed_hit_rate(store: Store, until: datetime) -> float | None:
+    """Share of lookups answered from the snapshot since the previous published run (None if no traffic)."""
+    import duckdb
+    previous = store.current_id()
+    if previous is None or not store.requests_dir.is_dir():
+        return None
+    since = store.read_manifest(previous).get("created_at")
+    con = duckdb.connect()
+    try:
+        hits, total = con.execute(
+            "SELECT count(*) FILTER (WHERE source = 'precomputed'), count(*) FROM read_parquet(?, union_by_name = true) "
+            "WHERE status < 400 AND endpoint IN ('similar_items', 'user_recs', 'prediction', 'session') "
+            "AND ts >= CAST(? AS TIMESTAMPTZ) AND ts < CAST(? AS TIMESTAMPTZ)",
+            [store.requests_glob(), since, until.isoformat()]).fetchall()[0]
+    finally:
+        con.close()
+    return hits / total if total else None
 
 
 # --- precompute ---------------------------------------------------------------------
@@ -226,18 +270,28 @@ def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
 
 # --- the run ------------------------------------------------------------------------
 def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at: str | None = None,
-        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> RunResult:
+        now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        should_stop: Callable[[], bool] = lambda: False) -> RunResult:
     """One whole batch run under the store lock. Raises HybridServeError subclasses on failure;
-    a run record reaches the catalog whatever the outcome."""
+    a run record reaches the catalog whatever the outcome (a run that finds the lock taken leaves
+    its record for the running one to add). ``should_stop`` is checked between stages and last
+    before CURRENT moves: a stop request abandons the run with the live snapshot untouched."""
     store = Store(settings["paths.store"])
-    lock = store.lock()
     try:
-        return _run_locked(store, settings, retrain, force, crash_at, now)
+        lock = store.lock()
+    except StoreLockedError as exc:
+        started = now()
+        catalog.record_pending(store, {"run_id": f"run-{started:%Y%m%d-%H%M%S-%f}", "status": "locked",
+                                       "started_at": started.isoformat(), "ended_at": now().isoformat(),
+                                       "error": str(exc), "retrained": False})
+        raise
+    try:
+        return _run_locked(store, settings, retrain, force, crash_at, now, should_stop)
     finally:
         lock.release()
 
 
-def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
+def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> RunResult:
     started = now()
     run_id = f"run-{started:%Y%m%d-%H%M%S-%f}"
     stages = _Stages()
@@ -247,20 +301,27 @@ def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
     writer = None
     threads = settings["batch.threads"] or os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)
+    def checkpoint(stage: str) -> None:
+        if should_stop():
+            raise Abandoned(f"stop requested; abandoned before {stage}, CURRENT unchanged")
+
     try:
         store.ensure_layout()
         store.clean_temp()
+        record["observed_hit_rate"] = observed_hit_rate(store, started)
         with stages("inputs"):
             inputs = load_inputs(Path(settings["paths.inputs"]), settings["train.rating_min"],
                                  settings["train.rating_max"])
         with stages("train"):
             bundle, model_folder, evaluation, trained = obtain_model(store, inputs, settings, retrain)
         record.update(model_version=bundle.model_version, retrained=trained)
+        checkpoint("select")
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
             sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
         record["expected_hit_rate"] = sel.report["expected_hit_rate"]
         k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
+        checkpoint("precompute")
         with stages("precompute"):
             tables = {"similar_items": precompute_similar(bundle, sel.items, k_max, bs)}
             tables["user_recs"], rec_ids = precompute_recs(bundle, sel.users, k_max, bs)
@@ -271,6 +332,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
                          .sort_values(["user_id", "item_id"], ignore_index=True))
             tables["predictions"] = precompute_predictions(bundle, pairs, bs)
             tables["items"] = items_table(inputs.items)
+        checkpoint("publish")
         with stages("publish"):
             snapshot_id = _new_snapshot_id(store, started)
             writer = store.begin(snapshot_id, crash_at=crash_at)
@@ -284,18 +346,24 @@ def _run_locked(store, settings, retrain, force, crash_at, now) -> RunResult:
                 "inputs_fingerprint": inputs.fingerprint, "inputs": str(inputs.folder),
                 "settings": settings.as_dict(), "evaluation": evaluation, "popularity": sel.report,
                 "k_max": k_max, "run_id": run_id, "retrained": trained,
+                "observed_hit_rate_since_previous": record["observed_hit_rate"],
             }
             with stages("validate"):
                 # On the complete, unpublished folder, with the bundle read back from disk.
                 manifest["validation"] = validate(writer.model_dir, tables, settings, live_rows, force)
+            checkpoint("CURRENT moves")  # the last point at which a stop leaves no trace
             manifest = writer.publish(manifest)
             writer = None
             store.apply_retention(settings["batch.keep"])
+            prune_models(store, settings["batch.keep"])
         record.update(status="published", snapshot_id=snapshot_id, row_counts=manifest["row_counts"])
         result = RunResult(run_id=run_id, status="published", snapshot_id=snapshot_id, manifest=manifest)
         return result
     except ValidationFailed as exc:
         record.update(status="refused", error=str(exc))
+        raise
+    except Abandoned as exc:
+        record.update(status="abandoned", error=str(exc))
         raise
     except HybridServeError as exc:
         record["error"] = str(exc)

@@ -27,6 +27,10 @@ class StoreLockedError(HybridServeError):
     """Another process holds a lock in the store."""
 
 
+class Abandoned(HybridServeError):
+    """A batch run asked to stop (SIGTERM to the scheduler) before CURRENT moved."""
+
+
 class ValidationFailed(HybridServeError):
     """A new snapshot failed its checks before publish; it is not published."""
 

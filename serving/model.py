@@ -225,6 +225,10 @@ class ModelBundle:
         joblib.dump(self.regressor, folder / _REGRESSOR_FILE)
         (folder / _META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
 
+    @staticmethod
+    def read_meta(folder: Path) -> dict[str, Any]:
+        return json.loads((Path(folder) / _META_FILE).read_text())
+
     @classmethod
     def load(cls, folder: Path, mmap: bool = True) -> "ModelBundle":
         """Load a saved bundle; arrays are memory-mapped so worker processes share pages."""

@@ -78,6 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "min_recall", 0.95, "Refuse a snapshot whose ANN recall@10 against exact search is below this", minimum=0.0, maximum=1.0),
     Setting("batch", "max_row_drop", 0.5, "Refuse a snapshot whose row counts fall by more than this share (unless --force)", minimum=0.0, maximum=1.0),
     Setting("batch", "threads", 0, "FAISS/OpenMP threads for the batch job (0 = all cores)", minimum=0),
+    Setting("batch", "schedule", "*/15 * * * *", "When `python -m batch schedule` runs the job: crontab (UTC) or 'every <N>s'",
+            pattern=r"(\S+\s+){4}\S+|every\s+\d+(\.\d+)?\s*s"),
+    Setting("batch", "misfire_grace_s", 300, "A run later than this past its time (e.g. after a suspend) is skipped", minimum=1),
     # serving
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -327,6 +328,7 @@ def test_hot_reload_under_concurrent_requests(env):
                 failures.append((r.status_code, r.data[:200]))
             else:
                 seen.add(r.json["snapshot"])
+            time.sleep(0.001)  # requests stay in flight throughout without starving the reload of the GIL
 
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for t in threads:

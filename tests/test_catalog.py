@@ -21,6 +21,9 @@ def test_sql_command_answers_over_the_catalog(workspace, capsys):
     assert f"| {want}" in out and "(1 row)" in out
     rc = main(["--config", str(cfg), "sql", "SELECT status, snapshot_id FROM runs"])
     assert rc == 0 and first.snapshot_id in capsys.readouterr().out
+    rc = main(["--config", str(cfg), "sql", "SELECT * FROM runs"])  # TIMESTAMPTZ and JSON columns print
+    out = capsys.readouterr().out
+    assert rc == 0 and "published" in out and "started_at" in out
     rc = main(["--config", str(cfg), "sql", "SELECT * FROM no_such_table"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: sql: Catalog Error") and err.count("\n") == 1
