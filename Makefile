@@ -37,7 +37,9 @@ serve: install
 	HYBRIDSERVE_CONFIG=$(CONFIG) $(PY) -m gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'
 
 bench: install
+	@command -v wrk >/dev/null || apt-get install -y wrk || sudo apt-get install -y wrk
 	$(PY) tests/bench/bench_batch.py
+	$(PY) tests/bench/bench_api.py
 
 clean:
 	rm -rf $(VENV) data/store data/sample
