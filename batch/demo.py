@@ -22,7 +22,7 @@ import numpy as np
 from batch import catalog
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs
 from batch.job import run
-from batch.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, summarise
+from batch.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, shown_items, summarise
 from serving.model import ModelBundle
 from serving.settings import Settings
 from serving.store import Store
@@ -52,8 +52,9 @@ class GunicornServer:
                  app: str = "serving.app:create_app()", port: int | None = None):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, HYBRIDSERVE_BIND=f"127.0.0.1:{self.port}", **(env or {}))
-        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the server makes its own
+        self.env = dict(os.environ)
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the server makes its own unless told
+        self.env.update(HYBRIDSERVE_BIND=f"127.0.0.1:{self.port}", **(env or {}))
         if config is not None:
             self.env["HYBRIDSERVE_CONFIG"] = str(config)
         if workers is not None:
@@ -133,12 +134,14 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
          f"expected hit rate {first.manifest['popularity']['expected_hit_rate']:.3f}")
     store = Store(settings["paths.store"])
     bundle_items = store.read_table(first.snapshot_id, "items").column("item_id").to_numpy()
-    users = ModelBundle.load(store.model_dir(first.snapshot_id)).user_ids
+    bundle = ModelBundle.load(store.model_dir(first.snapshot_id))
+    users = bundle.user_ids
+    shown = shown_items(bundle, users)
     flush_s = 1.0
     env = {"HYBRIDSERVE_SERVING_LOG_FLUSH_INTERVAL_S": str(flush_s), "HYBRIDSERVE_SERVING_RELOAD_INTERVAL_S": "0.5"}
     with GunicornServer(config, env=env) as server:
         echo(f"2. gunicorn on {server.base} ({settings['serving.workers']} sync workers)")
-        before = replay(server.base, make_trace(bundle_items, np.asarray(users), requests, seed=1), concurrency)
+        before = replay(server.base, make_trace(bundle_items, users, requests, seed=1, shown=shown), concurrency)
         echo(_table(f"3. replayed {requests} GET requests (Zipf 1.1 over all endpoints), {concurrency} at a time:",
                     before))
         time.sleep(flush_s + 1.0)  # the workers flush their request logs
@@ -147,14 +150,13 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
              f"rows {second.manifest['row_counts']}, expected hit rate "
              f"{second.manifest['popularity']['expected_hit_rate']:.3f}")
         server.wait_for_snapshot(second.snapshot_id)
-        after = replay(server.base, make_trace(bundle_items, np.asarray(users), requests, seed=2), concurrency)
+        after = replay(server.base, make_trace(bundle_items, users, requests, seed=2, shown=shown), concurrency)
         echo(_table("5. replayed a fresh trace from the same distribution:", after))
         echo(f"   hit rate {hit_rate(before):.3f} -> {hit_rate(after):.3f}; by endpoint:")
         b, a = hit_rates_by_endpoint(before), hit_rates_by_endpoint(after)
         for ep in sorted(b):
             echo(f"     {ep:<14}{b[ep]:.3f} -> {a.get(ep, 0.0):.3f}")
-        echo("   (sessions are always computed live; a prediction pair drawn from two independent Zipf laws "
-             "is mostly new)")
+        echo("   (sessions are always computed live)")
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "
            "FROM requests GROUP BY ALL ORDER BY endpoint, source")
     cols, rows, _ = catalog.query(store.catalog_path, sql)

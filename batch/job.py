@@ -26,6 +26,7 @@ from batch.inputs import Inputs, load_inputs
 from batch.train import train_and_evaluate, training_key
 from serving.errors import Abandoned, HybridServeError, StoreLockedError, ValidationFailed
 from serving.model import ModelBundle
+from serving.snapshot import serving_arrays
 from serving.settings import Settings
 from serving.store import Store, new_snapshot_id
 
@@ -140,23 +141,26 @@ def list_table(key_name: str, keys: np.ndarray, ids_name: str, ids: np.ndarray, 
                      "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid], pa.float32()))})
 
 
-def precompute_similar(bundle: ModelBundle, item_ids: np.ndarray, k: int, batch_size: int) -> pa.Table:
+def precompute_similar(bundle: ModelBundle, item_ids: np.ndarray, k: int, batch_size: int
+                       ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Top-k neighbours of each item: (table, ids (n, k), scores (n, k))."""
     iidx = bundle.item_index(item_ids)
     ids = np.full((len(iidx), k), -1, dtype=np.int64)
     scores = np.full((len(iidx), k), np.nan, dtype=np.float32)
     for sl in _batched(len(iidx), batch_size, "similar items"):
         ids[sl], scores[sl] = bundle.similar_items(iidx[sl], k)
-    return list_table("item_id", item_ids, "neighbor_ids", ids, scores)
+    return list_table("item_id", item_ids, "neighbor_ids", ids, scores), ids, scores
 
 
 def precompute_recs(bundle: ModelBundle, user_ids: np.ndarray, k: int, batch_size: int
-                    ) -> tuple[pa.Table, np.ndarray]:
+                    ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Recommendations for each user: (table, ids (n, k), scores (n, k))."""
     uidx = bundle.user_index(user_ids)
     ids = np.full((len(uidx), k), -1, dtype=np.int64)
     scores = np.full((len(uidx), k), np.nan, dtype=np.float32)
     for sl in _batched(len(uidx), batch_size, "user recommendations"):
         ids[sl], scores[sl] = bundle.recommend(uidx[sl], k)
-    return list_table("user_id", user_ids, "item_ids", ids, scores), ids
+    return list_table("user_id", user_ids, "item_ids", ids, scores), ids, scores
 
 
 def precompute_predictions(bundle: ModelBundle, pairs: pd.DataFrame, batch_size: int) -> pa.Table:
@@ -323,8 +327,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
         checkpoint("precompute")
         with stages("precompute"):
-            tables = {"similar_items": precompute_similar(bundle, sel.items, k_max, bs)}
-            tables["user_recs"], rec_ids = precompute_recs(bundle, sel.users, k_max, bs)
+            tables = {}
+            tables["similar_items"], sim_ids, sim_scores = precompute_similar(bundle, sel.items, k_max, bs)
+            tables["user_recs"], rec_ids, rec_scores = precompute_recs(bundle, sel.users, k_max, bs)
             # The pairs a frontend is likely to show (each user's top recs) plus those actually asked for.
             pairs = pairs_from_recs(sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
             if sel.pairs is not None:
@@ -332,12 +337,17 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                          .sort_values(["user_id", "item_id"], ignore_index=True))
             tables["predictions"] = precompute_predictions(bundle, pairs, bs)
             tables["items"] = items_table(inputs.items)
+            preds = tables["predictions"]
+            arrays = serving_arrays(bundle, sel.items, sim_ids, sim_scores, sel.users, rec_ids, rec_scores,
+                                    preds.column("user_id").to_numpy(), preds.column("item_id").to_numpy(),
+                                    preds.column("prediction").to_numpy())
         checkpoint("publish")
         with stages("publish"):
             snapshot_id = _new_snapshot_id(store, started)
             writer = store.begin(snapshot_id, crash_at=crash_at)
             for name, table in tables.items():
                 writer.write_table(name, table)
+            writer.write_arrays(arrays)
             writer.link_model(model_folder)
             live = store.current_id()
             live_rows = store.read_manifest(live).get("row_counts") if live else None

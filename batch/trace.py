@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 ENDPOINTS = ("similar_items", "user_recs", "prediction", "session")
-DEFAULT_MIX = (0.4, 0.3, 0.2, 0.1)
+# similar items, user recommendations, predictions, sessions (a visitor's recent views: mostly new)
+DEFAULT_MIX = (0.4, 0.3, 0.25, 0.05)
 
 
 def zipf_probabilities(n: int, exponent: float) -> np.ndarray:
@@ -34,11 +35,29 @@ class Trace:
         return len(self.paths)
 
 
+def shown_items(bundle, user_ids: np.ndarray, n: int = 10, batch: int = 2048) -> dict[int, np.ndarray]:
+    """Each user's top-n recommended items: what a page shows, and so what a frontend asks a
+    predicted rating for."""
+    user_ids = np.unique(np.asarray(user_ids))
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(user_ids), batch):
+        part = user_ids[start:start + batch]
+        ids, _ = bundle.recommend(bundle.user_index(part), n)
+        for u, row in zip(part.tolist(), ids):
+            out[u] = row[row >= 0]
+    return out
+
+
 def make_trace(item_ids: np.ndarray, user_ids: np.ndarray, n: int, exponent: float = 1.1, seed: int = 0,
                mix: tuple[float, ...] = DEFAULT_MIX, k: int = 10, session_items: tuple[int, int] = (2, 4),
-               order_seed: int = 1234) -> Trace:
+               order_seed: int = 1234, shown: dict[int, np.ndarray] | None = None,
+               shown_share: float = 0.9) -> Trace:
     """``n`` GET paths. Items and users are drawn from Zipf(exponent) over a fixed permutation
-    (``order_seed``), so traces with different ``seed`` share the same popular keys."""
+    (``order_seed``), so traces with different ``seed`` share the same popular keys.
+
+    Predictions: with ``shown`` (user -> items on their page, see shown_items), a share
+    ``shown_share`` of them ask about an item the user is shown; the rest pair the user with a
+    Zipf-drawn item."""
     order = np.random.default_rng(order_seed)
     items = order.permutation(np.asarray(item_ids))
     users = order.permutation(np.asarray(user_ids))
@@ -55,7 +74,11 @@ def make_trace(item_ids: np.ndarray, user_ids: np.ndarray, n: int, exponent: flo
         elif name == "user_recs":
             path = f"/v1/users/{user_draw[r]}/recommendations?k={k}"
         elif name == "prediction":
-            path = f"/v1/predictions?user_id={user_draw[r]}&item_id={item_draw[r]}"
+            item = item_draw[r]
+            options = shown.get(int(user_draw[r])) if shown is not None else None
+            if options is not None and len(options) and rng.random() < shown_share:
+                item = options[rng.integers(len(options))]
+            path = f"/v1/predictions?user_id={user_draw[r]}&item_id={item}"
         else:  # a visitor's recent views: mostly never seen before
             m = int(rng.integers(session_items[0], session_items[1] + 1))
             viewed = rng.choice(items, size=m, replace=False)
@@ -121,3 +144,20 @@ def hit_rate(df: pd.DataFrame) -> float:
 def hit_rates_by_endpoint(df: pd.DataFrame) -> dict[str, float]:
     ok = df[df["status"] == 200]
     return {ep: float((g["source"] == "precomputed").mean()) for ep, g in ok.groupby("endpoint")}
+
+
+def request_log_rows(trace: Trace, ts) -> "pd.DataFrame":
+    """The request-log rows a trace would leave (for building a 'yesterday' of traffic quickly)."""
+    rows = []
+    for endpoint, path in zip(trace.endpoints, trace.paths):
+        item = user = None
+        if endpoint == "similar_items":
+            item = int(path.split("/")[3])
+        elif endpoint == "user_recs":
+            user = int(path.split("/")[3])
+        elif endpoint == "prediction":
+            q = dict(x.split("=") for x in path.split("?")[1].split("&"))
+            user, item = int(q["user_id"]), int(q["item_id"])
+        rows.append({"ts": ts, "endpoint": endpoint, "item_id": item, "user_id": user, "k": 10,
+                     "source": "live", "status": 200, "latency_us": 0})
+    return pd.DataFrame(rows)

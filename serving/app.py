@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     metrics = Metrics()
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],
                     settings["serving.cache_size"], clock=clock,
-                    verify_checksums=settings["serving.verify_checksums"])
+                    verify_checksums=settings["serving.verify_checksums"], mode=settings["serving.mode"])
     engine.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
     engine.on_reload_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()

@@ -51,7 +51,13 @@ class Engine:
     """Answers queries from the live snapshot; thread-safe; swaps snapshots atomically."""
 
     def __init__(self, store: Store, max_age_s: float, cache_ttl_s: float, cache_size: int,
-                 clock: Callable[[], float] = time.time, verify_checksums: bool = True):
+                 clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid"):
+        """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
+        designs hybridserve is compared with are configurations of the same engine."""
+        if mode not in ("hybrid", "ttl-cache", "live-only"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.use_precomputed, self.use_cache = mode == "hybrid", mode != "live-only"
+        self.mode = mode
         self.store, self.max_age_s, self.cache_ttl_s = store, max_age_s, cache_ttl_s
         self.clock = clock
         self.verify_checksums = verify_checksums
@@ -158,7 +164,7 @@ class Engine:
         iidx = snap.bundle.item_index_one(item_id)
         if iidx < 0:
             raise NotFound(f"item {item_id} is not in the catalogue")
-        value = snap.prediction(uidx, iidx)
+        value = snap.prediction(uidx, iidx) if self.use_precomputed else None
         if value is not None:
             hit = self._fresh(snap, "prediction", value=value)
             if hit is not None:
@@ -178,7 +184,7 @@ class Engine:
 
     # --- the three sources ------------------------------------------------------
     def _precomputed(self, snap, kind, k, get) -> Answer | None:
-        if k > snap.k_max:
+        if k > snap.k_max or not self.use_precomputed:
             return None
         found = get()
         if found is None:
@@ -197,6 +203,11 @@ class Engine:
     def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple]) -> Answer:
         """Cached live result, else compute once however many identical requests are waiting."""
         full_key = (snap.id,) + key
+        if not self.use_cache:
+            cpu0 = time.thread_time()
+            ids, scores, value = compute()
+            self._count_live(key[0], time.thread_time() - cpu0)
+            return self._answer(snap, LIVE, _Live(self.clock(), ids, scores, value))
         while True:
             with self._lock:
                 cached = self._cache.get(full_key)
@@ -216,12 +227,8 @@ class Engine:
         try:
             cpu0 = time.thread_time()
             ids, scores, value = compute()
-            cpu = time.thread_time() - cpu0
+            self._count_live(key[0], time.thread_time() - cpu0)
             result = _Live(self.clock(), ids, scores, value)
-            self.counts["live_computations"] += 1
-            self.counts["live_cpu_s"] += cpu
-            if self.on_live:
-                self.on_live(key[0], cpu)
             with self._lock:
                 self._cache[full_key] = result
         finally:
@@ -229,6 +236,12 @@ class Engine:
                 self._inflight.pop(full_key, None)
             event.set()
         return self._answer(snap, LIVE, result)
+
+    def _count_live(self, kind: str, cpu_s: float) -> None:
+        self.counts["live_computations"] += 1
+        self.counts["live_cpu_s"] += cpu_s
+        if self.on_live:
+            self.on_live(kind, cpu_s)
 
     def _answer(self, snap, source, live: _Live) -> Answer:
         remaining = self.cache_ttl_s - (self.clock() - live.computed_at)
@@ -238,7 +251,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         snap = self._snap
         live_only = snap is not None and snap.live_only_mode
-        info: dict[str, Any] = {"ready": snap is not None and not live_only,
+        info: dict[str, Any] = {"mode": self.mode, "ready": snap is not None and not live_only,
                                 "snapshot": None if snap is None or live_only else snap.id,
                                 "live_only_model": snap.manifest["model_version"] if live_only else None,
                                 "error": self.last_reload_error, "cache_entries": len(self._cache)}

@@ -235,7 +235,7 @@ class ModelBundle:
         folder = Path(folder)
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
         meta = json.loads((folder / _META_FILE).read_text())
-        index = faiss.read_index(str(folder / _INDEX_FILE))
+        index = read_index(folder / _INDEX_FILE, meta.get("index", ""), mmap)
         set_search_params(index, meta)
         regressor = joblib.load(folder / _REGRESSOR_FILE)
         return cls(**arrays, index=index, regressor=regressor, meta=meta)
@@ -249,6 +249,18 @@ def lookup(sorted_ids: np.ndarray, ids) -> np.ndarray:
     pos = np.searchsorted(sorted_ids, ids)
     pos = np.minimum(pos, len(sorted_ids) - 1)
     return np.where(sorted_ids[pos] == ids, pos, -1).astype(np.int64)
+
+
+def read_index(path: Path, spec: str, mmap: bool = True):
+    """Read a FAISS index, memory-mapped where the type allows it (the vectors then live in the page
+    cache, shared by every worker), else into memory."""
+    if mmap:
+        flag = faiss.IO_FLAG_MMAP_IFC if spec == "Flat" else faiss.IO_FLAG_MMAP
+        try:
+            return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as exc:
+            LOG.info("%s: no memory-mapped read for %s (%s); reading into memory", path, spec, exc)
+    return faiss.read_index(str(path))
 
 
 def _lookup_one(sorted_ids: np.ndarray, key: int) -> int:

@@ -85,6 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),
     Setting("serving", "workers", 2, "gunicorn worker processes (make serve)", minimum=1),
+    Setting("serving", "mode", "hybrid", "hybrid: snapshot, then cache, then live; ttl-cache: cache then live (no snapshot answers); live-only: every request computed live",
+            choices=("hybrid", "ttl-cache", "live-only")),
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),

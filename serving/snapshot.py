@@ -12,8 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from serving.errors import SnapshotError
 from serving.model import ModelBundle
@@ -22,22 +20,34 @@ from serving.store import Store
 LOG = logging.getLogger(__name__)
 
 
-def list_matrix(column: pa.ChunkedArray, k: int, fill, dtype) -> np.ndarray:
-    """A list<...> column -> (n, k) array, short lists padded with ``fill``."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    out = np.full((n, k), fill, dtype=dtype)
-    if n == 0:
-        return out
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    if (lengths == k).all():
-        return values.reshape(n, k)
-    rows = np.repeat(np.arange(n), lengths)
-    cols = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    keep = cols < k
-    out[rows[keep], cols[keep]] = values[keep]
-    return out
+ARRAY_NAMES = ("similar_row", "similar_ids", "similar_scores", "recs_row", "recs_ids", "recs_scores",
+               "pred_keys", "pred_values")
+
+
+def serving_arrays(bundle: ModelBundle, similar_keys: np.ndarray, similar_ids: np.ndarray,
+                   similar_scores: np.ndarray, rec_keys: np.ndarray, rec_ids: np.ndarray, rec_scores: np.ndarray,
+                   pred_users: np.ndarray, pred_items: np.ndarray, pred_values: np.ndarray) -> dict[str, np.ndarray]:
+    """The precomputed answers in the shape the API reads them (written once by the batch job).
+
+    similar/recs: ``row`` (n_items or n_users,) int32 maps a dense index to a row of ``ids`` /
+    ``scores`` (n_rows, k_max), -1 where not precomputed; predictions: sorted keys
+    (user index * n_items + item index) and their values."""
+    def rows(keys_idx, n):
+        row = np.full(n, -1, dtype=np.int32)
+        ok = keys_idx >= 0
+        row[keys_idx[ok]] = np.flatnonzero(ok).astype(np.int32)
+        return row
+
+    u, i = bundle.user_index(pred_users), bundle.item_index(pred_items)
+    ok = (u >= 0) & (i >= 0)
+    keys = u[ok] * bundle.n_items + i[ok]
+    order = np.argsort(keys, kind="stable")
+    return {"similar_row": rows(bundle.item_index(similar_keys), bundle.n_items),
+            "similar_ids": np.asarray(similar_ids, np.int64), "similar_scores": np.asarray(similar_scores, np.float32),
+            "recs_row": rows(bundle.user_index(rec_keys), bundle.n_users),
+            "recs_ids": np.asarray(rec_ids, np.int64), "recs_scores": np.asarray(rec_scores, np.float32),
+            "pred_keys": keys[order].astype(np.int64),
+            "pred_values": np.asarray(pred_values, np.float32)[ok][order]}
 
 
 @dataclass
@@ -48,13 +58,6 @@ class Precomputed:
     ids: np.ndarray      # (n_rows, k_max) int64, -1 padded
     scores: np.ndarray   # (n_rows, k_max) float32, nan padded
 
-    @classmethod
-    def build(cls, keys_idx: np.ndarray, n: int, ids: np.ndarray, scores: np.ndarray) -> "Precomputed":
-        row = np.full(n, -1, dtype=np.int32)
-        ok = keys_idx >= 0
-        row[keys_idx[ok]] = np.flatnonzero(ok).astype(np.int32)
-        return cls(row, ids, scores)
-
     def get(self, idx: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         r = self.row[idx]
         if r < 0:
@@ -62,10 +65,6 @@ class Precomputed:
         ids, scores = self.ids[r, :k], self.scores[r, :k]
         valid = ids >= 0
         return ids[valid], scores[valid]
-
-    def __len__(self) -> int:
-        return int((self.row >= 0).sum())
-
 
 class _EmptyRows:
     def get(self, idx: int, k: int):
@@ -89,32 +88,24 @@ class LoadedSnapshot:
 
     @classmethod
     def load(cls, store: Store, snapshot_id: str, checksums: bool = True) -> "LoadedSnapshot":
-        """Verify (manifest, checksums, schema) and load. Raises SnapshotError on any problem."""
+        """Verify (manifest, checksums, schema) and load. Raises SnapshotError on any problem.
+
+        Nothing is decoded: the bundle's arrays, its FAISS index and the serving arrays are
+        memory-mapped, so loading is fast and extra workers share the pages."""
         t0 = time.perf_counter()
         manifest = store.verify(snapshot_id, checksums=checksums)
         try:
             bundle = ModelBundle.load(store.model_dir(snapshot_id))
+            a = store.read_arrays(snapshot_id, ARRAY_NAMES)
         except Exception as exc:  # a damaged bundle of any kind refuses the snapshot
-            raise SnapshotError(f"snapshot {snapshot_id}: model bundle does not load: {exc}") from exc
-        k_max = int(manifest["k_max"])
-        sim = store.read_table(snapshot_id, "similar_items")
-        similar = Precomputed.build(bundle.item_index(sim.column("item_id").to_numpy()), bundle.n_items,
-                                    list_matrix(sim.column("neighbor_ids"), k_max, -1, np.int64),
-                                    list_matrix(sim.column("scores"), k_max, np.nan, np.float32))
-        rec = store.read_table(snapshot_id, "user_recs")
-        recs = Precomputed.build(bundle.user_index(rec.column("user_id").to_numpy()), bundle.n_users,
-                                 list_matrix(rec.column("item_ids"), k_max, -1, np.int64),
-                                 list_matrix(rec.column("scores"), k_max, np.nan, np.float32))
-        pred = store.read_table(snapshot_id, "predictions")
-        u = bundle.user_index(pred.column("user_id").to_numpy())
-        i = bundle.item_index(pred.column("item_id").to_numpy())
-        ok = (u >= 0) & (i >= 0)
-        keys = u[ok] * bundle.n_items + i[ok]
-        order = np.argsort(keys, kind="stable")
-        values = pred.column("prediction").to_numpy()[ok][order].astype(np.float32)
-        snap = cls(snapshot_id, manifest, bundle, similar, recs, keys[order], values, time.perf_counter() - t0)
+            raise SnapshotError(f"snapshot {snapshot_id}: does not load: {exc}") from exc
+        if len(a["similar_row"]) != bundle.n_items or len(a["recs_row"]) != bundle.n_users:
+            raise SnapshotError(f"snapshot {snapshot_id}: serving arrays do not match the model bundle")
+        snap = cls(snapshot_id, manifest, bundle, Precomputed(a["similar_row"], a["similar_ids"], a["similar_scores"]),
+                   Precomputed(a["recs_row"], a["recs_ids"], a["recs_scores"]), a["pred_keys"], a["pred_values"],
+                   time.perf_counter() - t0)
         LOG.info("loaded snapshot %s in %.2fs (%d similar, %d recs, %d predictions)", snapshot_id,
-                 snap.loaded_in_s, len(similar), len(recs), len(values))
+                 snap.loaded_in_s, len(snap.similar.ids), len(snap.recs.ids), len(snap.pred_values))
         return snap
 
     @classmethod

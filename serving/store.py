@@ -7,6 +7,7 @@ Both the batch job and the API use it; no other module knows a file name in the 
         manifest.json                  written last; lists every other file with its sha256
         similar_items.parquet  user_recs.parquet  predictions.parquet  items.parquet
         model/                         the model bundle (serving.model)
+        serving/*.npy                  precomputed answers as arrays, memory-mapped by the API
     <root>/requests/*.parquet          request-log segments
     <root>/models/<key>/               trained bundles, reused while inputs are unchanged
     <root>/catalog.duckdb              for people and tools; the API never opens it
@@ -32,9 +33,10 @@ from serving.errors import SnapshotError, StoreLockedError
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
+SERVING_DIR = "serving"
 TABLES = ("similar_items", "user_recs", "predictions", "items")
 # The order in which a publish happens; a test injects a crash at each step.
 PUBLISH_STEPS = ("write", "manifest", "fsync", "rename", "current")
@@ -156,6 +158,12 @@ class Store:
 
     def model_dir(self, snapshot_id: str) -> Path:
         return self.snapshot_dir(snapshot_id) / MODEL_DIR
+
+    def read_arrays(self, snapshot_id: str, names: tuple[str, ...]) -> dict:
+        """The snapshot's serving arrays, memory-mapped (workers share their pages)."""
+        import numpy as np
+        base = self.snapshot_dir(snapshot_id) / SERVING_DIR
+        return {n: np.load(base / f"{n}.npy", mmap_mode="r") for n in names}
 
     def requests_glob(self) -> str:
         return str(self.requests_dir.resolve() / "**" / "*.parquet")
@@ -350,6 +358,14 @@ class SnapshotWriter:
         pq.write_table(data, self.tmp / f"{table}.parquet", compression="zstd")
         self._tables[table] = data.num_rows
         self._maybe_crash("write")
+
+    def write_arrays(self, arrays: dict) -> None:
+        """Save the serving arrays (``serving/<name>.npy``)."""
+        import numpy as np
+        folder = self.tmp / SERVING_DIR
+        folder.mkdir(exist_ok=True)
+        for name, arr in arrays.items():
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
 
     def link_model(self, source: Path) -> None:
         """Hard-link (or copy) a trained bundle's files into this snapshot's model/ folder."""

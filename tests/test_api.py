@@ -444,3 +444,20 @@ def test_wrong_method_long_url_and_unknown_route(env):
     assert r.status_code == 414 and r.json["detail"] == "URL is longer than 2048 bytes"
     r = client.get("/v2/whatever")
     assert r.status_code == 404 and r.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("mode,first,second", [("hybrid", "precomputed", "precomputed"),
+                                               ("ttl-cache", "live", "cache"), ("live-only", "live", "live")])
+def test_serving_modes_are_configuration_of_the_same_app(workspace, mode, first, second):
+    root, settings, _, published_ = workspace
+    store = Store(settings["paths.store"])
+    app = create_app(settings.replace(serving__mode=mode), background=False)
+    client = app.test_client()
+    hot = _precomputed_item(store, published_.snapshot_id)
+    answers = [client.get(f"/v1/items/{hot}/similar?k=5").json for _ in range(2)]
+    assert [a["source"] for a in answers] == [first, second]
+    assert answers[0]["items"] == answers[1]["items"]
+    assert client.get("/readyz").json["mode"] == mode
+    engine = app.extensions["hybridserve"].engine
+    assert engine.counts["live_computations"] == {"hybrid": 0, "ttl-cache": 1, "live-only": 2}[mode]
+    app.extensions["hybridserve"].close()

@@ -157,9 +157,9 @@ def test_refused_when_recomputed_answers_differ(workspace, capsys, monkeypatch):
     real = job_module.precompute_similar
 
     def corrupted(*a, **kw):
-        table = real(*a, **kw)
+        table, ids, scores = real(*a, **kw)
         lists = [list(reversed(x)) for x in table.column("neighbor_ids").to_pylist()]
-        return table.set_column(1, "neighbor_ids", pa.array(lists, pa.list_(pa.int64())))
+        return table.set_column(1, "neighbor_ids", pa.array(lists, pa.list_(pa.int64()))), ids[:, ::-1], scores
 
     monkeypatch.setattr(job_module, "precompute_similar", corrupted)
     rc, err = _refused(cfg, capsys)

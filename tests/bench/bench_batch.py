@@ -58,7 +58,7 @@ def run(items: int, dim: int, index: str, k: int = 10, recall_queries: int = 100
     t_build = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    table = precompute_similar(bundle, bundle.item_ids, k, settings["batch.batch_size"])
+    table, _, _ = precompute_similar(bundle, bundle.item_ids, k, settings["batch.batch_size"])
     t_job = time.perf_counter() - t2
     assert table.num_rows == items
 

@@ -21,6 +21,25 @@ end
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
+# Replays a trace once, in order: thread t sends paths t, t + T, t + 2T, ... then only /healthz until
+# the driver interrupts wrk (stopping a thread would abort its other connections' requests in flight).
+_REPLAY_LUA = """
+local paths = {}
+for line in io.lines("%s") do paths[#paths + 1] = line end
+local nthreads = %d
+local seq = 0
+function setup(thread) thread:set("tid", seq); seq = seq + 1 end
+local counter = 0
+function request()
+  local i = tid + counter * nthreads + 1
+  counter = counter + 1
+  if i > #paths then
+    return wrk.format("GET", "/healthz")
+  end
+  return wrk.format("GET", paths[i])
+end
+"""
+
 
 def require_wrk() -> str:
     path = shutil.which("wrk")
@@ -34,31 +53,49 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None) -> dict:
-    """Requests/s and latency percentiles (ms) for GETs cycling through ``paths``."""
+def run_wrk(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None,
+            once: bool = False, done=None) -> dict:
+    """Requests/s and latency percentiles (ms) for GETs cycling through ``paths`` for ``seconds``,
+    or (``once``) sending each path once, in order. wrk's main thread sleeps for the whole -d even
+    when every thread has stopped, so with ``once`` the caller passes ``done()`` (e.g. the server's
+    request count reached len(paths)) and wrk is interrupted (SIGINT makes it report and exit)."""
+    import signal
+    import time
+
     wrk = require_wrk()
     with tempfile.TemporaryDirectory() as tmp:
         plist = Path(tmp) / "paths.txt"
         plist.write_text("\n".join(paths) + "\n")
         script = Path(tmp) / "paths.lua"
-        script.write_text(_LUA % plist)
         threads = threads or min(connections, 2)
-        out = subprocess.run([wrk, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(round(seconds)))}s", "--latency",
-                              "-s", str(script), base_url], capture_output=True, text=True, timeout=seconds + 60)
-    text = out.stdout
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed: {out.stderr or text}")
+        script.write_text(_REPLAY_LUA % (plist, threads) if once else _LUA % plist)
+        proc = subprocess.Popen([wrk, "-t", str(threads), "-c", str(connections), "-d",
+                                 f"{max(1, int(round(seconds)))}s", "--latency", "-s", str(script), base_url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if once and done is not None:
+            while proc.poll() is None and not done():
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        text, stderr = proc.communicate(timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed: {stderr or text}")
     pct = {f"p{int(p)}_ms": _ms(v) for p, v in re.findall(r"^\s+(\d+)%\s+(\S+)$", text, re.M)}
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-    total = int(re.search(r"(\d+) requests in", text).group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", text)
+    total = int(m.group(1))
+    elapsed_s = float(m.group(2)) * _UNITS[m.group(3)] / 1000.0
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return {"requests_per_s": rps, "requests": total, "non_2xx": int(errors.group(1)) if errors else 0,
+    rps = len(paths) / elapsed_s if once else rps  # the trace's requests, not the /healthz tail
+    return {"requests_per_s": rps, "requests": total, "elapsed_s": elapsed_s,
+            "non_2xx": int(errors.group(1)) if errors else 0,
             "socket_errors": sum(map(int, socket_errors.groups())) if socket_errors else 0,
             "connections": connections, "seconds": seconds, **pct}
 
 
-def run_python(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None) -> dict:
+def run_python(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None,
+               once: bool = False) -> dict:
     """The same measurement with Python threads: for the benchmarks' smoke tests, where wrk may be absent.
     Much slower than wrk (the client costs more than the server); never use its numbers as results."""
     import threading
@@ -73,10 +110,17 @@ def run_python(base_url: str, paths: list[str], connections: int, seconds: float
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
 
+    shared = iter(range(len(paths)))
+
     def worker(offset: int) -> None:
         i = offset
         mine, my_codes = [], []
         while time.perf_counter() < stop:
+            if once:
+                with lock:
+                    i = next(shared, None)
+                if i is None:
+                    break
             t0 = time.perf_counter()
             try:
                 with urllib.request.urlopen(base_url + paths[i % len(paths)], timeout=10) as r:
@@ -86,7 +130,8 @@ def run_python(base_url: str, paths: list[str], connections: int, seconds: float
                 code = e.code
             mine.append((time.perf_counter() - t0) * 1000)
             my_codes.append(code)
-            i += 1
+            if not once:
+                i += 1
         with lock:
             lat.extend(mine)
             codes.extend(my_codes)
@@ -99,7 +144,7 @@ def run_python(base_url: str, paths: list[str], connections: int, seconds: float
         t.join()
     elapsed = time.perf_counter() - t_start
     arr = np.asarray(lat)
-    return {"requests_per_s": len(arr) / elapsed, "requests": len(arr),
+    return {"requests_per_s": len(arr) / elapsed, "requests": len(arr), "elapsed_s": elapsed,
             "non_2xx": int(sum(1 for c in codes if not 200 <= c < 400)), "socket_errors": 0,
             "connections": connections, "seconds": seconds,
             **{f"p{p}_ms": float(np.percentile(arr, p)) for p in (50, 75, 90, 99)}}

@@ -1,0 +1,279 @@
+"""What hybrid serving buys: three serving modes, one run, same data, models, gunicorn settings and trace.
+
+- live-only: every request computed live (serving.mode = "live-only");
+- ttl-cache: live results cached on first request with a TTL, no snapshot answers ("ttl-cache");
+- hybrid: the published snapshot, then the cache, then live ("hybrid").
+
+"Yesterday" is a trace from the same Zipf law, written as the request log the batch job learns
+from; the snapshot built from it is deployed, and each mode's server starts fresh (empty caches)
+before "today's" trace is replayed once, in order, at fixed concurrency with wrk. Per-request
+source and time in the app come from the servers' own request log.
+
+    python tests/bench/bench_modes.py [--requests 20000 --exponent 1.1 --concurrency 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
+
+from bench_api import WORK, prepare  # noqa: E402
+from batch.demo import GunicornServer, http_get  # noqa: E402
+from batch.inputs import load_inputs  # noqa: E402
+from batch.job import run as run_batch  # noqa: E402
+from batch.popularity import coverage_curve, read_request_counts  # noqa: E402
+from batch.trace import make_trace, request_log_rows, shown_items  # noqa: E402
+from common import write_result  # noqa: E402
+from loadgen import LOADGENS  # noqa: E402
+from serving.model import ModelBundle  # noqa: E402
+from serving.settings import load_settings  # noqa: E402
+from serving.store import REQUEST_LOG_SCHEMA, Store  # noqa: E402
+
+MODES = ("live-only", "ttl-cache", "hybrid")
+LOOKUPS = ("similar_items", "user_recs", "prediction", "session")
+
+
+def _answered(text: str) -> float:
+    """Lookups answered so far, from a /metrics page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("hybridserve_requests_total{") and any(f'endpoint="{e}"' in line for e in LOOKUPS):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _answered_from(prom_dir: Path) -> float:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(prom_dir))
+    return _answered(generate_latest(registry).decode())
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _pct(values: np.ndarray, p: float) -> float:
+    return float(np.percentile(values, p)) if len(values) else float("nan")
+
+
+def prepare_modes_store(items, users, interactions, requests, exponent, workdir: Path | None):
+    """A store whose snapshot was chosen from yesterday's traffic (the bench_api dataset and model)."""
+    cfg_api, settings_api, store_api = prepare(items, users, interactions, workdir)
+    root = cfg_api.parent / "modes"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    store_root = root / "store"
+    # Reuse the trained model: hard links, the cache key is unchanged.
+    shutil.copytree(store_api.models_dir, store_root / "models", copy_function=os.link)
+    cfg = root / "config.toml"
+    # Request logs flush when each mode's server stops; they are read after that.
+    cfg.write_text(cfg_api.read_text().replace(f'store = "{settings_api["paths.store"]}"', f'store = "{store_root}"'))
+    settings = load_settings(cfg, env={})
+    store = Store(store_root)
+    store.ensure_layout()
+    inputs = load_inputs(Path(settings["paths.inputs"]))
+    bundle = ModelBundle.load(next(p for p in store.models_dir.iterdir() if p.is_dir()))
+    item_ids = np.sort(inputs.items["item_id"].to_numpy())
+    users_all = bundle.user_ids
+    shown = shown_items(bundle, users_all)
+    yesterday = make_trace(item_ids, users_all, requests * 5, exponent=exponent, seed=100, shown=shown)
+    rows = request_log_rows(yesterday, datetime.now(timezone.utc) - timedelta(hours=1))
+    pq.write_table(pa.Table.from_pandas(rows[REQUEST_LOG_SCHEMA.names], schema=REQUEST_LOG_SCHEMA,
+                                        preserve_index=False), store.requests_dir / "yesterday.parquet")
+    result = run_batch(settings)
+    today = make_trace(item_ids, users_all, requests, exponent=exponent, seed=101, shown=shown)
+    return cfg, settings, store, result, today
+
+
+def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000, requests: int = 20_000,
+        exponent: float = 1.1, concurrency: int = 16, loadgen: str = "wrk", workdir: Path | None = None,
+        out_dir: Path | None = None, plots: bool = True) -> dict:
+    measure = LOADGENS[loadgen]
+    cfg, settings, store, published, today = prepare_modes_store(items, users, interactions, requests, exponent,
+                                                                 workdir)
+    sid = published.snapshot_id
+    result: dict = {"items": items, "users": users, "requests": len(today), "exponent": exponent,
+                    "concurrency": concurrency, "loadgen": loadgen, "workers": settings["serving.workers"],
+                    "worker_class": "sync", "cache_ttl_s": settings["serving.cache_ttl_s"], "snapshot": sid,
+                    "snapshot_rows": published.manifest["row_counts"],
+                    "expected_hit_rate": published.manifest["popularity"]["expected_hit_rate"],
+                    "trace_mix": dict(pd.Series(today.endpoints).value_counts(normalize=True).round(4)),
+                    "modes": {}}
+    logs: dict[str, pd.DataFrame] = {}
+    for mode in MODES:
+        before = set(store.requests_dir.glob("seg-*.parquet"))
+        prom = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
+        server = GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": mode,
+                                          "PROMETHEUS_MULTIPROC_DIR": str(prom)}).start()
+        try:
+            progress = {"count": -1.0, "since": time.monotonic()}
+
+            def done() -> bool:
+                # Read the workers' metric files directly: an HTTP poll waits behind the load. Sync
+                # workers close every connection, and wrk now and then loses a request to that without
+                # retrying: so also stop once the count has not moved for 3 s.
+                count = _answered_from(prom)
+                if count != progress["count"]:
+                    progress.update(count=count, since=time.monotonic())
+                return count >= len(today) or (count > 0 and time.monotonic() - progress["since"] > 3.0)
+
+            client = measure(server.base, today.paths, concurrency, 900, once=True, done=done)
+            metrics = http_get(server.base + "/metrics")[2].decode()
+        finally:
+            server.stop()  # workers flush their request logs
+            shutil.rmtree(prom, ignore_errors=True)
+        segs = sorted(set(store.requests_dir.glob("seg-*.parquet")) - before)
+        log = pd.concat([pd.read_parquet(p) for p in segs]).sort_values("ts", kind="stable").reset_index(drop=True)
+        log = log[log["endpoint"].isin(LOOKUPS)].reset_index(drop=True)
+        logs[mode] = log
+        lat = log["latency_us"].to_numpy() / 1000.0
+        per_source = {src: {"requests": int(len(g)), "p50_ms": _pct(g["latency_us"] / 1000.0, 50),
+                            "p95_ms": _pct(g["latency_us"] / 1000.0, 95), "p99_ms": _pct(g["latency_us"] / 1000.0, 99)}
+                      for src, g in log.groupby("source")}
+        first = log.iloc[:1000]
+        span = (log["ts"].iloc[-1] - log["ts"].iloc[0]).total_seconds() if len(log) > 1 else float("nan")
+        result["modes"][mode] = {
+            # Throughput from the server's own log (first to last answer): the client's elapsed time
+            # may include the few seconds of waiting for a request wrk lost (see done()).
+            "requests_per_s": len(log) / span if span and span > 0 else client["requests_per_s"],
+            "client": client,
+            "answered": int(len(log)), "lost_by_client": int(len(today) - len(log)),
+            "errors": int((log["status"] >= 400).sum()),
+            "app_latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
+            "per_source": per_source,
+            "hit_rate": float((log["source"] == "precomputed").mean()),
+            "no_live_compute_rate": float(log["source"].isin(["precomputed", "cache"]).mean()),
+            "first_1000_from_snapshot": float((first["source"] == "precomputed").mean()),
+            "first_1000_without_live_compute": float(first["source"].isin(["precomputed", "cache"]).mean()),
+            "live_compute_cpu_s": _metric(metrics, "hybridserve_live_compute_seconds_total"),
+            "first_requests_latency_ms": _bins(log.iloc[:2000], 200),
+        }
+    lo = result["modes"]["live-only"]["requests_per_s"]
+    result["hybrid_vs_live_only_rps"] = result["modes"]["hybrid"]["requests_per_s"] / lo
+    result["ttl_cache_vs_live_only_rps"] = result["modes"]["ttl-cache"]["requests_per_s"] / lo
+    result["targets"] = {"hybrid_vs_live_only_rps": ">= 5", "hybrid.first_1000_from_snapshot": ">= 0.9"}
+    counts = read_request_counts(store, datetime.now(timezone.utc) - timedelta(hours=1) + timedelta(seconds=1))
+    result["coverage_curve"] = _coverage_points(counts)
+    _print(result)
+    out = write_result("serving_modes", result, out_dir)
+    if plots:
+        _plots(result, logs, out.parent)
+    return result
+
+
+def _bins(log: pd.DataFrame, size: int) -> list[dict]:
+    out = []
+    for start in range(0, len(log), size):
+        part = log.iloc[start:start + size]
+        lat = part["latency_us"].to_numpy() / 1000.0
+        out.append({"from": start, "to": start + len(part), "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99),
+                    "from_snapshot": float((part["source"] == "precomputed").mean())})
+    return out
+
+
+def _coverage_points(counts: pd.DataFrame) -> dict:
+    """Share of yesterday's traffic covered by the top-n keys, per kind of key (a few points each)."""
+    out = {}
+    for kind, endpoint, col in (("items", "similar_items", "item_id"), ("users", "user_recs", "user_id")):
+        w = counts.loc[counts["endpoint"] == endpoint].groupby(col)["weight"].sum().to_numpy()
+        curve = coverage_curve(w)
+        n = np.unique(np.geomspace(1, max(1, len(curve)), 40).astype(int))
+        out[kind] = {"keys": n.tolist(), "covered": [float(curve[i - 1]) for i in n] if len(curve) else []}
+    return out
+
+
+def _print(r: dict) -> None:
+    print(f"{'mode':<11}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'hit rate':>10}"
+          f"{'first 1000 snap':>17}{'live CPU s':>12}")
+    for mode, m in r["modes"].items():
+        a = m["app_latency_ms"]
+        print(f"{mode:<11}{m['requests_per_s']:>9.0f}{a['p50']:>9.3f}{a['p95']:>9.3f}{a['p99']:>9.3f}"
+              f"{m['hit_rate']:>10.3f}{m['first_1000_from_snapshot']:>17.3f}{m['live_compute_cpu_s']:>12.1f}")
+    print(f"hybrid / live-only requests/s: {r['hybrid_vs_live_only_rps']:.1f}x (target >= 5); "
+          f"{r['requests']:,} requests, Zipf {r['exponent']}, {r['concurrency']} connections, {r['loadgen']}")
+
+
+def _plots(r: dict, logs: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, log in logs.items():
+        lat = np.sort(log["latency_us"].to_numpy() / 1000.0)
+        ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=mode)
+    ax.set_xscale("log")
+    ax.set_xlabel("time in the app per request (ms, log scale)")
+    ax.set_ylabel("share of requests")
+    ax.set_title("Latency CDF per serving mode")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for mode, log in logs.items():
+        first = log.iloc[:5000]
+        served = first["source"].isin(["precomputed", "cache"]).to_numpy()
+        n = np.arange(1, len(served) + 1)
+        ax.plot(n, np.cumsum(served) / n, label=f"{mode}: snapshot or cache")
+    hyb = logs["hybrid"].iloc[:5000]
+    snap = (hyb["source"] == "precomputed").to_numpy()
+    ax.plot(np.arange(1, len(snap) + 1), np.cumsum(snap) / np.arange(1, len(snap) + 1), "--",
+            label="hybrid: snapshot only")
+    ax.set_xlabel("requests since deploy")
+    ax.set_ylabel("share answered without live computation")
+    ax.set_ylim(0, 1)
+    ax.set_title("Hit rate over the first requests after a deploy")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "hit_rate_after_deploy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, c in r["coverage_curve"].items():
+        if c["keys"]:
+            ax.plot(c["keys"], c["covered"], marker=".", label=f"{kind} ({'similar items' if kind == 'items' else 'user recommendations'})")
+    ax.axhline(0.95, color="grey", linestyle=":", label="coverage target 0.95")
+    ax.set_xscale("log")
+    ax.set_xlabel("keys precomputed (log scale)")
+    ax.set_ylabel("share of traffic covered")
+    ax.set_title(f"Coverage curve (Zipf {r['exponent']} traffic)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "coverage_curve.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--users", type=int, default=50_000)
+    ap.add_argument("--interactions", type=int, default=1_000_000)
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--exponent", type=float, default=1.1)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--loadgen", choices=sorted(LOADGENS), default="wrk")
+    a = ap.parse_args()
+    run(a.items, a.users, a.interactions, a.requests, a.exponent, a.concurrency, a.loadgen)
