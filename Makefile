@@ -38,8 +38,7 @@ serve: install
 
 bench: install
 	@command -v wrk >/dev/null || apt-get install -y wrk || sudo apt-get install -y wrk
-	$(PY) tests/bench/bench_batch.py
-	$(PY) tests/bench/bench_api.py
+	$(PY) tests/bench/run_all.py
 
 clean:
 	rm -rf $(VENV) data/store data/sample

@@ -34,3 +34,40 @@ def test_api_benchmark_small(tmp_path):
         assert r[key]["requests"] > 0 and r[key]["non_2xx"] == 0, key
         assert 0 < r[key]["p50_ms"] <= r[key]["p99_ms"], key
     assert r["hit_vs_minimal_rps"] > 0 and r["body_bytes"] > 100
+
+
+def test_serving_modes_benchmark_small(tmp_path):
+    import bench_modes
+    r = bench_modes.run(items=600, users=200, interactions=6000, requests=400, concurrency=4, loadgen="python",
+                        workdir=tmp_path / "work", out_dir=tmp_path)
+    assert set(r["modes"]) == {"live-only", "ttl-cache", "hybrid"}
+    for mode, m in r["modes"].items():
+        assert m["answered"] == 400 and m["errors"] == 0, mode
+        assert m["requests_per_s"] > 0 and m["app_latency_ms"]["p50"] <= m["app_latency_ms"]["p99"]
+    assert r["modes"]["live-only"]["hit_rate"] == 0 and r["modes"]["live-only"]["no_live_compute_rate"] == 0
+    assert set(r["modes"]["live-only"]["per_source"]) == {"live"}
+    assert r["modes"]["ttl-cache"]["hit_rate"] == 0 and "cache" in r["modes"]["ttl-cache"]["per_source"]
+    assert r["modes"]["hybrid"]["hit_rate"] > 0.5
+    assert r["modes"]["live-only"]["live_compute_cpu_s"] > r["modes"]["hybrid"]["live_compute_cpu_s"]
+    assert r["coverage_curve"]["items"]["covered"][-1] == 1.0
+    for png in ("latency_cdf.png", "hit_rate_after_deploy.png", "coverage_curve.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_snapshot_benchmark_small(tmp_path):
+    import bench_snapshot
+    r = bench_snapshot.run(items=3000, dim=16, k_max=10, workers=2, workdir=tmp_path / "work", out_dir=tmp_path,
+                           requests=40)
+    assert r["snapshot_mb"] > 0 and r["load_s"]["first_load_s"] > 0
+    assert r["one_worker"]["workers"] == 1 and len(r["n_workers"]["pss_per_worker_mb"]) == 2
+    assert r["extra_worker_mb"] > 0
+    assert json.loads((tmp_path / "snapshot_load_memory.json").read_text())["items"] == 3000
+
+
+def test_summary_table(tmp_path):
+    import run_all
+    (tmp_path / "batch_similar_items.json").write_text(json.dumps(
+        {"items": 10, "index": "Flat", "job_vs_raw": 0.9, "recall_at_10": 1.0, "job_minutes": 0.1, "peak_rss_mb": 50}))
+    text = run_all.summary(tmp_path)
+    assert "| batch: job vs raw FAISS queries/s (10 items, Flat) | 0.90x | >= 0.8x | yes |" in text
+    assert (tmp_path / "summary.md").read_text() == text

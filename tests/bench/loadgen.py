@@ -95,9 +95,10 @@ def run_wrk(base_url: str, paths: list[str], connections: int, seconds: float, t
 
 
 def run_python(base_url: str, paths: list[str], connections: int, seconds: float, threads: int | None = None,
-               once: bool = False) -> dict:
+               once: bool = False, done=None) -> dict:
     """The same measurement with Python threads: for the benchmarks' smoke tests, where wrk may be absent.
-    Much slower than wrk (the client costs more than the server); never use its numbers as results."""
+    Much slower than wrk (the client costs more than the server); never use its numbers as results.
+    With ``once`` it stops when every path has been sent (``done`` is not needed)."""
     import threading
     import time
     import urllib.error

@@ -1,0 +1,96 @@
+"""`make bench`: every benchmark under tests/bench/, one JSON each, then a summary table.
+
+    python tests/bench/run_all.py [--quick]      (--quick: small sizes, to check the pipeline)
+
+Writes tests/bench/results/<benchmark>.json, summary.md (the table the README quotes) and the
+plots of the serving-modes benchmark (latency_cdf.png, hit_rate_after_deploy.png, coverage_curve.png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
+
+import bench_api  # noqa: E402
+import bench_batch  # noqa: E402
+import bench_modes  # noqa: E402
+import bench_snapshot  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
+
+
+def _row(name, measured, target, ok):
+    return f"| {name} | {measured} | {target} | {'yes' if ok else '**no**'} |"
+
+
+def summary(results_dir: Path = RESULTS) -> str:
+    def load(name):
+        path = results_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    rows = []
+    b = load("batch_similar_items")
+    if b:
+        rows += [_row(f"batch: job vs raw FAISS queries/s ({b['items']:,} items, {b['index']})",
+                      f"{b['job_vs_raw']:.2f}x", ">= 0.8x", b["job_vs_raw"] >= 0.8),
+                 _row("batch: recall@10 vs exact", f"{b['recall_at_10']:.3f}", ">= 0.95", b["recall_at_10"] >= 0.95),
+                 _row("batch: total minutes", f"{b['job_minutes']:.2f}", "<= 3", b["job_minutes"] <= 3),
+                 _row("batch: peak RSS", f"{b['peak_rss_mb']:,.0f} MB", "<= 3,072 MB", b["peak_rss_mb"] <= 3072)]
+    a = load("api_latency")
+    if a:
+        rows += [_row(f"API: hit path vs minimal Flask route, req/s at 16 ({a['items']:,} items)",
+                      f"{a['hit_vs_minimal_rps']:.2f}x ({a['hit_no_cors_vs_minimal_rps']:.2f}x CORS off)", ">= 0.8x",
+                      a["hit_vs_minimal_rps"] >= 0.8),
+                 _row("API: hit path p99 at 1 connection", f"{a['hybrid_1']['p99_ms']:.2f} ms", "<= 1.2 ms",
+                      a["hybrid_1"]["p99_ms"] <= 1.2),
+                 _row("API: live similar items p99", f"{a['live_similar_1']['p99_ms']:.2f} ms", "<= 2 ms",
+                      a["live_similar_1"]["p99_ms"] <= 2),
+                 _row("API: live user recommendations p99", f"{a['live_user_recs_1']['p99_ms']:.2f} ms", "<= 10 ms",
+                      a["live_user_recs_1"]["p99_ms"] <= 10)]
+    m = load("serving_modes")
+    if m:
+        h = m["modes"]["hybrid"]
+        rows += [_row(f"modes: hybrid vs live-only req/s ({m['requests']:,} requests, Zipf {m['exponent']})",
+                      f"{m['hybrid_vs_live_only_rps']:.1f}x", ">= 5x", m["hybrid_vs_live_only_rps"] >= 5),
+                 _row("modes: first 1,000 requests after deploy from the snapshot",
+                      f"{h['first_1000_from_snapshot']:.3f} (ttl-cache "
+                      f"{m['modes']['ttl-cache']['first_1000_from_snapshot']:.3f})", ">= 0.9",
+                      h["first_1000_from_snapshot"] >= 0.9)]
+    s = load("snapshot_load_memory")
+    if s:
+        rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
+                      f"{s['load_s']['first_load_s']:.2f} s", "<= 2 s", s["load_s"]["first_load_s"] <= 2),
+                 _row("memory added per extra gunicorn worker (PSS)",
+                      f"{s['extra_worker_mb']:,.0f} MB = {s['extra_worker_share_of_snapshot']:.0%} of the snapshot",
+                      "<= 25%", s["extra_worker_share_of_snapshot"] <= 0.25)]
+    mach = machine()
+    head = (f"Machine: {mach['cores']} cores, Python {mach['python']}, "
+            + ", ".join(f"{k} {v}" for k, v in mach["packages"].items()) + "\n\n"
+            "| measure | result | target | met |\n| --- | --- | --- | --- |")
+    text = head + "\n" + "\n".join(rows) + "\n"
+    (results_dir / "summary.md").write_text(text)
+    return text
+
+
+def main(quick: bool = False) -> None:
+    if quick:
+        bench_batch.run(items=20_000, dim=32, index="auto")
+        bench_api.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1)
+        bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000)
+        bench_snapshot.run(items=20_000, workers=2)
+    else:
+        bench_batch.run(1_000_000, 64, "auto")
+        bench_api.run()
+        bench_modes.run()
+        bench_snapshot.run()
+    print(summary())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    main(ap.parse_args().quick)
