@@ -210,26 +210,19 @@ def validate(model_folder: Path, tables: dict[str, pa.Table], settings: Settings
     def sample(table):
         return np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
 
-    sim = tables["similar_items"]
-    rows = sample(sim)
-    if len(rows):
-        keys = sim.column("item_id").to_numpy()[rows]
-        ids, _ = bundle.similar_items(bundle.item_index(keys), k_max)
-        want = sim.column("neighbor_ids").to_pylist()
-        bad = sum(ids[j][ids[j] >= 0].tolist() != want[r] for j, r in enumerate(rows))
-        out["similar_items_mismatches"] = int(bad)
+    lists = (("similar_items", "item_id", "neighbor_ids", bundle.item_index, bundle.similar_items, "similar-item"),
+             ("user_recs", "user_id", "item_ids", bundle.user_index, bundle.recommend, "user recommendation"))
+    for name, key, column, index, query, label in lists:
+        table = tables[name]
+        rows = sample(table)
+        if not len(rows):
+            continue
+        ids, _ = query(index(table.column(key).to_numpy()[rows]), k_max)
+        want = table.column(column).take(pa.array(rows)).to_pylist()
+        bad = sum(got[got >= 0].tolist() != w for got, w in zip(ids, want))
+        out[f"{name}_mismatches"] = int(bad)
         if bad:
-            problems.append(f"{bad}/{len(rows)} similar-item lists differ when recomputed live")
-    recs = tables["user_recs"]
-    rows = sample(recs)
-    if len(rows):
-        keys = recs.column("user_id").to_numpy()[rows]
-        ids, _ = bundle.recommend(bundle.user_index(keys), k_max)
-        want = recs.column("item_ids").to_pylist()
-        bad = sum(ids[j][ids[j] >= 0].tolist() != want[r] for j, r in enumerate(rows))
-        out["user_recs_mismatches"] = int(bad)
-        if bad:
-            problems.append(f"{bad}/{len(rows)} user recommendation lists differ when recomputed live")
+            problems.append(f"{bad}/{len(rows)} {label} lists differ when recomputed live")
     preds = tables["predictions"]
     rows = sample(preds)
     if len(rows):

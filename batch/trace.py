@@ -48,19 +48,31 @@ def shown_items(bundle, user_ids: np.ndarray, n: int = 10, batch: int = 2048) ->
     return out
 
 
+def popularity_order(ids: np.ndarray, counts: np.ndarray, noise: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Keys ranked by interaction count times lognormal(0, ``noise``) noise: request popularity that
+    follows the interaction history loosely (what people interact with is what they look at)."""
+    rng = np.random.default_rng(seed)
+    score = (np.asarray(counts, dtype=np.float64) + 1.0) * rng.lognormal(0.0, noise, size=len(ids))
+    return np.asarray(ids)[np.argsort(-score, kind="stable")]
+
+
 def make_trace(item_ids: np.ndarray, user_ids: np.ndarray, n: int, exponent: float = 1.1, seed: int = 0,
                mix: tuple[float, ...] = DEFAULT_MIX, k: int = 10, session_items: tuple[int, int] = (2, 4),
                order_seed: int = 1234, shown: dict[int, np.ndarray] | None = None,
-               shown_share: float = 0.9) -> Trace:
+               shown_share: float = 0.9, item_order: np.ndarray | None = None,
+               user_order: np.ndarray | None = None) -> Trace:
     """``n`` GET paths. Items and users are drawn from Zipf(exponent) over a fixed permutation
     (``order_seed``), so traces with different ``seed`` share the same popular keys.
+
+    ``item_order`` / ``user_order``: the keys from most to least requested (default: a seeded
+    permutation, unrelated to the interaction history; see popularity_order for a correlated one).
 
     Predictions: with ``shown`` (user -> items on their page, see shown_items), a share
     ``shown_share`` of them ask about an item the user is shown; the rest pair the user with a
     Zipf-drawn item."""
     order = np.random.default_rng(order_seed)
-    items = order.permutation(np.asarray(item_ids))
-    users = order.permutation(np.asarray(user_ids))
+    items = order.permutation(np.asarray(item_ids)) if item_order is None else np.asarray(item_order)
+    users = order.permutation(np.asarray(user_ids)) if user_order is None else np.asarray(user_order)
     rng = np.random.default_rng(seed)
     p_items, p_users = zipf_probabilities(len(items), exponent), zipf_probabilities(len(users), exponent)
     kinds = rng.choice(len(ENDPOINTS), size=n, p=np.asarray(mix) / np.sum(mix))

@@ -39,7 +39,7 @@ from batch.demo import GunicornServer, http_get  # noqa: E402
 from batch.inputs import load_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from batch.popularity import coverage_curve, read_request_counts  # noqa: E402
-from batch.trace import make_trace, request_log_rows, shown_items  # noqa: E402
+from batch.trace import make_trace, popularity_order, request_log_rows, shown_items  # noqa: E402
 from common import write_result  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402
 from serving.model import ModelBundle  # noqa: E402
@@ -73,7 +73,8 @@ def _pct(values: np.ndarray, p: float) -> float:
     return float(np.percentile(values, p)) if len(values) else float("nan")
 
 
-def prepare_modes_store(items, users, interactions, requests, exponent, workdir: Path | None):
+def prepare_modes_store(items, users, interactions, requests, exponent, workdir: Path | None,
+                        order: str = "interactions", coverage: float | None = None):
     """A store whose snapshot was chosen from yesterday's traffic (the bench_api dataset and model)."""
     cfg_api, settings_api, store_api = prepare(items, users, interactions, workdir)
     root = cfg_api.parent / "modes"
@@ -85,7 +86,8 @@ def prepare_modes_store(items, users, interactions, requests, exponent, workdir:
     shutil.copytree(store_api.models_dir, store_root / "models", copy_function=os.link)
     cfg = root / "config.toml"
     # Request logs flush when each mode's server stops; they are read after that.
-    cfg.write_text(cfg_api.read_text().replace(f'store = "{settings_api["paths.store"]}"', f'store = "{store_root}"'))
+    cfg.write_text(cfg_api.read_text().replace(f'store = "{settings_api["paths.store"]}"', f'store = "{store_root}"')
+                   + (f"[batch]\ncoverage = {coverage}\n" if coverage is not None else ""))
     settings = load_settings(cfg, env={})
     store = Store(store_root)
     store.ensure_layout()
@@ -94,23 +96,35 @@ def prepare_modes_store(items, users, interactions, requests, exponent, workdir:
     item_ids = np.sort(inputs.items["item_id"].to_numpy())
     users_all = bundle.user_ids
     shown = shown_items(bundle, users_all)
-    yesterday = make_trace(item_ids, users_all, requests * 5, exponent=exponent, seed=100, shown=shown)
+    # What is requested follows the interaction history loosely (lognormal noise on the counts);
+    # order="random" makes them unrelated, the adversarial case.
+    inter = inputs.interactions
+    if order == "interactions":
+        ranks = {"item_order": popularity_order(item_ids, inter["item_id"].value_counts().reindex(item_ids, fill_value=0)
+                                                .to_numpy(), seed=5),
+                 "user_order": popularity_order(users_all, inter["user_id"].value_counts().reindex(users_all,
+                                                fill_value=0).to_numpy(), seed=6)}
+    else:
+        ranks = {}
+    yesterday = make_trace(item_ids, users_all, requests * 5, exponent=exponent, seed=100, shown=shown, **ranks)
     rows = request_log_rows(yesterday, datetime.now(timezone.utc) - timedelta(hours=1))
     pq.write_table(pa.Table.from_pandas(rows[REQUEST_LOG_SCHEMA.names], schema=REQUEST_LOG_SCHEMA,
                                         preserve_index=False), store.requests_dir / "yesterday.parquet")
     result = run_batch(settings)
-    today = make_trace(item_ids, users_all, requests, exponent=exponent, seed=101, shown=shown)
+    today = make_trace(item_ids, users_all, requests, exponent=exponent, seed=101, shown=shown, **ranks)
     return cfg, settings, store, result, today
 
 
 def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000, requests: int = 20_000,
         exponent: float = 1.1, concurrency: int = 16, loadgen: str = "wrk", workdir: Path | None = None,
-        out_dir: Path | None = None, plots: bool = True) -> dict:
+        out_dir: Path | None = None, plots: bool = True, order: str = "interactions",
+        coverage: float | None = None, name: str = "serving_modes") -> dict:
     measure = LOADGENS[loadgen]
     cfg, settings, store, published, today = prepare_modes_store(items, users, interactions, requests, exponent,
-                                                                 workdir)
+                                                                 workdir, order, coverage)
     sid = published.snapshot_id
     result: dict = {"items": items, "users": users, "requests": len(today), "exponent": exponent,
+                    "request_popularity_order": order, "coverage_target": settings["batch.coverage"],
                     "concurrency": concurrency, "loadgen": loadgen, "workers": settings["serving.workers"],
                     "worker_class": "sync", "cache_ttl_s": settings["serving.cache_ttl_s"], "snapshot": sid,
                     "snapshot_rows": published.manifest["row_counts"],
@@ -173,7 +187,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     counts = read_request_counts(store, datetime.now(timezone.utc) - timedelta(hours=1) + timedelta(seconds=1))
     result["coverage_curve"] = _coverage_points(counts)
     _print(result)
-    out = write_result("serving_modes", result, out_dir)
+    out = write_result(name, result, out_dir)
     if plots:
         _plots(result, logs, out.parent)
     return result
@@ -275,5 +289,10 @@ if __name__ == "__main__":
     ap.add_argument("--exponent", type=float, default=1.1)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--loadgen", choices=sorted(LOADGENS), default="wrk")
+    ap.add_argument("--order", choices=("interactions", "random"), default="interactions",
+                    help="what is requested: follows the interaction history loosely, or unrelated to it")
+    ap.add_argument("--coverage", type=float, default=None, help="batch.coverage for the snapshot (default 0.95)")
+    ap.add_argument("--name", default="serving_modes", help="results file name")
     a = ap.parse_args()
-    run(a.items, a.users, a.interactions, a.requests, a.exponent, a.concurrency, a.loadgen)
+    run(a.items, a.users, a.interactions, a.requests, a.exponent, a.concurrency, a.loadgen, order=a.order,
+        coverage=a.coverage, name=a.name, plots=a.name == "serving_modes")
