@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import click
-import numpy as np
 
 from batch import catalog
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs

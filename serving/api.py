@@ -15,7 +15,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from serving.engine import LIVE, PRECOMPUTED, Answer
+from serving.engine import PRECOMPUTED, Answer
 from serving.errors import BadRequest, NotFound, Unavailable
 
 bp = Blueprint("api", __name__)
@@ -297,5 +297,3 @@ def register(app: Flask) -> None:
             services_.requestlog.append(ep, item_id, user_id, k, source, status, int(elapsed * 1e6))
         return resp
 
-
-__all__ = ["bp", "register", "services", "LIVE"]

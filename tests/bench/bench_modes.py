@@ -14,7 +14,6 @@ source and time in the app come from the servers' own request log.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from bench_api import WORK, prepare  # noqa: E402
+from bench_api import prepare  # noqa: E402
 from batch.demo import GunicornServer, http_get  # noqa: E402
 from batch.inputs import load_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
@@ -140,7 +139,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
         try:
             progress = {"count": -1.0, "since": time.monotonic()}
 
-            def done() -> bool:
+            def done(prom=prom, progress=progress) -> bool:
                 # Read the workers' metric files directly: an HTTP poll waits behind the load. Sync
                 # workers close every connection, and wrk now and then loses a request to that without
                 # retrying: so also stop once the count has not moved for 3 s.
