@@ -81,18 +81,21 @@ def summary(results_dir: Path = RESULTS) -> str:
 
 
 def main(quick: bool = False) -> None:
-    if quick:
-        bench_batch.run(items=20_000, dim=32, index="auto")
-        bench_api.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1)
-        bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000)
-        bench_snapshot.run(items=20_000, workers=2)
-    else:
-        bench_batch.run(1_000_000, 64, "auto")
-        bench_api.run()
-        bench_modes.run()
-        bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
-        bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
-        bench_snapshot.run()
+    if quick:  # small sizes, into results/quick/ so the real results stay as they are
+        out = RESULTS / "quick"
+        work = HERE / ".work" / "quick"
+        bench_batch.run(items=20_000, dim=32, index="auto", out_dir=out)
+        bench_api.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work, out_dir=out)
+        bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000, workdir=work, out_dir=out)
+        bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
+        print(summary(out))
+        return
+    bench_batch.run(1_000_000, 64, "auto")
+    bench_api.run()
+    bench_modes.run()
+    bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
+    bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
+    bench_snapshot.run()
     print(summary())
 
 
