@@ -71,11 +71,12 @@ def record_run(store: Store, run: dict[str, Any]) -> bool:
 
 def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     current = store.current_id()
+    retained = store.snapshot_ids()
     for table in TABLES:
         if current is not None:
             path = str(store.table_path(current, table).resolve())
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(path)})")
-        if store.snapshot_ids():
+        if retained:
             con.execute(
                 f"CREATE OR REPLACE VIEW all_{table} AS SELECT regexp_extract(filename, {_sql_str(_SNAPSHOT_ID)}, 1) "
                 f"AS snapshot, * EXCLUDE (filename) FROM read_parquet({_sql_str(store.table_glob(table))}, "

@@ -28,7 +28,7 @@ from serving.errors import Abandoned, HybridServeError, StoreLockedError, Valida
 from serving.model import ModelBundle
 from serving.snapshot import serving_arrays
 from serving.settings import Settings
-from serving.store import Store, new_snapshot_id
+from serving.store import Store
 
 LOG = logging.getLogger(__name__)
 
@@ -336,8 +336,8 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                                     preds.column("prediction").to_numpy())
         checkpoint("publish")
         with stages("publish"):
-            snapshot_id = _new_snapshot_id(store, started)
-            writer = store.begin(snapshot_id, crash_at=crash_at)
+            writer = store.begin(started, crash_at=crash_at)
+            snapshot_id = writer.id
             for name, table in tables.items():
                 writer.write_table(name, table)
             writer.write_arrays(arrays)
@@ -380,10 +380,3 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         record.update(ended_at=now().isoformat(), stage_seconds=stages.seconds)
         result.catalog_updated = catalog.record_run(store, record)
 
-
-def _new_snapshot_id(store: Store, started: datetime) -> str:
-    sid = new_snapshot_id(started)
-    while sid in store.snapshot_ids():  # two runs within one microsecond (tests with a fixed clock)
-        started = started.replace(microsecond=(started.microsecond + 1) % 1_000_000)
-        sid = new_snapshot_id(started)
-    return sid

@@ -26,9 +26,6 @@ _INDEX_FILE = "items.faiss"
 _REGRESSOR_FILE = "regressor.joblib"
 _META_FILE = "meta.json"
 
-# Feature columns assembled for the rating model (genre flags follow).
-BASE_FEATURES = ("cosine", "user_mean", "user_log_count", "item_mean", "item_log_count", "user_item_genre_affinity")
-
 # Extra candidates asked of FAISS beyond what is kept, so exact re-scoring decides the cut.
 _MARGIN = 8
 
@@ -115,7 +112,9 @@ class ModelBundle:
 
     # --- the queries ------------------------------------------------------------
     def features(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
-        """(n,) user and (n,) item indices -> (n, F) float32 rows for the rating model."""
+        """(n,) user and (n,) item indices -> (n, 6 + g) float32 rows for the rating model: cosine,
+        user mean and log count, item mean and log count, the user's affinity to the item's genres,
+        then the item's genre flags."""
         uidx, iidx = np.asarray(uidx, dtype=np.int64), np.asarray(iidx, dtype=np.int64)
         if uidx.shape != iidx.shape or uidx.ndim != 1:
             raise ValueError("uidx and iidx must be 1-d and of equal length")

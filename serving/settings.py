@@ -239,6 +239,3 @@ def _toml_value(value: Any) -> str:
         return f"{value:_}" if abs(value) >= 10_000 else str(value)
     return repr(value)
 
-
-def resolve_path(settings: Settings, key: str) -> Path:
-    return Path(settings[key])

@@ -1,7 +1,7 @@
-"""A published snapshot held in memory for microsecond lookups: verified, then loaded into arrays.
+"""A published snapshot ready for microsecond lookups: verified, then its arrays memory-mapped.
 
-Precomputed lists become (n, k_max) matrices indexed by the bundle's dense item/user index;
-predictions become a sorted key array. No DuckDB and no Parquet read on the request path.
+Precomputed lists are (n, k_max) matrices addressed through the bundle's dense item/user index;
+predictions a sorted key array. No DuckDB and no Parquet read on the request path.
 """
 from __future__ import annotations
 
@@ -66,12 +66,10 @@ class Precomputed:
         valid = ids >= 0
         return ids[valid], scores[valid]
 
-class _EmptyRows:
-    def get(self, idx: int, k: int):
-        return None
-
-    def __len__(self) -> int:
-        return 0
+    @classmethod
+    def none(cls, n: int) -> "Precomputed":
+        """Nothing precomputed for any of ``n`` keys."""
+        return cls(np.full(n, -1, np.int32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
 
 
 class LoadedSnapshot:
@@ -113,7 +111,7 @@ class LoadedSnapshot:
         """No precomputed answers: a trained model alone, for a worker with no valid snapshot."""
         manifest = {"id": f"model:{bundle.model_version}", "created_at": bundle.meta["trained_at"], "k_max": 0,
                     "live_only": True, "model_version": bundle.model_version}
-        return cls(manifest["id"], manifest, bundle, _EmptyRows(), _EmptyRows(), np.zeros(0, np.int64),
+        return cls(manifest["id"], manifest, bundle, Precomputed.none(bundle.n_items), Precomputed.none(bundle.n_users), np.zeros(0, np.int64),
                    np.zeros(0, np.float32), 0.0)
 
     @property

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -259,9 +259,14 @@ class Store:
         return out
 
     # --- writing ----------------------------------------------------------------
-    def begin(self, snapshot_id: str | None = None, crash_at: str | None = None) -> "SnapshotWriter":
+    def begin(self, now: datetime | None = None, crash_at: str | None = None) -> "SnapshotWriter":
+        """A writer for a new snapshot whose id is ``now`` (default: the current time), made unique."""
         self.ensure_layout()
-        return SnapshotWriter(self, snapshot_id or new_snapshot_id(), crash_at=crash_at)
+        now = now or datetime.now(timezone.utc)
+        taken = set(self.snapshot_ids())
+        while new_snapshot_id(now) in taken:  # two runs within one microsecond (a fixed clock in tests)
+            now += timedelta(microseconds=1)
+        return SnapshotWriter(self, new_snapshot_id(now), crash_at=crash_at)
 
     def set_current(self, snapshot_id: str, before_replace: Callable[[], None] | None = None) -> None:
         if not (self.snapshot_dir(snapshot_id) / MANIFEST).is_file():

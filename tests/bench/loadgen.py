@@ -98,57 +98,57 @@ def run_python(base_url: str, paths: list[str], connections: int, seconds: float
                once: bool = False, done=None) -> dict:
     """The same measurement with Python threads: for the benchmarks' smoke tests, where wrk may be absent.
     Much slower than wrk (the client costs more than the server); never use its numbers as results.
-    With ``once`` it stops when every path has been sent (``done`` is not needed)."""
-    import threading
+    With ``once`` every path is sent once (batch.trace.replay; ``done`` is not needed), else the paths
+    cycle for ``seconds``."""
     import time
-    import urllib.error
-    import urllib.request
 
     import numpy as np
 
-    lat: list[float] = []
-    codes: list[int] = []
-    lock = threading.Lock()
-    stop = time.perf_counter() + seconds
+    from batch.trace import Trace, replay
 
-    shared = iter(range(len(paths)))
+    if once:
+        t_start = time.perf_counter()
+        df = replay(base_url, Trace(["?"] * len(paths), list(paths)), connections)
+        elapsed = time.perf_counter() - t_start
+        lat, codes = df["latency_ms"].to_numpy(), df["status"].tolist()
+    else:
+        import threading
+        import urllib.error
+        import urllib.request
 
-    def worker(offset: int) -> None:
-        i = offset
-        mine, my_codes = [], []
-        while time.perf_counter() < stop:
-            if once:
-                with lock:
-                    i = next(shared, None)
-                if i is None:
-                    break
-            t0 = time.perf_counter()
-            try:
-                with urllib.request.urlopen(base_url + paths[i % len(paths)], timeout=10) as r:
-                    r.read()
-                    code = r.status
-            except urllib.error.HTTPError as e:
-                code = e.code
-            mine.append((time.perf_counter() - t0) * 1000)
-            my_codes.append(code)
-            if not once:
+        stop, lock = time.perf_counter() + seconds, threading.Lock()
+        lat_list: list[float] = []
+        codes = []
+
+        def worker(offset: int) -> None:
+            mine, my_codes, i = [], [], offset
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(base_url + paths[i % len(paths)], timeout=10) as r:
+                        r.read()
+                        code = r.status
+                except urllib.error.HTTPError as e:
+                    code = e.code
+                mine.append((time.perf_counter() - t0) * 1000)
+                my_codes.append(code)
                 i += 1
-        with lock:
-            lat.extend(mine)
-            codes.extend(my_codes)
+            with lock:
+                lat_list.extend(mine)
+                codes.extend(my_codes)
 
-    t_start = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(k * 7919,)) for k in range(connections)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    elapsed = time.perf_counter() - t_start
-    arr = np.asarray(lat)
-    return {"requests_per_s": len(arr) / elapsed, "requests": len(arr), "elapsed_s": elapsed,
+        t_start = time.perf_counter()
+        workers = [threading.Thread(target=worker, args=(k * 7919,)) for k in range(connections)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        elapsed = time.perf_counter() - t_start
+        lat = np.asarray(lat_list)
+    return {"requests_per_s": len(lat) / elapsed, "requests": len(lat), "elapsed_s": elapsed,
             "non_2xx": int(sum(1 for c in codes if not 200 <= c < 400)), "socket_errors": 0,
             "connections": connections, "seconds": seconds,
-            **{f"p{p}_ms": float(np.percentile(arr, p)) for p in (50, 75, 90, 99)}}
+            **{f"p{p}_ms": float(np.percentile(lat, p)) for p in (50, 75, 90, 99)}}
 
 
 LOADGENS = {"wrk": run_wrk, "python": run_python}
