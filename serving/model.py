@@ -256,10 +256,26 @@ def read_index(path: Path, spec: str, mmap: bool = True):
     if mmap:
         flag = faiss.IO_FLAG_MMAP_IFC if spec == "Flat" else faiss.IO_FLAG_MMAP
         try:
-            return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as exc:
             LOG.info("%s: no memory-mapped read for %s (%s); reading into memory", path, spec, exc)
+        else:
+            _no_prefetch_threads(index)
+            return index
     return faiss.read_index(str(path))
+
+
+def _no_prefetch_threads(index) -> None:
+    """A memory-mapped IVF index reads its lists through OnDiskInvertedLists, which by default starts
+    32 prefetch threads on every search: 1.7 ms for a single query that takes 0.1 ms without them.
+    The lists are already in the page cache, so nothing is gained by prefetching."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if hasattr(lists, "prefetch_nthread"):
+        lists.prefetch_nthread = 0
 
 
 def _lookup_one(sorted_ids: np.ndarray, key: int) -> int:
