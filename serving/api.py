@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import quote_etag
 
 from serving.engine import PRECOMPUTED, Answer
 from serving.errors import BadRequest, NotFound, Unavailable
@@ -109,28 +110,47 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _answer(svc, ans: Answer, endpoint: str, key: str, body: dict[str, Any]) -> Response:
-    _state().source = ans.source
+def etag_of(ans: Answer, tag: str, key: str) -> str | None:
+    """Precomputed answers never change within a snapshot, so the snapshot id names them."""
+    return f"{ans.snapshot}.{tag}.{key}" if ans.source == PRECOMPUTED else None
+
+
+def render(body: dict[str, Any], ans: Answer, now: float) -> bytes:
+    """The JSON of an answer: the endpoint's fields, then where it came from and how old it is."""
     body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at),
-                age_s=round(ans.age_s(svc.engine.clock()), 3))
-    etag = None
-    if ans.source == PRECOMPUTED:
-        etag = f"{ans.snapshot}.{endpoint}.{key}"  # the answer never changes within a snapshot
-        if "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(etag):
-            return _cache_headers(Response(status=304), ans, etag)
-    return _cache_headers(_json(body), ans, etag)
+                age_s=round(ans.age_s(now), 3))
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _cache_headers(resp: Response, ans: Answer, etag: str | None) -> Response:
-    resp.headers["Cache-Control"] = f"public, max-age={max(0, int(math.floor(ans.fresh_for_s)))}"
+def answer_headers(ans: Answer, etag: str | None) -> list[tuple[str, str]]:
+    """Cache-Control for the answer's remaining freshness, and its ETag when it has one."""
+    headers = [("Cache-Control", f"public, max-age={max(0, int(math.floor(ans.fresh_for_s)))}")]
     if etag is not None:
-        resp.set_etag(etag)
-    return resp
+        headers.append(("ETag", quote_etag(etag)))
+    return headers
+
+
+def _answer(svc, ans: Answer, tag: str, key: str, body: dict[str, Any]) -> Response:
+    _state().source = ans.source
+    etag = etag_of(ans, tag, key)
+    if etag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(etag):
+        return Response(status=304, headers=answer_headers(ans, etag))
+    return Response(render(body, ans, svc.engine.clock()), mimetype="application/json",
+                    headers=answer_headers(ans, etag))
 
 
 def _scored(ans: Answer) -> list[dict[str, Any]]:
     scores = np.round(ans.scores.astype(np.float64), 6).tolist()
     return [{"item_id": i, "score": s} for i, s in zip(ans.ids.tolist(), scores)]
+
+
+def list_body(id_name: str, key: int, k: int, ans: Answer) -> dict[str, Any]:
+    """Similar items (``item_id``) or a user's recommendations (``user_id``)."""
+    return {id_name: key, "k": k, "items": _scored(ans)}
+
+
+def prediction_body(uid: int, iid: int, ans: Answer) -> dict[str, Any]:
+    return {"user_id": uid, "item_id": iid, "prediction": round(float(ans.value), 6)}
 
 
 def _begin(endpoint: str) -> _State:
@@ -150,7 +170,7 @@ def similar_items(item_id: str):
     k = parse_k(svc, params.get("k"))
     st.log = ("similar_items", iid, None, k)
     ans = svc.engine.similar_items(iid, k)
-    return _answer(svc, ans, "similar", f"{iid}.{k}", {"item_id": iid, "k": k, "items": _scored(ans)})
+    return _answer(svc, ans, "similar", f"{iid}.{k}", list_body("item_id", iid, k, ans))
 
 
 @bp.get("/v1/users/<user_id>/recommendations")
@@ -163,7 +183,7 @@ def user_recommendations(user_id: str):
     k = parse_k(svc, params.get("k"))
     st.log = ("user_recs", None, uid, k)
     ans = svc.engine.user_recs(uid, k)
-    return _answer(svc, ans, "recs", f"{uid}.{k}", {"user_id": uid, "k": k, "items": _scored(ans)})
+    return _answer(svc, ans, "recs", f"{uid}.{k}", list_body("user_id", uid, k, ans))
 
 
 @bp.get("/v1/predictions")
@@ -175,8 +195,7 @@ def prediction():
     iid = parse_id("item_id", params.get("item_id"))
     st.log = ("prediction", iid, uid, 1)
     ans = svc.engine.prediction(uid, iid)
-    return _answer(svc, ans, "pred", f"{uid}.{iid}",
-                   {"user_id": uid, "item_id": iid, "prediction": round(float(ans.value), 6)})
+    return _answer(svc, ans, "pred", f"{uid}.{iid}", prediction_body(uid, iid, ans))
 
 
 @bp.get("/v1/recommendations")
@@ -288,12 +307,15 @@ def register(app: Flask) -> None:
         st = g.get("_hs")
         if st is None or st.endpoint is None:
             return resp
-        elapsed = time.perf_counter() - st.t0
         status = resp.status_code
-        source = st.source or ("error" if status >= 400 else "none")
-        services_.metrics.observe(st.endpoint, source, status, elapsed)
-        if st.log is not None:
-            ep, item_id, user_id, k = st.log
-            services_.requestlog.append(ep, item_id, user_id, k, source, status, int(elapsed * 1e6))
+        record(services_, st.endpoint, st.source or ("error" if status >= 400 else "none"), status,
+               time.perf_counter() - st.t0, st.log)
         return resp
 
+
+def record(svc, endpoint: str, source: str, status: int, elapsed_s: float, log: tuple | None) -> None:
+    """Count a request in the metrics and, for a lookup, append it to the request log."""
+    svc.metrics.observe(endpoint, source, status, elapsed_s)
+    if log is not None:
+        ep, item_id, user_id, k = log
+        svc.requestlog.append(ep, item_id, user_id, k, source, status, int(elapsed_s * 1e6))

@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from serving import api
 from serving.engine import Engine
+from serving.fastpath import HitPath, cors_headers_for
 from serving.metrics import Metrics
 from serving.requestlog import RequestLog
 from serving.settings import Settings, load_settings
@@ -72,10 +73,13 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     services = Services(settings, engine, requestlog, metrics, threading.Event())
     app.extensions["hybridserve"] = services
     origins = [o.strip() for o in settings["serving.cors_origins"].split(",") if o.strip()]
+    cors = {"methods": ["GET"], "expose_headers": ["ETag", "Cache-Control"], "max_age": 3600}
     if origins:  # empty: no CORS (a same-origin deployment saves its cost on every response)
-        CORS(app, resources={r"/v1/*": {"origins": origins}}, methods=["GET"],
-             expose_headers=["ETag", "Cache-Control"], max_age=3600)
+        CORS(app, resources={r"/v1/*": {"origins": origins}}, **cors)
     api.register(app)
+    if settings["serving.fast_path"]:
+        app.wsgi_app = HitPath(app.wsgi_app, services,  # type: ignore[method-assign]
+                               cors_headers_for(app, {**cors, "origins": origins}) if origins else None)
 
     if background:
         requestlog.start()

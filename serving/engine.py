@@ -182,6 +182,36 @@ class Engine:
         return self._live(snap, ("session", tuple(sorted(item_ids)), k),
                           lambda: _first(snap.bundle.recommend_for_items([iidx], k)))
 
+    def peek(self, endpoint: str, key: int, arg: int) -> Answer | None:
+        """The snapshot's fresh answer, or None; never computes, never counts (the hit path's question:
+        on None the request takes the full route, which does both).
+
+        ``("similar_items", item_id, k)``, ``("user_recs", user_id, k)`` or ``("prediction", user_id, item_id)``.
+        """
+        snap = self._snap
+        if snap is None or not self.use_precomputed:
+            return None
+        remaining = self.max_age_s - (self.clock() - snap.created_at)
+        if remaining <= 0:
+            return None
+        bundle = snap.bundle
+        if endpoint == "prediction":
+            uidx, iidx = bundle.user_index_one(key), bundle.item_index_one(arg)
+            value = snap.prediction(uidx, iidx) if uidx >= 0 and iidx >= 0 else None
+            if value is None:
+                return None
+            return Answer(PRECOMPUTED, snap.id, snap.created_at, value=value, fresh_for_s=remaining)
+        if arg > snap.k_max:
+            return None
+        if endpoint == "similar_items":
+            idx, table = bundle.item_index_one(key), snap.similar
+        else:
+            idx, table = bundle.user_index_one(key), snap.recs
+        found = table.get(idx, arg) if idx >= 0 else None
+        if found is None:
+            return None
+        return Answer(PRECOMPUTED, snap.id, snap.created_at, ids=found[0], scores=found[1], fresh_for_s=remaining)
+
     # --- the three sources ------------------------------------------------------
     def _precomputed(self, snap, kind, k, get) -> Answer | None:
         if k > snap.k_max or not self.use_precomputed:

@@ -99,6 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "log_flush_interval_s", 5.0, "Request-log flush interval in seconds (0 = only on size and exit)", minimum=0.0),
     Setting("serving", "log_max_buffer", 200_000, "Request-log rows kept in memory at most (older are dropped and counted)", minimum=1),
     Setting("serving", "max_url_bytes", 2048, "Longer request URLs get 414", minimum=64),
+    Setting("serving", "fast_path", True, "Answer plain precomputed hits below Flask's routing (same bytes and headers, a fraction of the CPU); false sends every request through Flask"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

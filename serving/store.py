@@ -160,10 +160,11 @@ class Store:
         return self.snapshot_dir(snapshot_id) / MODEL_DIR
 
     def read_arrays(self, snapshot_id: str, names: tuple[str, ...]) -> dict:
-        """The snapshot's serving arrays, memory-mapped (workers share their pages)."""
+        """The snapshot's serving arrays, memory-mapped (workers share their pages). Plain ndarray
+        views of the maps: slicing a ``np.memmap`` costs microseconds of subclass bookkeeping."""
         import numpy as np
         base = self.snapshot_dir(snapshot_id) / SERVING_DIR
-        return {n: np.load(base / f"{n}.npy", mmap_mode="r") for n in names}
+        return {n: np.asarray(np.load(base / f"{n}.npy", mmap_mode="r")) for n in names}
 
     def requests_glob(self) -> str:
         return str(self.requests_dir.resolve() / "**" / "*.parquet")

@@ -27,6 +27,7 @@ from common import write_result  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402
 from serving.model import ModelBundle  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
+from serving.errors import SnapshotError  # noqa: E402
 from serving.store import Store  # noqa: E402
 
 WORK = HERE / ".work"
@@ -47,10 +48,19 @@ def prepare(items: int, users: int, interactions: int, workdir: Path | None = No
         print(f"generating {users:,} users x {items:,} items x {interactions:,} interactions ...", file=sys.stderr)
         write_inputs(workdir / "inputs", *generate_sample(users, items, interactions, seed=11))
     store = Store(settings["paths.store"])
-    if store.current_id() is None:
+    if not _servable(store):
         print("training and publishing a snapshot ...", file=sys.stderr)
         run_batch(settings)
     return cfg, settings, store
+
+
+def _servable(store: Store) -> bool:
+    """A current snapshot this version of the code serves (a left-over from an older format is not)."""
+    sid = store.current_id()
+    try:
+        return sid is not None and bool(store.verify(sid, checksums=False))
+    except SnapshotError:
+        return False
 
 
 def _median_run(runs: list[dict]) -> dict:

@@ -1,0 +1,115 @@
+"""Precomputed hits answered below Flask's routing: WSGI middleware around ``app.wsgi_app``.
+
+A hit is a dictionary lookup and a few microseconds of formatting; Flask's request context,
+routing, hooks and response object cost ten times that. This middleware answers the requests
+it can prove are plain hits (GET, canonical path and query, a fresh snapshot answer) with the
+same bytes, headers, metrics and request-log row the Flask views produce, built by the same
+functions (``serving.api``). Anything else -- a miss, a stale answer, an error, an unusual
+query, ``If-None-Match``, a CORS preflight -- goes to Flask untouched. Tests compare the two
+paths response by response.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Callable, Iterable
+
+from serving import api
+
+_ID = r"([0-9]{1,19})"
+_PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
+_K = re.compile(rf"k={_ID}")
+_PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
+_INT64_MAX = 2**63 - 1
+# Request headers that change the answer or belong to a preflight: Flask handles those requests.
+_FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
+                  "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
+
+
+class HitPath:
+    """``app.wsgi_app = HitPath(app.wsgi_app, services, cors_headers)``.
+
+    ``cors_headers(origin)``: the CORS response headers for a request's Origin (None when absent),
+    or None when the app has no CORS. ``answered`` / ``passed`` count requests each way.
+    """
+
+    def __init__(self, wsgi_app: Callable, services, cors_headers: Callable[[str | None], tuple] | None):
+        self.wsgi_app, self.svc = wsgi_app, services
+        self.engine = services.engine
+        self.k_limit = services.settings["serving.k_limit"]
+        self.max_url = services.settings["serving.max_url_bytes"]
+        self.cors_headers = cors_headers
+        self.answered = self.passed = 0
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        t0 = time.perf_counter()
+        found = self._hit(environ)
+        if found is None:
+            self.passed += 1
+            return self.wsgi_app(environ, start_response)
+        endpoint, body, etag, ans, log = found
+        data = api.render(body, ans, self.engine.clock())
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        headers += api.answer_headers(ans, etag)
+        if self.cors_headers is not None:
+            headers += self.cors_headers(environ.get("HTTP_ORIGIN"))
+        start_response("200 OK", headers)
+        self.answered += 1
+        api.record(self.svc, endpoint, ans.source, 200, time.perf_counter() - t0, log)
+        return [data]
+
+    def _hit(self, environ: dict):
+        """(endpoint, body, etag, answer, log row) for a plain precomputed hit; None for anything else."""
+        if environ.get("REQUEST_METHOD") != "GET" or any(h in environ for h in _FLASK_HEADERS):
+            return None
+        path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+        if len(path) + len(query) > self.max_url:
+            return None
+        route = _PATH.fullmatch(path)
+        if route is None:
+            return None
+        item, user = route.group(1), route.group(2)
+        if item is not None or user is not None:
+            k = _K.fullmatch(query)
+            if k is None:
+                return None
+            key, k = int(item or user), int(k.group(1))
+            if key > _INT64_MAX or not 1 <= k <= self.k_limit:
+                return None
+            endpoint = "similar_items" if item is not None else "user_recs"
+            ans = self.engine.peek(endpoint, key, k)
+            if ans is None:
+                return None
+            if item is not None:
+                return (endpoint, api.list_body("item_id", key, k, ans), api.etag_of(ans, "similar", f"{key}.{k}"),
+                        ans, (endpoint, key, None, k))
+            return (endpoint, api.list_body("user_id", key, k, ans), api.etag_of(ans, "recs", f"{key}.{k}"),
+                    ans, (endpoint, None, key, k))
+        pair = _PAIR.fullmatch(query)
+        if pair is None:
+            return None
+        uid, iid = (int(pair.group(1)), int(pair.group(2))) if pair.group(1) else (int(pair.group(4)),
+                                                                                    int(pair.group(3)))
+        if uid > _INT64_MAX or iid > _INT64_MAX:
+            return None
+        ans = self.engine.peek("prediction", uid, iid)
+        if ans is None:
+            return None
+        return ("prediction", api.prediction_body(uid, iid, ans), api.etag_of(ans, "pred", f"{uid}.{iid}"),
+                ans, ("prediction", iid, uid, 1))
+
+
+def cors_headers_for(app, options: dict) -> Callable[[str | None], tuple]:
+    """The headers flask-cors adds to a simple GET from ``origin``, computed by flask-cors itself
+    once per distinct Origin (bounded: the header is the client's to choose)."""
+    from flask_cors.core import get_cors_headers, get_cors_options
+
+    resolved = get_cors_options(app, options)
+
+    @functools.lru_cache(maxsize=256)
+    def headers(origin: str | None) -> tuple:
+        request_headers = {} if origin is None else {"Origin": origin}
+        return tuple((k, str(v)) for k, v in get_cors_headers(resolved, request_headers, "GET").items(multi=True))
+
+    return headers
