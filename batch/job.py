@@ -316,7 +316,6 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
             sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
-        record["expected_hit_rate"] = sel.report["expected_hit_rate"]
         k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
         checkpoint("precompute")
         with stages("precompute"):
@@ -325,10 +324,12 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             tables["user_recs"], rec_ids, rec_scores = precompute_recs(bundle, sel.users, k_max, bs)
             # The pairs a frontend is likely to show (each user's top recs) plus those actually asked for.
             pairs = pairs_from_recs(sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
+            sel.add_pairs(pairs)
             if sel.pairs is not None:
                 pairs = (pd.concat([sel.pairs, pairs]).drop_duplicates().iloc[:settings["batch.max_pairs"]]
                          .sort_values(["user_id", "item_id"], ignore_index=True))
             tables["predictions"] = precompute_predictions(bundle, pairs, bs)
+            record["expected_hit_rate"] = sel.report["expected_hit_rate"]
             tables["items"] = items_table(inputs.items)
             preds = tables["predictions"]
             arrays = serving_arrays(bundle, sel.items, sim_ids, sim_scores, sel.users, rec_ids, rec_scores,
