@@ -64,6 +64,9 @@ def summary(results_dir: Path = RESULTS) -> str:
                       f"{h['first_1000_from_snapshot']:.3f} (ttl-cache "
                       f"{m['modes']['ttl-cache']['first_1000_from_snapshot']:.3f})", ">= 0.9",
                       h["first_1000_from_snapshot"] >= 0.9)]
+        if "ceiling_vs_live_only_rps" in m:
+            rows.append(f"| modes ({what}): ceiling, every request a snapshot hit, vs live-only req/s | "
+                        f"{m['ceiling_vs_live_only_rps']:.1f}x | (the most any hit rate can give) | - |")
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
