@@ -39,7 +39,7 @@ def test_api_benchmark_small(tmp_path):
 def test_serving_modes_benchmark_small(tmp_path):
     import bench_modes
     r = bench_modes.run(items=600, users=200, interactions=6000, requests=400, concurrency=4, loadgen="python",
-                        workdir=tmp_path / "work", out_dir=tmp_path)
+                        workdir=tmp_path / "work", out_dir=tmp_path, ceiling_seconds=1.0)
     assert set(r["modes"]) == {"live-only", "ttl-cache", "hybrid"}
     for mode, m in r["modes"].items():
         assert m["answered"] == 400 and m["errors"] == 0, mode
@@ -50,6 +50,8 @@ def test_serving_modes_benchmark_small(tmp_path):
     assert r["modes"]["hybrid"]["hit_rate"] > 0.5
     assert r["modes"]["live-only"]["live_compute_cpu_s"] > r["modes"]["hybrid"]["live_compute_cpu_s"]
     assert r["coverage_curve"]["items"]["covered"][-1] == 1.0
+    assert r["all_hits"]["paths"] == round(r["modes"]["hybrid"]["hit_rate"] * 400)
+    assert r["all_hits"]["client"]["non_2xx"] == 0 and r["ceiling_vs_live_only_rps"] > 0
     for png in ("latency_cdf.png", "hit_rate_after_deploy.png", "coverage_curve.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
