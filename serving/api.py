@@ -22,7 +22,7 @@ from serving.errors import BadRequest, NotFound, Unavailable
 bp = Blueprint("api", __name__)
 
 _INT = re.compile(r"[0-9]{1,19}")
-_INT64_MAX = 2**63 - 1
+INT64_MAX = 2**63 - 1
 
 
 def services():
@@ -65,7 +65,7 @@ def _show(text: str, limit: int = 40) -> str:
 def parse_id(name: str, raw: str | None) -> int:
     if raw is None or raw == "":
         raise BadRequest(f"{name} is required: a non-negative integer")
-    if not _INT.fullmatch(raw) or int(raw) > _INT64_MAX:
+    if not _INT.fullmatch(raw) or int(raw) > INT64_MAX:
         raise BadRequest(f"{name} must be a non-negative integer (int64), got {_show(raw)}")
     return int(raw)
 

@@ -191,16 +191,11 @@ class Engine:
         snap = self._snap
         if snap is None or not self.use_precomputed:
             return None
-        remaining = self.max_age_s - (self.clock() - snap.created_at)
-        if remaining <= 0:
-            return None
         bundle = snap.bundle
         if endpoint == "prediction":
             uidx, iidx = bundle.user_index_one(key), bundle.item_index_one(arg)
             value = snap.prediction(uidx, iidx) if uidx >= 0 and iidx >= 0 else None
-            if value is None:
-                return None
-            return Answer(PRECOMPUTED, snap.id, snap.created_at, value=value, fresh_for_s=remaining)
+            return None if value is None else self._fresh(snap, endpoint, count=False, value=value)
         if arg > snap.k_max:
             return None
         if endpoint == "similar_items":
@@ -208,9 +203,7 @@ class Engine:
         else:
             idx, table = bundle.user_index_one(key), snap.recs
         found = table.get(idx, arg) if idx >= 0 else None
-        if found is None:
-            return None
-        return Answer(PRECOMPUTED, snap.id, snap.created_at, ids=found[0], scores=found[1], fresh_for_s=remaining)
+        return None if found is None else self._fresh(snap, endpoint, count=False, ids=found[0], scores=found[1])
 
     # --- the three sources ------------------------------------------------------
     def _precomputed(self, snap, kind, k, get) -> Answer | None:
@@ -221,12 +214,15 @@ class Engine:
             return None
         return self._fresh(snap, kind, ids=found[0], scores=found[1])
 
-    def _fresh(self, snap, kind, **payload) -> Answer | None:
+    def _fresh(self, snap, kind, count: bool = True, **payload) -> Answer | None:
+        """The precomputed answer while the snapshot is younger than max_age_s; else None (counted
+        as stale unless ``count`` is False: peek leaves that to the full route)."""
         remaining = self.max_age_s - (self.clock() - snap.created_at)
         if remaining <= 0:
-            self.counts["stale"] += 1
-            if self.on_stale:
-                self.on_stale(kind)
+            if count:
+                self.counts["stale"] += 1
+                if self.on_stale:
+                    self.on_stale(kind)
             return None
         return Answer(PRECOMPUTED, snap.id, snap.created_at, fresh_for_s=remaining, **payload)
 

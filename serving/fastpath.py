@@ -21,7 +21,6 @@ _ID = r"([0-9]{1,19})"
 _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
-_INT64_MAX = 2**63 - 1
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
                   "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
@@ -75,7 +74,7 @@ class HitPath:
             if k is None:
                 return None
             key, k = int(item or user), int(k.group(1))
-            if key > _INT64_MAX or not 1 <= k <= self.k_limit:
+            if key > api.INT64_MAX or not 1 <= k <= self.k_limit:
                 return None
             endpoint = "similar_items" if item is not None else "user_recs"
             ans = self.engine.peek(endpoint, key, k)
@@ -91,7 +90,7 @@ class HitPath:
             return None
         uid, iid = (int(pair.group(1)), int(pair.group(2))) if pair.group(1) else (int(pair.group(4)),
                                                                                     int(pair.group(3)))
-        if uid > _INT64_MAX or iid > _INT64_MAX:
+        if uid > api.INT64_MAX or iid > api.INT64_MAX:
             return None
         ans = self.engine.peek("prediction", uid, iid)
         if ans is None:
