@@ -1,9 +1,12 @@
 """Publishing is atomic; retention and rollback keep what must be kept."""
+import hashlib
+
+import numpy as np
 import pytest
 
 from batch.job import run
 from serving.errors import SnapshotError
-from serving.store import PUBLISH_STEPS, InjectedCrash, Store
+from serving.store import PUBLISH_STEPS, InjectedCrash, Store, sha256_file, sha256_files
 
 
 def _snapshot_state(store: Store):
@@ -90,3 +93,13 @@ def test_verify_detects_missing_and_truncated_files(workspace):
     path.unlink()
     with pytest.raises(SnapshotError, match="missing"):
         store.verify(sid)
+
+
+def test_sha256_files_match_hashlib_for_every_file(tmp_path):
+    rng = np.random.default_rng(3)
+    blobs = {tmp_path / f"f{i}.bin": rng.bytes(n) for i, n in enumerate((0, 1, 4095, 1 << 20, (3 << 20) + 7))}
+    for path, data in blobs.items():
+        path.write_bytes(data)
+    digests = sha256_files(list(blobs))
+    assert digests == {path: hashlib.sha256(data).hexdigest() for path, data in blobs.items()}
+    assert all(sha256_file(path) == digests[path] for path in blobs)
