@@ -8,13 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import faiss
 from flask import Flask
 from flask_cors import CORS
-from threadpoolctl import threadpool_limits
 
 from serving import api
-from serving.engine import Engine
+from serving.engine import Engine, one_thread_per_pool
 from serving.fastpath import HitPath, cors_headers_for
 from serving.metrics import Metrics
 from serving.requestlog import RequestLog
@@ -51,8 +49,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     settings = settings or load_settings()
     # One thread per pool on the request path (FAISS's OpenMP, the rating model's OpenMP, BLAS):
     # two made single queries slower with a 4x worse p99, and workers already use every core.
-    faiss.omp_set_num_threads(1)
-    threadpool_limits(1)
+    # Request threads other than this one set it again on their first live computation.
+    one_thread_per_pool()
     store = Store(settings["paths.store"])
     metrics = Metrics()
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],

@@ -12,8 +12,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
+import faiss
 import numpy as np
 from cachetools import TTLCache
+from threadpoolctl import threadpool_limits
 
 from serving.errors import NotFound, SnapshotError, Unavailable
 from serving.model import ModelBundle
@@ -23,6 +25,22 @@ from serving.store import Store
 LOG = logging.getLogger(__name__)
 
 PRECOMPUTED, CACHE, LIVE = "precomputed", "cache", "live"
+
+_thread = threading.local()
+
+
+def one_thread_per_pool() -> None:
+    """FAISS's OpenMP, the rating model's OpenMP and BLAS on one thread, in the calling thread.
+
+    OpenMP's thread count is per thread: a limit set where the app was built does not reach the
+    request threads of a threaded server (Flask's development server, gunicorn's gthread), where a
+    predict or a search would start one OpenMP thread per core that spin-wait against the worker
+    (measured: 53 req/s instead of ~900). So each thread that computes live sets it, once.
+    """
+    if not getattr(_thread, "limited", False):
+        faiss.omp_set_num_threads(1)
+        threadpool_limits(1)
+        _thread.limited = True
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,7 @@ class Engine:
     def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple]) -> Answer:
         """Cached live result, else compute once however many identical requests are waiting."""
         full_key = (snap.id,) + key
+        one_thread_per_pool()
         if not self.use_cache:
             cpu0 = time.thread_time()
             ids, scores, value = compute()

@@ -106,6 +106,30 @@ def test_live_then_cache_for_keys_not_precomputed(env):
     assert [x["item_id"] for x in big["items"][:k_max]] == [x["item_id"] for x in small["items"]]
 
 
+def test_live_compute_in_a_request_thread_uses_one_thread_per_pool(env):
+    """OpenMP thread counts are per thread: a threaded server's request threads must be limited too."""
+    import faiss
+    from threadpoolctl import threadpool_info
+
+    client, app, clock, store, first, _, settings = env
+    item = _missing_item(store, first.snapshot_id)
+    seen = {}
+
+    def request_thread():
+        seen["source"] = client.get(f"/v1/items/{item}/similar?k=5").json["source"]
+        seen["faiss"] = faiss.omp_get_max_threads()
+        seen["pools"] = {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                         if i["user_api"] == "openmp" or i["internal_api"] == "openblas"}
+
+    t = threading.Thread(target=request_thread)
+    t.start()
+    t.join()
+    assert seen["source"] == "live"
+    # a new thread starts at one OpenMP thread per core (OMP_NUM_THREADS aside); the live computation set one
+    assert seen["faiss"] == 1
+    assert seen["pools"] and set(seen["pools"].values()) == {1}
+
+
 def test_user_recs_and_predictions(env):
     client, app, clock, store, first, root, _ = env
     sid = first.snapshot_id
