@@ -4,6 +4,7 @@ Sync workers: in a local load test gthread workers pinned all keep-alive connect
 worker, sync workers spread them. Each worker loads the snapshot itself (memory-mapped arrays
 are shared through the page cache).
 """
+import gc
 import os
 import shutil
 import tempfile
@@ -29,6 +30,12 @@ def on_starting(server):
         os.makedirs(path, exist_ok=True)
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hybridserve-metrics-")
+
+
+def post_worker_init(worker):
+    # Everything the app built at start (modules, Flask, the model objects) lives as long as the worker:
+    # out of the garbage collector's sight, a full collection under load took 0.6-7 ms instead of 80-100 ms.
+    gc.freeze()
 
 
 def worker_exit(server, worker):

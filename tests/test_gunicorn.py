@@ -60,3 +60,34 @@ def test_hot_reload_and_request_log_flush_on_shutdown(server):
     assert segs, "request log flushed on shutdown"
     log = pd.concat([pd.read_parquet(p) for p in segs])
     assert (log.loc[log["endpoint"] == "similar_items", "item_id"] == item).sum() == 10
+
+
+def test_workers_freeze_what_they_built_and_a_swapped_out_snapshot_needs_no_collector(workspace):
+    """gunicorn's post_worker_init hides the start-up objects from the garbage collector. That is safe
+    for hot reload only if an old snapshot is freed by reference counting alone (no cycles)."""
+    import gc
+    import weakref
+
+    from serving import gunicorn_conf
+    from serving.engine import Engine
+
+    root, settings, cfg, first = workspace
+    gc.unfreeze()
+    try:
+        gunicorn_conf.post_worker_init(None)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    engine = Engine(Store(settings["paths.store"]), 3600.0, 60.0, 100, verify_checksums=False)
+    engine.reload()
+    old = engine.snapshot
+    refs = [weakref.ref(old), weakref.ref(old.bundle), weakref.ref(old.bundle.regressor)]
+    del old
+    second = run(settings)
+    gc.disable()
+    try:
+        engine.reload()
+        assert engine.snapshot.id == second.snapshot_id
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
