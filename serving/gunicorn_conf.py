@@ -1,8 +1,10 @@
 """gunicorn settings from the project's config: `gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'`.
 
 Sync workers: in a local load test gthread workers pinned all keep-alive connections to one
-worker, sync workers spread them. Each worker loads the snapshot itself (memory-mapped arrays
-are shared through the page cache).
+worker, sync workers spread them. (Earlier gthread measurements were also slowed by OpenMP
+threads spinning in request threads; serving/engine.py's one_thread_per_pool fixed that. gthread
+with reuse_port, one socket per worker, is worth re-measuring.) Each worker loads the snapshot
+itself (memory-mapped arrays are shared through the page cache).
 """
 import gc
 import os
