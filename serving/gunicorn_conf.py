@@ -1,14 +1,19 @@
 """gunicorn settings from the project's config: `gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'`.
 
-Sync workers: in a local load test gthread workers pinned all keep-alive connections to one
-worker, sync workers spread them. (Earlier gthread measurements were also slowed by OpenMP
-threads spinning in request threads; serving/engine.py's one_thread_per_pool fixed that. gthread
-with reuse_port, one socket per worker, is worth re-measuring.) Each worker loads the snapshot
-itself (memory-mapped arrays are shared through the page cache).
+Worker type (`serving.worker_class`), measured side by side on the serving-modes trace (2 workers,
+16 wrk connections, three alternating replays each, medians of the client's rate): gthread workers
+with one request thread and keep-alive did the hybrid trace at 4,520 req/s against 3,603 for sync
+workers, and live-only at 1,007 against 995; two request threads per worker lost the gain (3,545,
+GIL contention), and gunicorn's tornado worker was no faster than gthread on hits. A sync worker
+connects, closes and lingers per request (~40% of its time waiting for the client's FIN). gthread
+needs one listening socket per worker (``reuse_port``): with a shared socket, one worker accepted
+every keep-alive connection of a load test. Each worker loads the snapshot itself (memory-mapped
+arrays are shared through the page cache).
 """
 import gc
 import os
 import shutil
+import socket
 import tempfile
 
 from serving.settings import load_settings
@@ -17,7 +22,11 @@ _settings = load_settings()
 
 bind = os.environ.get("HYBRIDSERVE_BIND", f"{_settings['serving.host']}:{_settings['serving.port']}")
 workers = _settings["serving.workers"]
-worker_class = "sync"
+worker_class = _settings["serving.worker_class"]
+threads = _settings["serving.threads"]
+keepalive = _settings["serving.keepalive_s"]
+# gunicorn then binds a socket in each worker (SO_REUSEPORT) and the kernel spreads new connections.
+reuse_port = worker_class == "gthread"
 timeout = 30
 graceful_timeout = 10
 accesslog = None
@@ -25,6 +34,8 @@ limit_request_line = 8190
 
 
 def on_starting(server):
+    if reuse_port:
+        _refuse_taken_ports(server.cfg.address)
     # Prometheus multiprocess mode: one fresh directory per server, set before workers import the client.
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
@@ -32,6 +43,22 @@ def on_starting(server):
         os.makedirs(path, exist_ok=True)
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="hybridserve-metrics-")
+
+
+def _refuse_taken_ports(addresses) -> None:
+    """With SO_REUSEPORT a second server of the same user would share a taken port silently (the kernel
+    splitting connections between the two): refuse to start instead, as a plain bind would."""
+    for addr in addresses:
+        if not isinstance(addr, tuple):  # a unix socket path or a file descriptor
+            continue
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+            try:
+                probe.bind(addr[:2])
+            except OSError as exc:
+                raise SystemExit(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror} "
+                                 "(serving.host / serving.port, or HYBRIDSERVE_BIND)") from None
 
 
 def post_worker_init(worker):

@@ -1,7 +1,12 @@
-"""The API in a real gunicorn process (sync workers, multiprocess metrics), on a free port."""
+"""The API in a real gunicorn process (gthread and sync workers, multiprocess metrics), on a free port."""
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -46,6 +51,73 @@ def test_main_endpoints_through_gunicorn(server):
                 if x.startswith('hybridserve_requests_total{endpoint="similar_items",source="precomputed",status="200"}'))
     assert float(line.split()[-1]) == 21.0
     assert "hybridserve_snapshot_age_seconds" in text
+
+
+def _established_per_worker(server_pid: int, port: int) -> dict[int, int]:
+    """Established TCP connections on ``port`` held by each gunicorn worker (from /proc)."""
+    kids = [int(x) for x in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+    owner = {}
+    for pid in kids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[int(target[8:-1])] = pid
+    counts = dict.fromkeys(kids, 0)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            local_port, state, inode = int(f[1].rsplit(":", 1)[1], 16), f[3], int(f[9])
+            if local_port == port and state == "01" and inode in owner:  # 01: ESTABLISHED
+                counts[owner[inode]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "sync"])
+def test_keep_alive_connections_reach_every_worker(workspace, worker_class):
+    """gthread workers keep a client's connection open across requests, and each binds its own socket
+    (reuse_port), so the kernel spreads connections over the workers; sync workers close after each."""
+    root, settings, cfg, first = workspace
+    sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
+    path = f"/v1/items/{sim.item_id.iloc[0]}/similar?k=3"
+    with GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_WORKER_CLASS": worker_class}, workers=2) as srv:
+        conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(16)]
+        try:
+            socks = []
+            for round_ in range(3):  # every connection has a request in flight before any answer is read
+                for conn in conns:
+                    conn.request("GET", path)
+                for conn in conns:
+                    resp = conn.getresponse()
+                    assert resp.status == 200 and json.loads(resp.read())["source"] == "precomputed"
+                    assert (resp.getheader("Connection") == "close") == (worker_class == "sync")
+                    if round_ == 2:
+                        socks.append(conn.sock)
+            if worker_class == "sync":
+                assert socks == [None] * 16  # http.client dropped each closed connection
+                return
+            assert all(s is not None for s in socks)
+            held = _established_per_worker(srv.proc.pid, srv.port)
+            assert sum(held.values()) == 16 and len(held) == 2
+            # 16 connections hashed over two sockets: all on one worker has odds 2 in 65,536.
+            assert min(held.values()) >= 1, held
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def test_a_second_server_on_a_taken_port_refuses_to_start(server):
+    """SO_REUSEPORT would let it share the port with the first, splitting its traffic, without a word."""
+    srv = server[0]
+    env = dict(srv.env, HYBRIDSERVE_BIND=f"127.0.0.1:{srv.port}")
+    second = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:serving.gunicorn_conf",
+                             "serving.app:create_app()"], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{srv.port}: Address already in use" in second.stderr
+    assert get(f"{srv.base}/healthz")[0] == 200
 
 
 def test_hot_reload_and_request_log_flush_on_shutdown(server):

@@ -85,7 +85,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     live_users = [f"/v1/users/{u}/recommendations?k=10" for u in rng.choice(bundle.user_ids, 5000)]
     workers = settings["serving.workers"]
     result: dict = {"items": bundle.n_items, "users": bundle.n_users, "index": bundle.meta["index"],
-                    "snapshot": sid, "workers": workers, "worker_class": "sync", "loadgen": loadgen,
+                    "snapshot": sid, "workers": workers, "worker_class": settings["serving.worker_class"], "loadgen": loadgen,
                     "k": 10, "seconds_per_run": seconds, "rounds": rounds,
                     "method": "hybrid and minimal servers run side by side; short runs alternate; medians"}
 
@@ -144,7 +144,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     print(f"{'precomputed hit, CORS off':34}{result['hybrid_no_cors_16']['requests_per_s']:12.0f}")
     print(f"hit path / minimal route requests/s: {result['hit_vs_minimal_rps']:.2f} (target >= 0.8); "
           f"with CORS off {result['hit_no_cors_vs_minimal_rps']:.2f}; "
-          f"{result['items']:,} items, index {result['index']}, {workers} sync workers, {loadgen}")
+          f"{result['items']:,} items, index {result['index']}, {workers} {result['worker_class']} workers, {loadgen}")
     write_result("api_latency", result, out_dir)
     return result
 
