@@ -39,8 +39,11 @@ def test_api_benchmark_small(tmp_path):
 def test_serving_modes_benchmark_small(tmp_path):
     import bench_modes
     r = bench_modes.run(items=600, users=200, interactions=6000, requests=400, concurrency=4, loadgen="python",
-                        workdir=tmp_path / "work", out_dir=tmp_path, ceiling_seconds=1.0)
+                        workdir=tmp_path / "work", out_dir=tmp_path, ceiling_seconds=1.0, rounds=2)
     assert set(r["modes"]) == {"live-only", "ttl-cache", "hybrid"}
+    for m in r["modes"].values():  # each mode replayed twice, reported by a round it ran
+        assert len(m["rounds_requests_per_s"]) == 2 and m["requests_per_s"] in m["rounds_requests_per_s"]
+    assert len(r["hybrid_vs_live_only_rps_per_round"]) == 2
     for mode, m in r["modes"].items():
         assert m["answered"] == 400 and m["errors"] == 0, mode
         assert m["requests_per_s"] > 0 and m["app_latency_ms"]["p50"] <= m["app_latency_ms"]["p99"]
