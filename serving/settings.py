@@ -8,7 +8,6 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from serving.errors import ConfigError
