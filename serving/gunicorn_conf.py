@@ -1,14 +1,16 @@
 """gunicorn settings from the project's config: `gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'`.
 
 Worker type (`serving.worker_class`), measured side by side on the serving-modes trace (2 workers,
-16 wrk connections, three alternating replays each, medians of the client's rate): gthread workers
-with one request thread and keep-alive did the hybrid trace at 4,520 req/s against 3,603 for sync
-workers, and live-only at 1,007 against 995; two request threads per worker lost the gain (3,545,
-GIL contention), and gunicorn's tornado worker was no faster than gthread on hits. A sync worker
-connects, closes and lingers per request (~40% of its time waiting for the client's FIN). gthread
-needs one listening socket per worker (``reuse_port``): with a shared socket, one worker accepted
-every keep-alive connection of a load test. Each worker loads the snapshot itself (memory-mapped
-arrays are shared through the page cache).
+16 wrk connections, alternating replays, throughput from the request log): the loop worker
+(`serving/worker.py`) did the hybrid trace at 6,442 and 5,496 req/s against 4,945 and 4,137 for
+gthread with one request thread, and live-only at 1,209 and 1,120 against 925 and 1,022; on steady
+hits it spent 212-250 us of worker CPU per request against 251-413 us. Earlier, with client-timed
+replays: gthread 4,520 req/s against 3,603 for sync workers; two request threads per gthread worker
+lost the gain (3,545, GIL contention), and gunicorn's tornado worker was no faster than gthread on
+hits. A sync worker connects, closes and lingers per request (~40% of its time waiting for the
+client's FIN). loop and gthread need one listening socket per worker (``reuse_port``): with a shared
+socket, one worker accepted every keep-alive connection of a load test. Each worker loads the
+snapshot itself (memory-mapped arrays are shared through the page cache).
 """
 import gc
 import os
@@ -22,11 +24,12 @@ _settings = load_settings()
 
 bind = os.environ.get("HYBRIDSERVE_BIND", f"{_settings['serving.host']}:{_settings['serving.port']}")
 workers = _settings["serving.workers"]
-worker_class = _settings["serving.worker_class"]
-threads = _settings["serving.threads"]
+worker_class = {"loop": "serving.worker.LoopWorker"}.get(_settings["serving.worker_class"],
+                                                         _settings["serving.worker_class"])
+threads = 1 if _settings["serving.worker_class"] == "loop" else _settings["serving.threads"]
 keepalive = _settings["serving.keepalive_s"]
 # gunicorn then binds a socket in each worker (SO_REUSEPORT) and the kernel spreads new connections.
-reuse_port = worker_class == "gthread"
+reuse_port = _settings["serving.worker_class"] in ("loop", "gthread")
 timeout = 30
 graceful_timeout = 10
 accesslog = None
@@ -59,6 +62,10 @@ def _refuse_taken_ports(addresses) -> None:
             except OSError as exc:
                 raise SystemExit(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror} "
                                  "(serving.host / serving.port, or HYBRIDSERVE_BIND)") from None
+
+
+def post_fork(server, worker):
+    worker.client_timeout = _settings["serving.client_timeout_s"]  # read by serving.worker.LoopWorker
 
 
 def post_worker_init(worker):

@@ -84,12 +84,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),
     Setting("serving", "workers", 2, "gunicorn worker processes (make serve)", minimum=1),
-    Setting("serving", "worker_class", "gthread",
-            "gunicorn worker type: gthread keeps connections alive, each worker on its own listening socket "
-            "(SO_REUSEPORT); sync opens and closes a connection per request (for a buffering proxy in front)",
-            choices=("gthread", "sync")),
+    Setting("serving", "worker_class", "loop",
+            "gunicorn worker type: loop (serving/worker.py) keeps connections alive and handles each request in the "
+            "worker's one thread; gthread hands requests to request threads; both bind a listening socket per worker "
+            "(SO_REUSEPORT). sync opens and closes a connection per request (for a buffering proxy in front)",
+            choices=("loop", "gthread", "sync")),
     Setting("serving", "threads", 1, "Request threads per gthread worker (more overlap slow clients, but add GIL contention)", minimum=1),
-    Setting("serving", "keepalive_s", 5, "Seconds a gthread worker keeps an idle client connection open", minimum=0),
+    Setting("serving", "keepalive_s", 5, "Seconds a loop or gthread worker keeps an idle client connection open", minimum=0),
+    Setting("serving", "client_timeout_s", 5.0, "Seconds a loop worker waits on a client that stalls mid-request or stops "
+            "reading its answer before dropping the connection", minimum=0.1),
     Setting("serving", "mode", "hybrid", "hybrid: snapshot, then cache, then live; ttl-cache: cache then live (no snapshot answers); live-only: every request computed live",
             choices=("hybrid", "ttl-cache", "live-only")),
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),

@@ -1,9 +1,10 @@
-"""The API in a real gunicorn process (gthread and sync workers, multiprocess metrics), on a free port."""
+"""The API in a real gunicorn process (loop, gthread and sync workers, multiprocess metrics), on a free port."""
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +76,10 @@ def _established_per_worker(server_pid: int, port: int) -> dict[int, int]:
     return counts
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "sync"])
+@pytest.mark.parametrize("worker_class", ["loop", "gthread", "sync"])
 def test_keep_alive_connections_reach_every_worker(workspace, worker_class):
-    """gthread workers keep a client's connection open across requests, and each binds its own socket
-    (reuse_port), so the kernel spreads connections over the workers; sync workers close after each."""
+    """loop and gthread workers keep a client's connection open across requests, and each binds its own
+    socket (reuse_port), so the kernel spreads connections over the workers; sync workers close after each."""
     root, settings, cfg, first = workspace
     sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
     path = f"/v1/items/{sim.item_id.iloc[0]}/similar?k=3"
@@ -106,6 +107,83 @@ def test_keep_alive_connections_reach_every_worker(workspace, worker_class):
         finally:
             for conn in conns:
                 conn.close()
+
+
+def _similar_path(workspace, k: int = 3) -> str:
+    root, settings, cfg, first = workspace
+    sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
+    return f"/v1/items/{sim.item_id.iloc[0]}/similar?k={k}"
+
+
+def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """(head, body, what the socket had beyond this response) for one Content-Length response."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {buf!r}"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        rest += chunk
+    return head, rest[:length], rest[length:]
+
+
+def _worker_pids(srv) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
+
+
+def test_loop_worker_sends_each_answer_in_one_segment_and_serves_pipelined_requests(workspace):
+    """gunicorn writes headers and body in two sends; the loop worker corks them into one, so a client's
+    first read holds the whole answer (with gthread, 2 to 34 of 200 first reads held only the headers)."""
+    root, settings, cfg, first = workspace
+    path = _similar_path(workspace)
+    request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
+    with GunicornServer(cfg, workers=1) as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        whole = 0
+        for _ in range(500):
+            sock.sendall(request)
+            first_read = sock.recv(65536)
+            head, body, extra = _read_response(sock, first_read)
+            assert head.startswith(b"HTTP/1.1 200") and extra == b""
+            assert json.loads(body)["source"] == "precomputed"
+            whole += len(first_read) == len(head) + 4 + len(body)
+        assert whole == 500
+        # Three pipelined requests in one send: three answers, in order, on the same connection.
+        sock.sendall(request + f"GET /v1/snapshot HTTP/1.1\r\nHost: test\r\n\r\n".encode() + request)
+        head1, body1, rest = _read_response(sock)
+        head2, body2, rest = _read_response(sock, rest)
+        head3, body3, rest = _read_response(sock, rest)
+        assert rest == b"" and json.loads(body1)["source"] == json.loads(body3)["source"] == "precomputed"
+        assert json.loads(body1)["items"] == json.loads(body3)["items"]
+        assert json.loads(body2)["id"] == first.snapshot_id
+
+
+def test_loop_worker_is_not_held_by_idle_or_stalled_clients(workspace):
+    """One worker, one thread: a connection that sends nothing waits on the poller, and one that stops
+    mid-request is dropped after serving.client_timeout_s; other clients are answered meanwhile, by the
+    same worker (gunicorn would otherwise kill it at its 30 s worker timeout)."""
+    root, settings, cfg, first = workspace
+    path = _similar_path(workspace)
+    env = {"HYBRIDSERVE_SERVING_CLIENT_TIMEOUT_S": "1", "HYBRIDSERVE_SERVING_KEEPALIVE_S": "30"}
+    with GunicornServer(cfg, env=env, workers=1) as srv:
+        pids = _worker_pids(srv)
+        idle = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
+        stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
+        try:
+            stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: te")  # and nothing more
+            for _ in range(3):  # each on a new connection, while both are open
+                status, _, body = get(f"{srv.base}{path}", timeout=3)
+                assert status == 200 and json.loads(body)["source"] == "precomputed"
+            assert stalled.recv(100) == b""  # the worker closed it (a timeout here raises)
+            idle.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            head, body, _ = _read_response(idle)  # the idle connection is still served when it speaks
+            assert head.startswith(b"HTTP/1.1 200")
+            assert _worker_pids(srv) == pids
+        finally:
+            idle.close()
+            stalled.close()
 
 
 def test_a_second_server_on_a_taken_port_refuses_to_start(server):
