@@ -98,7 +98,7 @@ def main(quick: bool = False) -> None:
         return
     bench_batch.run(1_000_000, 64, "auto")
     bench_api.run()
-    bench_modes.run()
+    bench_modes.run(rounds=5)  # the main comparison: five rounds, as the hybrid replay is the noisiest figure
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_snapshot.run()
