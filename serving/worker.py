@@ -39,7 +39,7 @@ class _ClientSocket(socket.socket):
 
     Non-blocking for the kernel, so the poller can watch it; waiting at most ``client_timeout`` for
     the worker. gthread switches a socket to blocking for each request and back for the poller
-    (three fcntl pairs per request); here those switches are no-ops. A client that times out ends
+    (an ioctl each way); here those switches are no-ops. A client that times out ends
     quietly: one warning line, then gunicorn's own handling of a client that went away, instead of a
     traceback per stalled client.
     """
