@@ -23,6 +23,8 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 # Replays a trace once, in order: thread t sends paths t, t + T, t + 2T, ... then only /healthz until
 # the driver interrupts wrk (stopping a thread would abort its other connections' requests in flight).
+# wrk calls request() once on the first thread's script before any connection opens, to check what it
+# returns; that call sends nothing, so it must not use up a path (the trace's first request was lost).
 _REPLAY_LUA = """
 local paths = {}
 for line in io.lines("%s") do paths[#paths + 1] = line end
@@ -30,7 +32,12 @@ local nthreads = %d
 local seq = 0
 function setup(thread) thread:set("tid", seq); seq = seq + 1 end
 local counter = 0
+local checked = false
 function request()
+  if tid == 0 and not checked then
+    checked = true
+    return wrk.format("GET", paths[1])
+  end
   local i = tid + counter * nthreads + 1
   counter = counter + 1
   if i > #paths then
