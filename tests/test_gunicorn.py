@@ -186,6 +186,40 @@ def test_loop_worker_is_not_held_by_idle_or_stalled_clients(workspace):
             stalled.close()
 
 
+def test_loop_worker_drops_a_client_that_stops_reading(workspace):
+    """A client that pipelines requests and never reads the answers fills the socket buffers; the one
+    worker's send then waits serving.client_timeout_s at most, drops that client, and serves others."""
+    root, settings, cfg, first = workspace
+    path = _similar_path(workspace)
+    big = _similar_path(workspace, k=settings["serving.k_limit"])  # computed live once, then cached
+    env = {"HYBRIDSERVE_SERVING_CLIENT_TIMEOUT_S": "1"}
+    with GunicornServer(cfg, env=env, workers=1) as srv:
+        pids = _worker_pids(srv)
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        hog.settimeout(20)
+        hog.connect(("127.0.0.1", srv.port))
+        try:
+            # Tens of KB per answer: 300 of them are far more than the kernel buffers between the two.
+            hog.sendall(f"GET {big} HTTP/1.1\r\nHost: test\r\n\r\n".encode() * 300)
+            for _ in range(3):
+                status, _, body = get(f"{srv.base}{path}", timeout=10)
+                assert status == 200 and json.loads(body)["source"] == "precomputed"
+            assert _worker_pids(srv) == pids
+            received = b""
+            while True:  # what reached the hog before it was dropped, then the end of the connection
+                try:
+                    chunk = hog.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            assert 0 < received.count(b"HTTP/1.1 200 OK") < 300
+        finally:
+            hog.close()
+
+
 def test_a_second_server_on_a_taken_port_refuses_to_start(server):
     """SO_REUSEPORT would let it share the port with the first, splitting its traffic, without a word."""
     srv = server[0]
