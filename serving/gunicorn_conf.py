@@ -24,12 +24,12 @@ _settings = load_settings()
 
 bind = os.environ.get("HYBRIDSERVE_BIND", f"{_settings['serving.host']}:{_settings['serving.port']}")
 workers = _settings["serving.workers"]
-worker_class = {"loop": "serving.worker.LoopWorker"}.get(_settings["serving.worker_class"],
-                                                         _settings["serving.worker_class"])
-threads = 1 if _settings["serving.worker_class"] == "loop" else _settings["serving.threads"]
+_kind = _settings["serving.worker_class"]
+worker_class = "serving.worker.LoopWorker" if _kind == "loop" else _kind
+threads = 1 if _kind == "loop" else _settings["serving.threads"]
 keepalive = _settings["serving.keepalive_s"]
 # gunicorn then binds a socket in each worker (SO_REUSEPORT) and the kernel spreads new connections.
-reuse_port = _settings["serving.worker_class"] in ("loop", "gthread")
+reuse_port = _kind in ("loop", "gthread")
 timeout = 30
 graceful_timeout = 10
 accesslog = None

@@ -54,9 +54,20 @@ def test_main_endpoints_through_gunicorn(server):
     assert "hybridserve_snapshot_age_seconds" in text
 
 
+def _similar_path(workspace, k: int = 3) -> str:
+    """Similar items of the first item the snapshot precomputed."""
+    root, settings, cfg, first = workspace
+    sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
+    return f"/v1/items/{sim.item_id.iloc[0]}/similar?k={k}"
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    return [int(x) for x in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+
+
 def _established_per_worker(server_pid: int, port: int) -> dict[int, int]:
     """Established TCP connections on ``port`` held by each gunicorn worker (from /proc)."""
-    kids = [int(x) for x in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+    kids = _worker_pids(server_pid)
     owner = {}
     for pid in kids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -81,8 +92,7 @@ def test_keep_alive_connections_reach_every_worker(workspace, worker_class):
     """loop and gthread workers keep a client's connection open across requests, and each binds its own
     socket (reuse_port), so the kernel spreads connections over the workers; sync workers close after each."""
     root, settings, cfg, first = workspace
-    sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
-    path = f"/v1/items/{sim.item_id.iloc[0]}/similar?k=3"
+    path = _similar_path(workspace)
     with GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_WORKER_CLASS": worker_class}, workers=2) as srv:
         conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(16)]
         try:
@@ -109,12 +119,6 @@ def test_keep_alive_connections_reach_every_worker(workspace, worker_class):
                 conn.close()
 
 
-def _similar_path(workspace, k: int = 3) -> str:
-    root, settings, cfg, first = workspace
-    sim = Store(settings["paths.store"]).read_table(first.snapshot_id, "similar_items").to_pandas()
-    return f"/v1/items/{sim.item_id.iloc[0]}/similar?k={k}"
-
-
 def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
     """(head, body, what the socket had beyond this response) for one Content-Length response."""
     while b"\r\n\r\n" not in buf:
@@ -128,10 +132,6 @@ def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes,
         assert chunk, "connection closed mid-body"
         rest += chunk
     return head, rest[:length], rest[length:]
-
-
-def _worker_pids(srv) -> list[int]:
-    return [int(x) for x in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
 
 
 def test_loop_worker_sends_each_answer_in_one_segment_and_serves_pipelined_requests(workspace):
@@ -168,7 +168,7 @@ def test_loop_worker_is_not_held_by_idle_or_stalled_clients(workspace):
     path = _similar_path(workspace)
     env = {"HYBRIDSERVE_SERVING_CLIENT_TIMEOUT_S": "1", "HYBRIDSERVE_SERVING_KEEPALIVE_S": "30"}
     with GunicornServer(cfg, env=env, workers=1) as srv:
-        pids = _worker_pids(srv)
+        pids = _worker_pids(srv.proc.pid)
         idle = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
         stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
         try:
@@ -180,7 +180,7 @@ def test_loop_worker_is_not_held_by_idle_or_stalled_clients(workspace):
             idle.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
             head, body, _ = _read_response(idle)  # the idle connection is still served when it speaks
             assert head.startswith(b"HTTP/1.1 200")
-            assert _worker_pids(srv) == pids
+            assert _worker_pids(srv.proc.pid) == pids
         finally:
             idle.close()
             stalled.close()
@@ -194,7 +194,7 @@ def test_loop_worker_drops_a_client_that_stops_reading(workspace):
     big = _similar_path(workspace, k=settings["serving.k_limit"])  # computed live once, then cached
     env = {"HYBRIDSERVE_SERVING_CLIENT_TIMEOUT_S": "1"}
     with GunicornServer(cfg, env=env, workers=1) as srv:
-        pids = _worker_pids(srv)
+        pids = _worker_pids(srv.proc.pid)
         hog = socket.socket()
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
         hog.settimeout(20)
@@ -205,7 +205,7 @@ def test_loop_worker_drops_a_client_that_stops_reading(workspace):
             for _ in range(3):
                 status, _, body = get(f"{srv.base}{path}", timeout=10)
                 assert status == 200 and json.loads(body)["source"] == "precomputed"
-            assert _worker_pids(srv) == pids
+            assert _worker_pids(srv.proc.pid) == pids
             received = b""
             while True:  # what reached the hog before it was dropped, then the end of the connection
                 try:
