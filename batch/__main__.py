@@ -105,6 +105,39 @@ def _print_evaluation(ev: dict) -> None:
 
 
 @cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON here (default: <paths.store>/evaluation.json).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 20), help="Folds of the RMSE protocol.")
+@click.pass_obj
+def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
+    """Score the recommender and the rating model on paths.inputs against baselines (both protocols)."""
+    from batch.catalog import format_table
+    from batch.evaluate import evaluate as run_evaluation
+    from batch.evaluate import table_rows
+    from batch.inputs import load_inputs
+    from batch.job import supplied_vectors
+    s = obj.settings
+    inputs = load_inputs(Path(s["paths.inputs"]), s["train.rating_min"], s["train.rating_max"])
+    report = run_evaluation(inputs.interactions, inputs.items, s, supplied_vectors(inputs, s), folds)
+    report["inputs"] = str(inputs.folder)
+    path = Path(out) if out else Path(s["paths.store"]) / "evaluation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    rk = report["ranking"]
+    click.echo(f"{report['interactions']:,} interactions, {report['users']:,} users, {report['items']:,} items "
+               f"({inputs.folder})")
+    click.echo(f"ranking: {rk['protocol']}; {rk['users']:,} users scored")
+    click.echo(f"rating: {report['rating']['protocol']}")
+    click.echo(format_table(*table_rows(report)))
+    sim = report["similar_items"]
+    click.echo(f"similar items: {sim['rare_neighbours']} of {sim['neighbours']} top-{10} neighbours of "
+               + ", ".join(r["title"] for r in sim["items"]) + f" have fewer than {sim['rare_below']} ratings")
+    click.echo(f"report: {path}")
+
+
+@cli.command()
 @click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged.")
 @click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop.")
 @click.pass_obj

@@ -14,8 +14,8 @@ ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 
 SMALL = {
     "sample": {"users": 300, "items": 400, "interactions": 12_000, "genres": 6, "days": 60, "seed": 7},
-    "train": {"dim": 16, "model_iterations": 30, "eval_users": 200},
-    "batch": {"k_max": 20, "candidates": 40, "batch_size": 64, "keep": 3, "validate_sample": 50,
+    "train": {"dim": 16, "rating_dim": 8, "eval_users": 200},
+    "batch": {"k_max": 20, "batch_size": 64, "keep": 3, "validate_sample": 50,
               "pairs_per_user": 5, "threads": 1},
 }
 
