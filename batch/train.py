@@ -203,11 +203,10 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
         user_vecs[np.searchsorted(user_ids, user_v.ids)] = given
 
     rating = fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings)
-    built: dict[str, Any] = {}
-
     def builder(group_vecs):
-        index, built["params"] = build_index(group_vecs, index_spec(len(group_vecs), settings), settings, seed)
-        return index
+        spec = index_spec(len(group_vecs), settings)
+        index, params = build_index(group_vecs, spec, settings, seed)
+        return index, {"index": spec, "search_params": params}
 
     lo, hi = rating_range or (float(ratings.min()), float(ratings.max()))
     meta = {"dim": int(item_vecs.shape[1]), "metric": metric, "vectors": source,
@@ -218,7 +217,6 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
     bundle = ModelBundle.from_vectors(item_ids, item_vecs, builder, user_ids=user_ids, user_vecs=user_vecs,
                                       item_support=item_support, seen_indptr=seen_indptr, seen_items=seen_items,
                                       rating=rating, meta=meta)
-    bundle.meta.update(index=index_spec(bundle.n_groups, settings), search_params=built["params"])
     return bundle
 
 

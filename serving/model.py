@@ -83,7 +83,8 @@ class ModelBundle:
         self._group_rep = np.asarray(self.group_items[self.group_indptr[:-1]], dtype=np.int64)
         self.max_group = int(self._group_size.max()) if len(self._group_size) else 0
         if self.search is None:
-            self.search = lambda q, k, params=None: self.index.search(q, k, params=params)
+            index = self.index  # not self: a closure over self would be a reference cycle
+            self.search = lambda q, k, params=None: index.search(q, k, params=params)
         # Similar items only among items with enough support: a FAISS selector over the groups
         # (groups never mix eligible and ineligible items), so the cut is exact inside the search.
         eligible = self.item_support[self._group_rep] >= self.min_support
@@ -285,13 +286,15 @@ class ModelBundle:
         return cls(**arrays, index=index, meta=meta)
 
     @classmethod
-    def from_vectors(cls, item_ids: np.ndarray, item_vecs: np.ndarray, index_builder: Callable[[np.ndarray], Any],
+    def from_vectors(cls, item_ids: np.ndarray, item_vecs: np.ndarray,
+                     index_builder: Callable[[np.ndarray], tuple[Any, dict[str, Any]]],
                      user_ids: np.ndarray | None = None, user_vecs: np.ndarray | None = None,
                      item_support: np.ndarray | None = None, seen_indptr: np.ndarray | None = None,
                      seen_items: np.ndarray | None = None, rating: dict[str, np.ndarray] | None = None,
                      meta: dict[str, Any] | None = None) -> "ModelBundle":
         """A bundle from vectors: tie groups computed, the index built over one vector per group by
-        ``index_builder((G, d) float32) -> FAISS index``. Missing parts default to empty / zero."""
+        ``index_builder((G, d) float32) -> (FAISS index, meta entries such as "index" and
+        "search_params")``. Missing parts default to empty / zero."""
         meta = dict(meta or {})
         meta.setdefault("metric", "ip")
         meta.setdefault("rating", {"global_mean": 0.0, "blend": [0.0, 1.0, 1.0]})
@@ -304,7 +307,8 @@ class ModelBundle:
         rating = rating or {}
         eligible = item_support >= int(meta.get("min_support", 0))
         group_of, group_indptr, group_items = tie_groups(item_vecs, eligible)
-        index = index_builder(np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]]))
+        index, index_meta = index_builder(np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]]))
+        meta.update(index_meta)
         return cls(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,
                    item_support=np.asarray(item_support, np.int64), seen_indptr=seen_indptr, seen_items=seen_items,
                    group_of=group_of, group_indptr=group_indptr, group_items=group_items,
