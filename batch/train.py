@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 from sklearn.utils.extmath import randomized_svd
+from threadpoolctl import threadpool_limits
 
 from batch.embeddings import Vectors
 from serving.errors import ConfigError, InputError
@@ -104,33 +105,38 @@ def fit_biases(uidx, iidx, ratings, n_users, n_items, reg, iterations=10):
     return mu, bu, bi
 
 
-def _ridge_rows(rows, cols, y, design, reg, n_rows):
+def _ridge_rows(rows, cols, y, design, reg, n_rows, block: int = 4096):
     """For every row r: argmin_x sum_j (y_j - design[cols_j] . x)^2 + reg * n_r * |x|^2 (ALS-WR).
 
-    (nnz,) rows, cols, targets and (p, f) design -> (n_rows, f). Normal equations are built per
-    block of rows with a sparse product, so memory stays bounded on large data."""
+    (nnz,) rows, cols, targets and (p, f) design -> (n_rows, f). Each row's normal equations are one
+    small BLAS product; they are solved a block of rows at a time, so memory stays bounded."""
     f = design.shape[1]
     order = np.argsort(rows, kind="stable")
-    rows, cols, y = rows[order], cols[order], y[order]
+    cols, y = cols[order], np.asarray(y, np.float64)[order]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    design = np.asarray(design, np.float64)
     out = np.zeros((n_rows, f))
     eye = np.eye(f)
-    budget = max(1, (1 << 23) // (f * f))  # entries per block: ~64 MB of outer products
-    start = 0
-    while start < n_rows:
-        stop = int(np.searchsorted(indptr, indptr[start] + budget, side="right")) - 1
-        stop = min(n_rows, max(stop, start + 1))
-        lo, hi = indptr[start], indptr[stop]
-        d = design[cols[lo:hi]]
-        local = rows[lo:hi] - start
-        pick = sparse.csr_matrix((np.ones(hi - lo), (local, np.arange(hi - lo))), shape=(stop - start, hi - lo))
-        a = np.asarray(pick @ (d[:, :, None] * d[:, None, :]).reshape(hi - lo, f * f)).reshape(-1, f, f)
-        b = np.asarray(pick @ (d * y[lo:hi, None]))
+    # thousands of tiny products: a multi-threaded BLAS spends longer waking threads than computing
+    with threadpool_limits(1, user_api="blas"):
+        _ridge_blocks(indptr, cols, y, design, reg, eye, out, block)
+    return out
+
+
+def _ridge_blocks(indptr, cols, y, design, reg, eye, out, block):
+    n_rows, f = out.shape
+    for start in range(0, n_rows, block):
+        stop = min(n_rows, start + block)
+        a = np.empty((stop - start, f, f))
+        b = np.empty((stop - start, f))
+        for r in range(start, stop):
+            lo, hi = indptr[r], indptr[r + 1]
+            d = design[cols[lo:hi]]
+            a[r - start] = d.T @ d
+            b[r - start] = y[lo:hi] @ d
         cnt = np.diff(indptr[start:stop + 1])
         a += (reg * np.maximum(cnt, 1))[:, None, None] * eye
         out[start:stop] = np.linalg.solve(a, b[..., None])[..., 0]
-        start = stop
-    return out
 
 
 def fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings: Settings) -> dict[str, Any]:
