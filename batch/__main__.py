@@ -96,12 +96,13 @@ def train(obj: _Ctx) -> None:
 
 
 def _print_evaluation(ev: dict) -> None:
-    if not ev:
+    if not ev or ev.get("recall_at_10") is None:
         return
-    click.echo(f"hold-out ({ev['test_rows_scored']:,} of {ev['test_rows']:,} ratings scored): "
-               f"RMSE model {ev['rmse_model']:.4f} vs item-mean {ev['rmse_item_mean']:.4f}; "
-               f"recall@10 model {ev['recall_at_10']:.4f} vs most-popular {ev['recall_at_10_popular']:.4f} "
-               f"({ev['eval_users']} users)")
+    rmse = (f"RMSE model {ev['rmse_model']:.4f} vs item-mean {ev['rmse_item_mean']:.4f}; "
+            if ev.get("rmse_model") is not None else "")
+    click.echo(f"hold-out ({ev['test_rows_scored']:,} of {ev['test_rows']:,} ratings scored): {rmse}"
+               f"recall@10 model {ev['recall_at_10']:.4f} vs most-popular {ev['recall_at_10_popular']:.4f}, "
+               f"NDCG@10 {ev['ndcg_at_10']:.4f} vs {ev['ndcg_at_10_popular']:.4f} ({ev['eval_users']} users)")
 
 
 @cli.command()
