@@ -316,6 +316,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
             sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
+            hint = popularity.historical_window_warning(sel.report["window"], started)
+            if hint:
+                LOG.warning("%s", hint)
         k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
         checkpoint("precompute")
         with stages("precompute"):
