@@ -124,8 +124,8 @@ def run(obj: _Ctx, retrain: bool, force: bool) -> None:
         click.echo(f"warning: {warning}", err=True)
     if not result.catalog_updated:
         # Exit 0 all the same: the snapshot is live; only the record of it is late.
-        click.echo(f"warning: catalog not updated ({result.catalog_error}): the snapshot is published; the run "
-                   f"record waits in pending-runs/ and the next run adds it", err=True)
+        click.echo(f"warning: catalog not updated ({result.catalog_error}): the snapshot is published; "
+                   f"the next run adds its record to the catalog", err=True)
 
 
 @cli.command()

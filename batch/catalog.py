@@ -115,7 +115,8 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
         pending = record_pending(store, run)
         recover_pending(store)
     except OSError as exc:
-        LOG.warning("run record not kept: %s: %s", exc.filename, exc.strerror)
+        LOG.warning("run record not kept in pending-runs: %s: %s", exc.filename, exc.strerror)
+    kept = f"run recorded in {pending}" if pending else "a published run's record is rebuilt from its manifest"
     ingested: list[Path] = []
     try:
         con = duckdb.connect(str(store.catalog_path))
@@ -123,7 +124,7 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
         why = str(exc).splitlines()[0]
         if "lock" in why.lower():
             why = f"{store.catalog_path} is held by another process"
-        LOG.warning("catalog not updated (%s); run recorded in %s, added by the next run", why, pending)
+        LOG.warning("catalog not updated (%s); %s by the next run", why, kept)
         return why
     try:
         con.execute(_RUNS_DDL)
@@ -135,6 +136,8 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
             if rec.get("status") == "locked":  # a run that never started: keep its own id distinct
                 run_id = f"{run_id}-locked-{path.stem.rsplit('-', 1)[-1]}"
             _insert(con, rec, run_id)
+        if pending is None:  # not kept on disk, but the catalog takes it
+            _insert(con, run, run["run_id"])
         known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
         manifests = {}
         for sid in store.snapshot_ids():
@@ -145,14 +148,13 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
         parents = {m.get("parent") for m in manifests.values()}
         for sid, m in manifests.items():
             if isinstance(m.get("run_id"), str) and m["run_id"] not in known:
-                LOG.warning("run %s published snapshot %s but left no record: rebuilt from its manifest",
-                            m["run_id"], sid)
+                LOG.warning("run %s left snapshot %s but no record: rebuilt from the manifest", m["run_id"], sid)
                 _insert(con, _from_manifest(store, sid, m, parents), m["run_id"])
         con.execute("COMMIT")
         _refresh_views(con, store)
     except (duckdb.Error, OSError) as exc:
         why = str(exc).splitlines()[0] if isinstance(exc, duckdb.Error) else f"{exc.filename}: {exc.strerror}"
-        LOG.warning("catalog not updated (%s); run recorded in %s, added by the next run", why, pending)
+        LOG.warning("catalog not updated (%s); %s by the next run", why, kept)
         return why
     finally:
         con.close()

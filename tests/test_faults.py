@@ -149,8 +149,7 @@ def test_full_disk_in_catalog_after_publish_exits_0_and_the_record_waits(workspa
     live = store.current_id()
     assert live != first.snapshot_id and f"published snapshot {live}" in out
     assert err == ("warning: catalog not updated (IO Error: Could not write file \"catalog.duckdb.wal\": No space "
-                   "left on device): the snapshot is published; the run record waits in pending-runs/ and the "
-                   "next run adds it\n")
+                   "left on device): the snapshot is published; the next run adds its record to the catalog\n")
     pending = list(store.pending_runs_dir.glob("*.json"))
     assert len(pending) == 1
     monkeypatch.undo()
@@ -293,3 +292,19 @@ def test_a_live_writers_pending_record_is_left_alone(workspace):
             other.wait(timeout=30)
     assert batch.catalog.recover_pending(store) == [f"{tmp.name}: incomplete, removed"]
     assert not tmp.exists()
+
+
+@needs_dev_full
+def test_pending_folder_full_but_catalog_writable_records_the_run_directly(workspace, monkeypatch):
+    root, settings, cfg, first = workspace
+    store = Store(settings["paths.store"])
+    real_write = batch.catalog.write_atomic
+
+    def write_atomic(path, data, before_replace=None):
+        os.symlink(DEV_FULL, path.with_name(path.name + ".tmp"))
+        return real_write(path, data, before_replace)
+    monkeypatch.setattr(batch.catalog, "write_atomic", write_atomic)
+    result = run(settings)
+    assert result.catalog_updated
+    (_, status, sid, error, stages), = _runs(store, f"run_id = '{result.run_id}'")
+    assert (status, sid, error) == ("published", result.snapshot_id, None) and "publish" in stages
