@@ -309,7 +309,7 @@ def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
     q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
     groups = bundle.group_vecs()
     k = min(k, len(groups))
-    _, approx = bundle.search(q, k)
+    _, approx = bundle.search_groups(q, k)
     _, exact = faiss.knn(q, groups, k, faiss.METRIC_INNER_PRODUCT)
     hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
     return hits / exact.size if exact.size else 1.0

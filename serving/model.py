@@ -119,6 +119,16 @@ class ModelBundle:
     def min_support(self) -> int:
         return int(self.meta.get("min_support", 0))
 
+    def search_groups(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of (n, d) float32 queries over the group vectors -> (scores, group indices) (n, k).
+
+        With meta["mips_pad"] the index holds each vector with one more coordinate,
+        sqrt(max_norm^2 - |v|^2), so that all have the same length and an IVF index clusters them
+        as well as unit vectors; queries get a 0 there, so every inner product is unchanged."""
+        if self.meta.get("mips_pad"):
+            q = np.ascontiguousarray(np.column_stack([q, np.zeros(len(q), np.float32)]), dtype=np.float32)
+        return self.search(q, k, params) if params is not None else self.search(q, k)
+
     def group_vecs(self) -> np.ndarray:
         """(G, d) float32: the vectors the FAISS index holds, one per tie group."""
         return np.ascontiguousarray(self.item_vecs[self._group_rep])
@@ -219,7 +229,7 @@ class ModelBundle:
         depth = min(self.n_groups, depth + _MARGIN)
         if n == 0 or depth == 0:
             return np.full((n, 0), -1, np.int64), np.full((n, 0), -np.inf, np.float32)
-        _, groups = self.search(q, depth, params) if params is not None else self.search(q, depth)
+        _, groups = self.search_groups(q, depth, params)
         groups = np.asarray(groups, dtype=np.int64)
         ok = groups >= 0
         scores = np.full(groups.shape, -np.inf, dtype=np.float32)
@@ -307,7 +317,11 @@ class ModelBundle:
         rating = rating or {}
         eligible = item_support >= int(meta.get("min_support", 0))
         group_of, group_indptr, group_items = tie_groups(item_vecs, eligible)
-        index, index_meta = index_builder(np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]]))
+        group_vecs = np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]], dtype=np.float32)
+        if meta["metric"] == "ip":
+            group_vecs = mips_pad(group_vecs)
+            meta["mips_pad"] = True
+        index, index_meta = index_builder(group_vecs)
         meta.update(index_meta)
         return cls(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,
                    item_support=np.asarray(item_support, np.int64), seen_indptr=seen_indptr, seen_items=seen_items,
@@ -339,6 +353,17 @@ def tie_groups(vecs: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.n
     members = np.lexsort((np.arange(m), group_of)).astype(np.int32)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=len(first)))]).astype(np.int64)
     return group_of, indptr, members
+
+
+def mips_pad(vecs: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, d+1) float32: each row extended by sqrt(max_norm^2 - |row|^2), so all rows have
+    the largest row's length. Inner products with queries padded by 0 are unchanged; the
+    maximum-inner-product search becomes a search among equal-length vectors, which clustering
+    indexes (IVF) handle as well as cosine (Bachrach et al., 2014)."""
+    vecs = np.asarray(vecs, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", vecs.astype(np.float64), vecs)
+    extra = np.sqrt(np.maximum(sq.max(initial=0.0) - sq, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.column_stack([vecs, extra]))
 
 
 def fold_in(item_vecs: np.ndarray, indptr: np.ndarray, items: np.ndarray, metric: str) -> np.ndarray:

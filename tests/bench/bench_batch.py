@@ -43,7 +43,8 @@ def item_only_bundle(vecs: np.ndarray, index, meta: dict | None = None) -> Model
         if len(group_vecs) != n:  # the index holds one row per distinct vector
             raise ValueError("item_only_bundle needs distinct vectors")
         return index, dict(meta or {})
-    return ModelBundle.from_vectors(np.arange(1, n + 1, dtype=np.int64), vecs, prebuilt)
+    # unit vectors (clustered() normalises): cosine, so the prebuilt index needs no padding coordinate
+    return ModelBundle.from_vectors(np.arange(1, n + 1, dtype=np.int64), vecs, prebuilt, meta={"metric": "cosine"})
 
 
 def run(items: int, dim: int, index: str, k: int = 10, recall_queries: int = 1000, out_dir=None) -> dict:
