@@ -33,7 +33,7 @@ TRAINING_KEYS = ("train.dim", "train.popularity_damping", "train.index", "train.
 
 
 # Bump when training code changes what it produces, so cached models are not reused across it.
-TRAINING_CODE_VERSION = 3
+TRAINING_CODE_VERSION = 4
 
 
 def training_key(fingerprint: str, settings: Settings) -> str:
