@@ -33,8 +33,9 @@ demo: install
 schedule: install
 	$(PY) -m batch --config $(CONFIG) schedule
 
+# granian (serving/server.py); --host/--port/--workers after ARGS=, e.g. make serve ARGS="--port 8080"
 serve: install
-	HYBRIDSERVE_CONFIG=$(CONFIG) $(PY) -m gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'
+	$(PY) -m serving.server --config $(CONFIG) $(ARGS)
 
 bench: install
 	@command -v wrk >/dev/null || apt-get install -y wrk || sudo apt-get install -y wrk
