@@ -89,8 +89,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "runtime_threads", 1, "Rust I/O threads per worker (parse HTTP, keep connections, write answers)", minimum=1),
     Setting("serving", "backpressure", 512, "Connections a worker serves at once; further ones wait in the listen backlog "
             "(each idle, slow or stalled client holds one, never a Python thread)", minimum=1),
-    Setting("serving", "header_read_timeout_s", 10.0, "A client that has not sent a whole request head this many seconds "
-            "after it started (or after its previous answer) is disconnected", minimum=0.001, maximum=60.0),
+    Setting("serving", "header_read_timeout_s", 10.0, "A client is disconnected when its request head is not complete this "
+            "many seconds after its first byte, or after its previous answer (so also an idle keep-alive connection)",
+            minimum=0.001, maximum=60.0),
     Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers; a "
             "larger one, or more than 100 headers, gets 431 from the server before the app", minimum=8192),
     Setting("serving", "keepalive", True, "Keep client connections open across requests (HTTP/1.1 keep-alive)"),
