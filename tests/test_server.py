@@ -25,8 +25,24 @@ from batch.demo import ApiServer, free_port, http_get as get
 from batch.job import run
 from serving.engine import Engine
 from serving.store import Store
+from conftest import make_settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, published):
+    """One server for the tests that only read (module scope: a server start costs seconds):
+    (server, store, first run, settings, its metrics directory, a workspace-like tuple)."""
+    src, _, first = published
+    root = tmp_path_factory.mktemp("shared-server")
+    shutil.copytree(src / "inputs", root / "inputs")
+    shutil.copytree(src / "store", root / "store", symlinks=True)
+    settings, cfg = make_settings(root)
+    prom = root / "prom"
+    srv = ApiServer(cfg, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(prom)}).start()
+    yield srv, Store(settings["paths.store"]), first, settings, prom, (root, settings, cfg, first)
+    srv.stop()
 
 
 @pytest.fixture
@@ -65,8 +81,8 @@ def _per_worker_requests(prom: Path) -> dict[int, float]:
     return out
 
 
-def test_endpoints_metrics_across_workers_and_the_listen_address(server, tmp_path):
-    srv, store, first, settings = server
+def test_endpoints_metrics_across_workers_and_the_listen_address(shared):
+    srv, store, first, settings, prom, _ = shared
     base, sid = srv.base, first.snapshot_id
     assert f"listening on http://127.0.0.1:{srv.port} (granian, 2 workers" in srv.log()
     sim = store.read_table(sid, "similar_items").to_pandas()
@@ -93,13 +109,13 @@ def test_endpoints_metrics_across_workers_and_the_listen_address(server, tmp_pat
                 if x.startswith('hybridserve_requests_total{endpoint="similar_items",source="precomputed",status="200"}'))
     assert float(line.split()[-1]) == 41.0
     assert "hybridserve_snapshot_age_seconds" in text
-    per_worker = _per_worker_requests(tmp_path / "prom")
+    per_worker = _per_worker_requests(prom)
     assert sorted(per_worker) == _worker_pids(srv.proc.pid)
     assert sum(per_worker.values()) == 41.0 and min(per_worker.values()) >= 1, per_worker  # all on one: odds 2^-40
 
 
-def test_every_worker_freezes_what_it_built(server):
-    srv = server[0]
+def test_every_worker_freezes_what_it_built(shared):
+    srv = shared[0]
     text = get(f"{srv.base}/metrics")[2].decode()
     frozen = {int(line.split('pid="')[1].split('"')[0]): float(line.split()[-1])
               for line in text.splitlines() if line.startswith("hybridserve_gc_frozen_objects{")}
@@ -214,9 +230,9 @@ def test_request_log_flushed_on_shutdown_with_no_row_lost(server, workspace, sig
     assert sum(len(c.statuses) for c in clients) >= 200
 
 
-def test_a_taken_port_is_refused_with_one_line(server):
+def test_a_taken_port_is_refused_with_one_line(shared):
     """granian binds with SO_REUSEPORT: without the check a second server would share the port silently."""
-    srv = server[0]
+    srv = shared[0]
     second = subprocess.run([sys.executable, "-m", "serving.server"], cwd=REPO, env=srv.env,
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 2
@@ -287,9 +303,9 @@ def _raw(port: int, data: bytes) -> bytes:
     return out
 
 
-def test_requests_rejected_before_the_app(server):
+def test_requests_rejected_before_the_app(shared):
     """What a client gets for a request granian refuses itself (docs/server.md pins the same)."""
-    srv, store, first, settings = server
+    srv, store, first, settings = shared[:4]
     for bad in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n"):
         out = _raw(srv.port, bad)
         assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close" in out, out
@@ -379,34 +395,33 @@ def test_a_client_that_stops_reading_holds_nothing(workspace):
             hog.close()
 
 
-def test_keep_alive_connections_reach_every_worker_and_pipelining(workspace):
+def test_keep_alive_connections_reach_every_worker_and_pipelining(shared):
     """Each worker binds its own socket (SO_REUSEPORT): the kernel spreads connections over workers;
     a client's connection stays open across requests, and pipelined requests are answered in order."""
-    root, settings, cfg, first = workspace
-    path = _similar_path(workspace)
-    with ApiServer(cfg, workers=2) as srv:
-        conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(16)]
-        try:
-            for _ in range(3):
-                for conn in conns:
-                    conn.request("GET", path)
-                for conn in conns:
-                    resp = conn.getresponse()
-                    assert resp.status == 200 and json.loads(resp.read())["source"] == "precomputed"
-            held = _established_per_worker(srv.proc.pid, srv.port)
-            assert sum(held.values()) == 16 and len(held) == 2
-            assert min(held.values()) >= 1, held  # all 16 on one worker: odds 2 in 65,536
-        finally:
+    srv, first = shared[0], shared[2]
+    path = _similar_path(shared[5])
+    conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(16)]
+    try:
+        for _ in range(3):
             for conn in conns:
-                conn.close()
-        request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
-        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-            sock.sendall(request + b"GET /v1/snapshot HTTP/1.1\r\nHost: test\r\n\r\n" + request)
-            head1, body1, rest = _read_response(sock)
-            head2, body2, rest = _read_response(sock, rest)
-            head3, body3, rest = _read_response(sock, rest)
-        assert rest == b"" and json.loads(body1)["items"] == json.loads(body3)["items"]
-        assert json.loads(body2)["id"] == first.snapshot_id
+                conn.request("GET", path)
+            for conn in conns:
+                resp = conn.getresponse()
+                assert resp.status == 200 and json.loads(resp.read())["source"] == "precomputed"
+        held = _established_per_worker(srv.proc.pid, srv.port)
+        assert sum(held.values()) == 16 and len(held) == 2
+        assert min(held.values()) >= 1, held  # all 16 on one worker: odds 2 in 65,536
+    finally:
+        for conn in conns:
+            conn.close()
+    request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(request + b"GET /v1/snapshot HTTP/1.1\r\nHost: test\r\n\r\n" + request)
+        head1, body1, rest = _read_response(sock)
+        head2, body2, rest = _read_response(sock, rest)
+        head3, body3, rest = _read_response(sock, rest)
+    assert rest == b"" and json.loads(body1)["items"] == json.loads(body3)["items"]
+    assert json.loads(body2)["id"] == first.snapshot_id
 
 
 def _established_per_worker(server_pid: int, port: int) -> dict[int, int]:
