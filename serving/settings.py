@@ -19,7 +19,6 @@ ENV_PREFIX = "HYBRIDSERVE_"
 # HYBRIDSERVE_* variable is a typo and refused, like an unknown key in a config file.
 ENV_NOT_SETTINGS = frozenset({
     ENV_FILE,               # the config file to read
-    "HYBRIDSERVE_BIND",     # gunicorn's bind address (serving/gunicorn_conf.py), overrides serving.host/port
 })
 
 

@@ -167,7 +167,7 @@ def start_fastapi(cfg: Path, redis_url: str, workers: int) -> Proc:
 def start_loop_worker(cfg: Path, workers: int) -> Proc:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"HYBRIDSERVE_CONFIG": str(cfg), "PYTHONPATH": str(HERE), "HYBRIDSERVE_BIND": f"127.0.0.1:{port}",
+    env = {"HYBRIDSERVE_CONFIG": str(cfg), "PYTHONPATH": str(HERE), "LOOP_WORKER_BIND": f"127.0.0.1:{port}",
            "HYBRIDSERVE_SERVING_WORKERS": str(workers)}
     env_clean = {k: v for k, v in env.items()}
     return Proc("gunicorn_loop", [sys.executable, "-m", "gunicorn", "-c", "python:loop_gunicorn_conf",

@@ -1,7 +1,7 @@
 """The former production setup, kept only as the benchmark's baseline ("today's loop worker"):
 gunicorn 27 with hybridserve's loop worker (loop_worker.py, which overrides gthread internals; it is
 why the project left gunicorn). `gunicorn -c python:loop_gunicorn_conf 'serving.app:create_app()'`
-with tests/bench on PYTHONPATH; HYBRIDSERVE_BIND names the address.
+with tests/bench on PYTHONPATH; LOOP_WORKER_BIND names the address.
 """
 import gc
 import os
@@ -11,7 +11,7 @@ from serving.settings import load_settings
 
 _settings = load_settings()
 
-bind = os.environ["HYBRIDSERVE_BIND"]
+bind = os.environ["LOOP_WORKER_BIND"]
 workers = _settings["serving.workers"]
 worker_class = "loop_worker.LoopWorker"
 threads = 1
