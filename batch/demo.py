@@ -158,7 +158,7 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
         echo("   (sessions are always computed live)")
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "
            "FROM requests GROUP BY ALL ORDER BY endpoint, source")
-    cols, rows, _ = catalog.query(store.catalog_path, sql)
+    cols, rows, _ = catalog.query(store, sql)
     echo(f"6. SQL over the catalog (python -m batch sql \"...\"):\n   {sql}\n" + catalog.format_table(cols, rows))
     echo(f"7. server stopped; demo took {time.perf_counter() - t_start:.0f}s")
     return {"before": hit_rate(before), "after": hit_rate(after), "first": first.snapshot_id,

@@ -221,6 +221,6 @@ def test_observed_hit_rate_is_recorded_by_the_next_run(workspace):
     assert runs[-1]["observed_hit_rate"] == pytest.approx(0.75)
     assert runs[-1]["expected_hit_rate"] is not None
     # the trend query from the README
-    cols, rows_, _ = query(store.catalog_path, "SELECT run_id, expected_hit_rate, observed_hit_rate FROM runs "
-                                               "WHERE status = 'published' ORDER BY started_at")
+    cols, rows_, _ = query(store, "SELECT run_id, expected_hit_rate, observed_hit_rate FROM runs "
+                                  "WHERE status = 'published' ORDER BY started_at")
     assert rows_[-1][2] == pytest.approx(0.75)
