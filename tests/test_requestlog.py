@@ -7,7 +7,6 @@ import shutil
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
 
 from serving.app import create_app
 from serving.requestlog import FIRST_BACKOFF_S, RequestLog
