@@ -41,4 +41,4 @@ bench: install
 	$(PY) tests/bench/run_all.py
 
 clean:
-	rm -rf $(VENV) data/store data/sample
+	rm -rf $(VENV) data/store data/store-demo data/sample
