@@ -229,15 +229,21 @@ def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def query(store: Store, sql: str, max_rows: int = 1000, time_limit_ms: int = 30_000,
+def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time_limit_ms: int = 30_000,
           ) -> tuple[list[str], list[tuple], bool]:
-    """Run one reading statement against the catalog; returns (column names, rows, truncated).
+    """Run one reading statement against the catalog of ``store`` (a Store, or its catalog's path);
+    returns (column names, rows, truncated).
 
     At most ``max_rows`` rows are fetched, streamed in batches: a query with millions of rows
     stops after the first batches instead of being computed whole. The query is interrupted after
     ``time_limit_ms``. Refused statements, file access outside the store, a deadline passed and any
     DuckDB error raise HybridServeError with one line.
     """
+    if not isinstance(store, Store):
+        path = Path(store)
+        store = Store(path.parent)
+        if store.catalog_path != path:
+            raise ValueError(f"{path}: not a store's catalog (expected {store.catalog_path.name})")
     if not store.catalog_path.is_file():
         raise FileNotFoundError(store.catalog_path)
     try:

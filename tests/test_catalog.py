@@ -190,3 +190,13 @@ def test_sql_row_cap_streams_and_says_it_truncated(workspace, capsys):
     assert query(store, "SELECT * FROM range(4097)", max_rows=4096)[2] is True
     cols, rows, truncated = query(store, "SELECT * FROM range(3)", max_rows=10)
     assert cols == ["range"] and rows == [(0,), (1,), (2,)] and truncated is False
+
+
+def test_query_takes_a_store_or_its_catalog_path(workspace):
+    root, settings, _, first = workspace
+    store = Store(settings["paths.store"])
+    sql = "SELECT snapshot_id FROM runs WHERE status = 'published'"
+    assert query(store, sql) == query(store.catalog_path, sql) == query(str(store.catalog_path), sql)
+    assert (first.snapshot_id,) in query(store, sql)[1]
+    with pytest.raises(ValueError, match="not a store's catalog"):
+        query(root / "other.duckdb", sql)
