@@ -304,7 +304,8 @@ class ModelBundle:
                      meta: dict[str, Any] | None = None) -> "ModelBundle":
         """A bundle from vectors: tie groups computed, the index built over one vector per group by
         ``index_builder((G, d) float32) -> (FAISS index, meta entries such as "index" and
-        "search_params")``. Missing parts default to empty / zero."""
+        "search_params", and "mips_pad" when it indexed mips_pad(vectors))``. Missing parts default
+        to empty / zero."""
         meta = dict(meta or {})
         meta.setdefault("metric", "ip")
         meta.setdefault("rating", {"global_mean": 0.0, "blend": [0.0, 1.0, 1.0]})
@@ -318,9 +319,7 @@ class ModelBundle:
         eligible = item_support >= int(meta.get("min_support", 0))
         group_of, group_indptr, group_items = tie_groups(item_vecs, eligible)
         group_vecs = np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]], dtype=np.float32)
-        if meta["metric"] == "ip":
-            group_vecs = mips_pad(group_vecs)
-            meta["mips_pad"] = True
+        # the builder decides whether its index holds the vectors padded (meta "mips_pad", see mips_pad)
         index, index_meta = index_builder(group_vecs)
         meta.update(index_meta)
         return cls(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,

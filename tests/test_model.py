@@ -2,7 +2,8 @@
 import faiss
 import numpy as np
 
-from serving.model import ModelBundle, fold_in, read_index, tie_groups
+from serving.model import ModelBundle, fold_in, mips_pad, read_index, tie_groups
+from serving.settings import load_settings
 
 
 def test_memory_mapped_ivf_index_matches_and_does_not_prefetch(tmp_path):
@@ -98,24 +99,100 @@ def test_tie_groups_split_on_eligibility_and_number_by_first_row():
     np.testing.assert_array_equal(members, [0, 2, 1, 4, 3])
 
 
+def _popularity_vectors(n=20_000, d=16, seed=4):
+    """Clustered vectors whose lengths spread like item popularity (lognormal), as PureSVD's are."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(30, d))
+    vecs = centres[rng.integers(0, 30, n)] + 0.5 * rng.normal(size=(n, d))
+    return (vecs * rng.lognormal(0, 1, (n, 1))).astype(np.float32)
+
+
 def test_inner_product_search_on_ivf_keeps_recall_with_padding():
-    """Unnormalised vectors (lengths spread like item popularity) in an IVF index: the padding
-    coordinate makes maximum-inner-product search as easy for k-means lists as cosine (recall@10
-    0.976 here; 0.887 unpadded); the scores stay the plain inner products."""
+    """Unnormalised vectors in an IVF index: the padding coordinate makes maximum-inner-product search
+    as easy for k-means lists as cosine (recall@10 0.976 here; 0.887 unpadded); the scores stay the
+    plain inner products."""
     from batch.job import ann_recall
-    rng = np.random.default_rng(4)
-    centres = rng.normal(size=(30, 16))
-    vecs = (centres[rng.integers(0, 30, 20_000)] + 0.5 * rng.normal(size=(20_000, 16)))
-    vecs = (vecs * rng.lognormal(0, 1, (20_000, 1))).astype(np.float32)
+    vecs = _popularity_vectors()
 
     def ivf(g):
+        g = mips_pad(g)
         index = faiss.index_factory(g.shape[1], "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
         index.train(g)
         index.add(g)
         faiss.extract_index_ivf(index).nprobe = 8
-        return index, {"index": "IVF64,Flat", "search_params": {"nprobe": 8}}
+        return index, {"index": "IVF64,Flat", "search_params": {"nprobe": 8}, "mips_pad": True}
     bundle = ModelBundle.from_vectors(np.arange(20_000, dtype=np.int64), vecs, ivf)
     assert bundle.meta["mips_pad"] and bundle.index.d == 17
     assert ann_recall(bundle, np.arange(0, 20_000, 40), 10) >= 0.95
-    ids, scores = bundle.similar_items(np.array([7]), 5)
+    ids, scores = bundle.similar_items(np.array([7]), 5)  # queries padded with 0 by search_groups
     np.testing.assert_allclose(scores[0], vecs[ids[0]] @ vecs[7], rtol=1e-5)
+
+
+def _recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got, want)]))
+
+
+def test_auto_index_for_inner_product_is_hnsw_with_brute_force_recall():
+    """Above train.flat_max_items_ip, index='auto' builds an HNSW graph with the inner product over the
+    unpadded vectors; similar items (with the minimum-support filter), user recommendations (seen
+    items left out) and the validation's ANN recall all reach 0.95 recall@10 against numpy brute
+    force, and one query answers exactly as the same query inside a batch."""
+    from batch.job import ann_recall
+    from batch.train import index_builder, index_spec
+    n, n_users = 20_000, 300
+    vecs = _popularity_vectors(n)
+    rng = np.random.default_rng(5)
+    settings = load_settings(env={}).replace(train__flat_max_items_ip=5_000)
+    assert index_spec(5_000, settings, "ip") == "Flat" and index_spec(5_001, settings, "ip") == "HNSW32"
+    ivf = settings.replace(train__index="IVF64,Flat")  # the trainer pads for IVF lists only
+    assert index_builder(ivf, "ip")(vecs[:5_000])[1]["mips_pad"] and not index_builder(ivf, "cosine")(vecs[:5_000])[1]["mips_pad"]
+    counts = rng.integers(1, 40, n_users)
+    items = np.concatenate([np.sort(rng.choice(n, c, replace=False)) for c in counts]).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    support = rng.integers(0, 10, n)  # items below 3 are never similar items
+    bundle = ModelBundle.from_vectors(np.arange(n, dtype=np.int64) * 2 + 1, vecs, index_builder(settings, "ip"),
+                                      user_ids=np.arange(n_users, dtype=np.int64),
+                                      user_vecs=fold_in(vecs, indptr, items, "ip"), item_support=support,
+                                      seen_indptr=indptr, seen_items=items, meta={"min_support": 3})
+    assert bundle.meta["index"] == "HNSW32" and not bundle.meta["mips_pad"] and bundle.index.d == 16
+    assert isinstance(bundle.index, faiss.IndexHNSWFlat) and bundle.index.metric_type == faiss.METRIC_INNER_PRODUCT
+    queries = rng.choice(n, 300, replace=False)
+    assert ann_recall(bundle, queries, 10) >= 0.95
+
+    v = vecs.astype(np.float64)
+    ids, scores = bundle.similar_items(queries, 10)
+    want = []
+    for q in queries:
+        drop = support < 3
+        drop[q] = True
+        want.append(bundle.item_ids[_brute(v @ v[q], drop, 10)])
+    assert _recall(ids, want) >= 0.95
+    found = ids >= 0
+    np.testing.assert_allclose(scores[found], np.einsum("nd,nkd->nk", v[queries], v[(ids - 1) // 2])[found],
+                               rtol=1e-4)  # exact scores, whatever the graph proposed
+    users = np.arange(n_users)
+    rec, _ = bundle.recommend(users, 10)
+    want = []
+    for u in users:
+        drop = np.zeros(n, bool)
+        drop[bundle.seen_of(u)] = True
+        want.append(bundle.item_ids[_brute(v @ v[bundle.seen_of(u)].sum(axis=0), drop, 10)])
+    assert _recall(rec, want) >= 0.95
+    for u in users[:20]:  # the live path (one query) is the batch path
+        np.testing.assert_array_equal(bundle.recommend(np.array([u]), 10)[0][0], rec[u])
+    for r in range(20):
+        np.testing.assert_array_equal(bundle.similar_items(queries[r:r + 1], 10)[0][0], ids[r])
+
+
+def test_hnsw_bundle_saved_and_loaded_answers_alike(tmp_path):
+    """The HNSW index and its efSearch survive save/load (the served bundle is the one validated)."""
+    from batch.train import index_builder
+    vecs = _popularity_vectors(3_000, seed=6)
+    settings = load_settings(env={}).replace(train__index="HNSW16", train__hnsw_ef_search=40)
+    bundle = ModelBundle.from_vectors(np.arange(3_000, dtype=np.int64), vecs, index_builder(settings, "ip"))
+    bundle.save(tmp_path)
+    loaded = ModelBundle.load(tmp_path)
+    assert loaded.meta["search_params"] == {"efSearch": 40} and loaded.index.hnsw.efSearch == 40
+    items = np.arange(0, 3_000, 7)
+    for a, b in zip(bundle.similar_items(items, 10), loaded.similar_items(items, 10)):
+        np.testing.assert_array_equal(a, b)
