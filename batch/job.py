@@ -305,14 +305,23 @@ def validate(model_folder: Path, tables: dict[str, pa.Table], settings: Settings
 
 def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
     """Recall@k of the bundle's index against exact inner-product search over the same (one per tie
-    group) vectors, for the given query items."""
+    group) vectors, for the given query items. An answer counts as found when its exact score
+    reaches the exact k-th score: among tied scores (every candidate of a zero-vector item, an
+    item without interactions) which ids exact search keeps is arbitrary, and counting ids read
+    HNSW's 0.995 as 0.885 on the 100K-item benchmark."""
     q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
     groups = bundle.group_vecs()
     k = min(k, len(groups))
+    if len(q) == 0 or k == 0:
+        return 1.0
     _, approx = bundle.search_groups(q, k)
-    _, exact = faiss.knn(q, groups, k, faiss.METRIC_INNER_PRODUCT)
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
-    return hits / exact.size if exact.size else 1.0
+    exact, _ = faiss.knn(q, groups, k, faiss.METRIC_INNER_PRODUCT)
+    approx = np.asarray(approx, np.int64)
+    got = np.einsum("nd,nkd->nk", q.astype(np.float64), groups[np.maximum(approx, 0)])
+    got[approx < 0] = -np.inf
+    # float32 rounding of a score is relative to |q| |g|, not to the score (which may cancel to ~0)
+    tol = 1e-5 * np.linalg.norm(q, axis=1, keepdims=True) * np.sqrt(np.einsum("ij,ij->i", groups, groups).max())
+    return float((got >= exact[:, -1:] - tol).sum() / exact.size)
 
 
 # --- the run ------------------------------------------------------------------------

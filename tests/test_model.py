@@ -196,3 +196,23 @@ def test_hnsw_bundle_saved_and_loaded_answers_alike(tmp_path):
     items = np.arange(0, 3_000, 7)
     for a, b in zip(bundle.similar_items(items, 10), loaded.similar_items(items, 10)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ann_recall_counts_tied_answers_and_catches_a_poor_index():
+    """The validation's recall gate: for an item without interactions (a zero vector) every candidate
+    ties, so any answer is right; for the others a kernel returning arbitrary groups must fail it."""
+    from batch.job import ann_recall
+    vecs = _popularity_vectors(4_000, seed=7)
+    vecs[::3] = 0.0
+
+    def flat(g):
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(g)
+        return index, {"index": "Flat", "search_params": {}}
+    bundle = ModelBundle.from_vectors(np.arange(4_000, dtype=np.int64), vecs, flat)
+    zero, other = np.arange(0, 4_000, 3), np.setdiff1d(np.arange(0, 4_000, 5), np.arange(0, 4_000, 3))
+    assert ann_recall(bundle, np.concatenate([zero[:100], other]), 10) == 1.0
+    rng = np.random.default_rng(8)
+    bundle.search = lambda q, k, params=None: (None, rng.choice(bundle.n_groups, (len(q), k)))
+    assert ann_recall(bundle, zero, 10) == 1.0
+    assert ann_recall(bundle, other, 10) < 0.2
