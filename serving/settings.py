@@ -64,8 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train", "flat_max_items", 20_000, "With index='auto': exact Flat up to this many items, IVF (about 4 sqrt(n) lists) above", minimum=1),
     Setting("train", "flat_max_items_ip", 20_000, "With index='auto' and inner-product vectors (trained PureSVD, or "
             "metric = 'ip'): exact Flat up to this many items, an HNSW32 graph built with the inner product above "
-            "(IVF lists hold unnormalised vectors badly: recall@10 0.56-0.86 on the 100K-item benchmark)", minimum=1),
-    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off; 128 gave recall@10 0.99 on the 100K-item benchmark's PureSVD vectors, 64 gave 0.96-0.99)", minimum=1),
+            "(recall@10 0.99 on the 100K-item benchmark; see docs/performance.md)", minimum=1),
+    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off; on the 100K-item benchmark's PureSVD vectors 128 gave recall@10 0.99, 64 gave 0.97-0.98)", minimum=1),
     Setting("train", "ivf_nprobe", 32, "IVF nprobe (recall/speed trade-off; 16 gave recall@10 0.947 on 100K trained embeddings, 32 gave 0.971)", minimum=1),
     Setting("train", "similar_min_support", 5, "Items with fewer interactions than this never appear as similar items "
             "(rare items' vectors are noise); 0 keeps every item", minimum=0),
