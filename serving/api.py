@@ -117,14 +117,28 @@ def etag_of(ans: Answer, tag: str, key: str) -> str | None:
 
 def render(body: dict[str, Any], ans: Answer, now: float) -> bytes:
     """The JSON of an answer: the endpoint's fields, then where it came from and how old it is."""
-    body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at),
-                age_s=round(ans.age_s(now), 3))
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return render_head(body, ans) + render_age(ans.computed_at, now)
+
+
+def render_head(body: dict[str, Any], ans: Answer) -> bytes:
+    """All of an answer's JSON but its last field, age_s: the part that does not change with time
+    (the hit path keeps it for a precomputed answer; ``render_age`` completes it)."""
+    body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at))
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)[:-1]  # without the closing brace
+
+
+def render_age(computed_at: float, now: float) -> bytes:
+    """The last field of an answer's JSON (orjson's own spelling of the number) and the closing brace."""
+    return b',"age_s":' + orjson.dumps(round(max(0.0, now - computed_at), 3)) + b"}"
+
+
+def cache_control(fresh_for_s: float) -> tuple[str, str]:
+    return ("Cache-Control", f"public, max-age={max(0, int(math.floor(fresh_for_s)))}")
 
 
 def answer_headers(ans: Answer, etag: str | None) -> list[tuple[str, str]]:
     """Cache-Control for the answer's remaining freshness, and its ETag when it has one."""
-    headers = [("Cache-Control", f"public, max-age={max(0, int(math.floor(ans.fresh_for_s)))}")]
+    headers = [cache_control(ans.fresh_for_s)]
     if etag is not None:
         headers.append(("ETag", quote_etag(etag)))
     return headers

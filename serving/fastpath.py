@@ -15,15 +15,23 @@ import re
 import time
 from typing import Callable, Iterable
 
+from werkzeug.http import quote_etag
+
 from serving import api
+from serving.engine import PRECOMPUTED
 
 _ID = r"([0-9]{1,19})"
 _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
+_JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
                   "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
+
+
+class _NotAHit(Exception):
+    """Raised inside the rendered-hit cache for a request Flask must answer (so nothing is cached)."""
 
 
 class HitPath:
@@ -31,6 +39,12 @@ class HitPath:
 
     ``cors_headers(origin)``: the CORS response headers for a request's Origin (None when absent),
     or None when the app has no CORS. ``answered`` / ``passed`` count requests each way.
+
+    A precomputed answer never changes within a snapshot but for its age, so the first hit on a URL
+    renders everything else once -- the JSON up to ``age_s``, the ETag, the request-log row -- and
+    keeps it in an LRU of ``serving.hit_cache_entries`` URLs (cleared when a new snapshot is
+    swapped in; misses are never kept). Every hit still checks its snapshot's freshness, completes
+    the JSON with its own age and Cache-Control, counts its metrics and writes its log row.
     """
 
     def __init__(self, wsgi_app: Callable, services, cors_headers: Callable[[str | None], tuple] | None):
@@ -40,6 +54,11 @@ class HitPath:
         self.max_url = services.settings["serving.max_url_bytes"]
         self.cors_headers = cors_headers
         self.answered = self.passed = 0
+        entries = services.settings["serving.hit_cache_entries"]
+        # functools.lru_cache: a C LRU, thread-safe, that does not keep what the function raises.
+        self._rendered = functools.lru_cache(maxsize=entries)(self._render) if entries else self._render
+        self._cache_clear = getattr(self._rendered, "cache_clear", None)
+        self._sid: str | None = None
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         t0 = time.perf_counter()
@@ -47,24 +66,51 @@ class HitPath:
         if found is None:
             self.passed += 1
             return self.wsgi_app(environ, start_response)
-        endpoint, body, etag, ans, log = found
-        data = api.render(body, ans, self.engine.clock())
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-        headers += api.answer_headers(ans, etag)
+        (endpoint, head, etag, computed_at, log), remaining, now = found
+        data = head + api.render_age(computed_at, now)
+        headers = [_JSON, ("Content-Length", str(len(data))), api.cache_control(remaining), etag]
         if self.cors_headers is not None:
             headers += self.cors_headers(environ.get("HTTP_ORIGIN"))
         start_response("200 OK", headers)
         self.answered += 1
-        api.record(self.svc, endpoint, ans.source, 200, time.perf_counter() - t0, log)
+        api.record(self.svc, endpoint, PRECOMPUTED, 200, time.perf_counter() - t0, log)
         return [data]
 
     def _hit(self, environ: dict):
-        """(endpoint, body, etag, answer, log row) for a plain precomputed hit; None for anything else."""
+        """(rendered hit, freshness left, now) for a plain precomputed hit; None for anything else."""
         if environ.get("REQUEST_METHOD") != "GET" or any(h in environ for h in _FLASK_HEADERS):
             return None
         path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
         if len(path) + len(query) > self.max_url:
             return None
+        snap = self.engine.snapshot
+        if snap is None:
+            return None
+        if snap.id != self._sid:  # a new snapshot: the old one's renderings go (they hold no snapshot)
+            if self._cache_clear is not None:
+                self._cache_clear()
+            self._sid = snap.id
+        try:
+            hit = self._rendered(snap.id, path, query)
+        except _NotAHit:
+            return None
+        now = self.engine.clock()
+        remaining = self.engine.max_age_s - (now - hit[3])  # as Engine._fresh decides, on every request
+        if remaining <= 0:
+            return None  # too old to serve: Flask's route computes it live and counts it stale
+        return hit, remaining, now
+
+    def _render(self, sid: str, path: str, query: str) -> tuple:
+        """(endpoint, JSON head, ETag header, computed_at, log row) of the hit at path?query, rendered
+        from snapshot ``sid``; raises _NotAHit for anything else."""
+        found = self._answer(path, query)
+        if found is None or found[3].snapshot != sid:  # not a hit, or a swap in between: not kept
+            raise _NotAHit
+        endpoint, body, etag, ans, log = found
+        return endpoint, api.render_head(body, ans), ("ETag", quote_etag(etag)), ans.computed_at, log
+
+    def _answer(self, path: str, query: str):
+        """(endpoint, body, etag, answer, log row) for a plain precomputed hit; None for anything else."""
         route = _PATH.fullmatch(path)
         if route is None:
             return None
