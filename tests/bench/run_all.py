@@ -62,8 +62,13 @@ def summary(results_dir: Path = RESULTS) -> str:
                 + ("interactions" if m.get("request_popularity_order", "random") == "interactions" else "nothing"))
         per_round = m.get("hybrid_vs_live_only_rps_per_round", [])
         spread = f" (rounds {min(per_round):.1f}-{max(per_round):.1f}x)" if len(per_round) > 1 else ""
+        if "hybrid_vs_live_only_cpu" in m:  # the load-robust view beside it; the target is judged on req/s
+            c = m["hybrid_vs_live_only_cpu_per_round"]
+            spread += (f"; by CPU per request {m['hybrid_vs_live_only_cpu']:.1f}x"
+                       + (f" (rounds {min(c):.1f}-{max(c):.1f}x)" if len(c) > 1 else ""))
         rows += [_row(f"modes ({what}): hybrid vs live-only req/s, median of {m.get('rounds', 1)} rounds",
-                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", ">= 5x", m["hybrid_vs_live_only_rps"] >= 5),
+                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", ">= 6x (aim 8x)",
+                      m["hybrid_vs_live_only_rps"] >= 6),
                  _row(f"modes ({what}): first 1,000 requests after deploy from the snapshot",
                       f"{h['first_1000_from_snapshot']:.3f} (ttl-cache "
                       f"{m['modes']['ttl-cache']['first_1000_from_snapshot']:.3f})", ">= 0.9",
@@ -75,7 +80,12 @@ def summary(results_dir: Path = RESULTS) -> str:
     if v:
         def spread(key):
             rounds_ = v.get(key + "_per_round", [])
-            return f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
+            out = f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
+            cpu = key.replace("_rps", "_cpu")
+            if cpu in v:  # the load-robust view beside it; the target is judged on req/s
+                c = v[cpu + "_per_round"]
+                out += f"; by CPU per request {v[cpu]:.2f}x (rounds {min(c):.2f}-{max(c):.2f}x)"
+            return out
         if "granian_vs_nginx_rps" in v:
             rows.append(_row(f"server: granian hits vs nginx serving the same bytes statically, req/s at 16 "
                              f"({v['granian']['at_16']['requests_per_s']:,.0f} vs {v['nginx']['at_16']['requests_per_s']:,.0f})",
