@@ -2,7 +2,7 @@
 
 One file per flush per process, written under a temporary name and renamed, never rewritten.
 Flushes on size, on interval and on close. Memory is bounded: past ``max_buffer`` rows the
-oldest are dropped and counted. A failed flush is logged and counted, never raised to a request.
+oldest tenth is dropped and counted. A failed flush is logged and counted, never raised to a request.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class RequestLog:
             self._rows.append(row)
             over = len(self._rows) - self.max_buffer
             if over > 0:
+                # The oldest tenth at once: dropping one row per append moved the whole buffer (1.6 MB at
+                # 200,000 rows) on every request while the log stayed full, doubling a hit's CPU.
+                over = max(over, self.max_buffer // 10)
                 del self._rows[:over]
                 self.dropped_rows += over
             full = len(self._rows) >= self.flush_rows

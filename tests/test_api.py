@@ -332,6 +332,12 @@ def test_request_log_memory_is_bounded(env):
     for i in range(25):
         log.append("similar_items", i, None, 5, "live", 200, 10)
     assert len(log) == 10 and log.dropped_rows == 15
+    assert [r[2] for r in log._rows] == list(range(15, 25))  # the newest kept, in order
+    log.max_buffer = 1000  # past the bound the oldest tenth goes at once, not one row per request
+    for i in range(25, 1016):
+        log.append("similar_items", i, None, 5, "live", 200, 10)
+    assert len(log) == 901 and log.dropped_rows == 15 + 100
+    assert [r[2] for r in log._rows] == list(range(115, 1016))
 
 
 def test_hot_reload_under_concurrent_requests(env):
