@@ -62,13 +62,15 @@ def summary(results_dir: Path = RESULTS) -> str:
                 + ("interactions" if m.get("request_popularity_order", "random") == "interactions" else "nothing"))
         per_round = m.get("hybrid_vs_live_only_rps_per_round", [])
         spread = f" (rounds {min(per_round):.1f}-{max(per_round):.1f}x)" if len(per_round) > 1 else ""
-        if "hybrid_vs_live_only_cpu" in m:  # the load-robust view beside it; the target is judged on req/s
+        if "hybrid_vs_live_only_cpu" in m:  # the load-robust view beside it; met when both views show it
             c = m["hybrid_vs_live_only_cpu_per_round"]
             spread += (f"; by CPU per request {m['hybrid_vs_live_only_cpu']:.1f}x"
                        + (f" (rounds {min(c):.1f}-{max(c):.1f}x)" if len(c) > 1 else ""))
+        # issue 14 set 6x (aim 8x) on the main trace; its variants keep the earlier 5x
+        goal, goal_text = (6, ">= 6x (aim 8x)") if name == "serving_modes" else (5, ">= 5x")
         rows += [_row(f"modes ({what}): hybrid vs live-only req/s, median of {m.get('rounds', 1)} rounds",
-                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", ">= 6x (aim 8x)",
-                      m["hybrid_vs_live_only_rps"] >= 6),
+                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", goal_text,
+                      m["hybrid_vs_live_only_rps"] >= goal and m.get("hybrid_vs_live_only_cpu", goal) >= goal),
                  _row(f"modes ({what}): first 1,000 requests after deploy from the snapshot",
                       f"{h['first_1000_from_snapshot']:.3f} (ttl-cache "
                       f"{m['modes']['ttl-cache']['first_1000_from_snapshot']:.3f})", ">= 0.9",
@@ -82,18 +84,21 @@ def summary(results_dir: Path = RESULTS) -> str:
             rounds_ = v.get(key + "_per_round", [])
             out = f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
             cpu = key.replace("_rps", "_cpu")
-            if cpu in v:  # the load-robust view beside it; the target is judged on req/s
+            if cpu in v:  # the load-robust view beside it; a target is met when both views show it
                 c = v[cpu + "_per_round"]
                 out += f"; by CPU per request {v[cpu]:.2f}x (rounds {min(c):.2f}-{max(c):.2f}x)"
             return out
+
+        def both(key, goal):  # met only when req/s and, where measured, CPU per request both show it
+            return v[key + "_rps"] >= goal and v.get(key + "_cpu", goal) >= goal
         if "granian_vs_nginx_rps" in v:
             rows.append(_row(f"server: granian hits vs nginx serving the same bytes statically, req/s at 16 "
                              f"({v['granian']['at_16']['requests_per_s']:,.0f} vs {v['nginx']['at_16']['requests_per_s']:,.0f})",
-                             f"{v['granian_vs_nginx_rps']:.2f}x" + spread("granian_vs_nginx_rps"), ">= 0.4x (aim 0.5x)", v["granian_vs_nginx_rps"] >= 0.4))
+                             f"{v['granian_vs_nginx_rps']:.2f}x" + spread("granian_vs_nginx_rps"), ">= 0.4x (aim 0.5x)", both("granian_vs_nginx", 0.4)))
         if "granian_vs_fastapi_redis_rps" in v:
             rows.append(_row(f"server: granian hits vs FastAPI + uvicorn + Redis cache, req/s at 16 "
                              f"({v['fastapi_redis']['at_16']['requests_per_s']:,.0f})",
-                             f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", v["granian_vs_fastapi_redis_rps"] >= 10))
+                             f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", both("granian_vs_fastapi_redis", 10)))
         if "granian_vs_gunicorn_loop_rps" in v:
             rows += [_row(f"server: granian hits vs the former gunicorn loop worker, req/s at 16 "
                           f"({v['gunicorn_loop']['at_16']['requests_per_s']:,.0f})",
