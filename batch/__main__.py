@@ -98,12 +98,46 @@ def train(obj: _Ctx) -> None:
 
 
 def _print_evaluation(ev: dict) -> None:
-    if not ev:
+    if not ev or ev.get("recall_at_10") is None:
         return
-    click.echo(f"hold-out ({ev['test_rows_scored']:,} of {ev['test_rows']:,} ratings scored): "
-               f"RMSE model {ev['rmse_model']:.4f} vs item-mean {ev['rmse_item_mean']:.4f}; "
-               f"recall@10 model {ev['recall_at_10']:.4f} vs most-popular {ev['recall_at_10_popular']:.4f} "
-               f"({ev['eval_users']} users)")
+    rmse = (f"RMSE model {ev['rmse_model']:.4f} vs item-mean {ev['rmse_item_mean']:.4f}; "
+            if ev.get("rmse_model") is not None else "")
+    click.echo(f"hold-out ({ev['test_rows_scored']:,} of {ev['test_rows']:,} ratings scored): {rmse}"
+               f"recall@10 model {ev['recall_at_10']:.4f} vs most-popular {ev['recall_at_10_popular']:.4f}, "
+               f"NDCG@10 {ev['ndcg_at_10']:.4f} vs {ev['ndcg_at_10_popular']:.4f} ({ev['eval_users']} users)")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the report as JSON here (default: <paths.store>/evaluation.json).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2, 20), help="Folds of the RMSE protocol.")
+@click.pass_obj
+def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
+    """Score the recommender and the rating model on paths.inputs against baselines (both protocols)."""
+    from batch.catalog import format_table
+    from batch.evaluate import evaluate as run_evaluation
+    from batch.evaluate import table_rows
+    from batch.inputs import load_inputs
+    from batch.job import supplied_vectors
+    s = obj.settings
+    inputs = load_inputs(Path(s["paths.inputs"]), s["train.rating_min"], s["train.rating_max"])
+    report = run_evaluation(inputs.interactions, inputs.items, s, supplied_vectors(inputs, s), folds)
+    report["inputs"] = str(inputs.folder)
+    path = Path(out) if out else Path(s["paths.store"]) / "evaluation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    rk = report["ranking"]
+    click.echo(f"{report['interactions']:,} interactions, {report['users']:,} users, {report['items']:,} items "
+               f"({inputs.folder})")
+    click.echo(f"ranking: {rk['protocol']}; {rk['users']:,} users scored")
+    click.echo(f"rating: {report['rating']['protocol']}")
+    click.echo(format_table(*table_rows(report)))
+    sim = report["similar_items"]
+    click.echo(f"similar items: {sim['rare_neighbours']} of {sim['neighbours']} top-{10} neighbours of "
+               + ", ".join(r["title"] for r in sim["items"]) + f" have fewer than {sim['rare_below']} ratings")
+    click.echo(f"report: {path}")
 
 
 @cli.command()
@@ -165,25 +199,29 @@ def rollback(obj: _Ctx, snapshot_id: str | None) -> None:
 
 @cli.command()
 @click.argument("query")
-@click.option("--max-rows", default=1000, show_default=True, help="Rows printed at most.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None,
+              help="Rows printed at most [default: batch.sql_max_rows].")
+@click.option("--time-limit-ms", type=click.IntRange(min=1), default=None,
+              help="Interrupt the query after this long [default: batch.sql_time_limit_ms].")
 @click.pass_obj
-def sql(obj: _Ctx, query: str, max_rows: int) -> None:
-    """Run a SQL query (read-only) against the store's DuckDB catalog and print a table."""
-    import duckdb
+def sql(obj: _Ctx, query: str, max_rows: int | None, time_limit_ms: int | None) -> None:
+    """Run one reading SQL statement against the store's DuckDB catalog and print a table.
 
+    Read-only at the engine level: no COPY, ATTACH, EXPORT, INSTALL/LOAD or SET, and no file outside
+    the store's snapshots/ and requests/ folders; a refused statement is one line and exit 1."""
     from batch.catalog import format_table
     from batch.catalog import query as run_query
     from serving.store import Store
-    store = Store(obj.settings["paths.store"])
+    s = obj.settings
+    max_rows = max_rows or s["batch.sql_max_rows"]
+    store = Store(s["paths.store"])
     try:
-        cols, rows, truncated = run_query(store.catalog_path, query, max_rows)
+        cols, rows, truncated = run_query(store, query, max_rows, time_limit_ms or s["batch.sql_time_limit_ms"])
     except FileNotFoundError:
         raise HybridServeError(f"{store.catalog_path}: no catalog yet (run `python -m batch run` first)") from None
-    except duckdb.Error as exc:
-        raise HybridServeError(f"sql: {str(exc).splitlines()[0]}") from None
     click.echo(format_table(cols, rows))
     if truncated:
-        click.echo(f"(first {max_rows} rows shown; --max-rows for more)")
+        click.echo(f"(truncated: the first {max_rows} rows are shown; --max-rows for more)")
 
 
 @cli.command()

@@ -24,7 +24,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from batch import catalog, popularity
-from batch.inputs import Inputs, load_inputs
+from batch.embeddings import Vectors, ids_path, load_vectors
+from batch.inputs import Inputs, fingerprint_files, load_inputs
 from batch.train import train_and_evaluate, training_key
 from serving.errors import Abandoned, HybridServeError, StoreLockedError, ValidationFailed
 from serving.model import ModelBundle
@@ -67,7 +68,8 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
                  ) -> tuple[ModelBundle, Path, dict[str, Any], bool]:
     """The trained bundle for these inputs and settings: reused from the store's model cache
     when the training key matches, else trained. Returns (bundle, folder, evaluation, trained)."""
-    key = training_key(inputs.fingerprint, settings)
+    supplied = supplied_vectors(inputs, settings)
+    key = training_key(inputs.fingerprint + vectors_fingerprint(supplied), settings)
     folder = store.models_dir / key
     live = store.current_id()
     if not retrain and not folder.is_dir() and live is not None:
@@ -83,7 +85,7 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
         bundle = ModelBundle.load(folder)
         return bundle, folder, bundle.meta.get("evaluation", {}), False
     folder = store.models_dir / key
-    bundle, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings)
+    bundle, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings, supplied)
     bundle.meta.update(model_version=f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", training_key=key,
                        inputs_fingerprint=inputs.fingerprint, evaluation=evaluation)
     tmp = store.models_dir / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
@@ -98,6 +100,30 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, folder)
     return bundle, folder, evaluation, True
+
+
+def supplied_vectors(inputs: Inputs, settings: Settings) -> dict[str, Vectors | None]:
+    """The user's own vectors named by [embeddings], read and validated against the inputs (InputError
+    naming the file and field on any problem); None where the trainer makes them."""
+    out: dict[str, Vectors | None] = {"items": None, "users": None}
+    if settings["embeddings.item_vectors"]:
+        known = np.sort(inputs.items["item_id"].to_numpy(dtype=np.int64))
+        out["items"] = load_vectors(Path(settings["embeddings.item_vectors"]), "item_id", known, "catalogue")
+    if settings["embeddings.user_vectors"]:
+        known = np.unique(inputs.interactions["user_id"].to_numpy(dtype=np.int64))
+        out["users"] = load_vectors(Path(settings["embeddings.user_vectors"]), "user_id", known, "interactions")
+    return out
+
+
+def vectors_fingerprint(supplied: dict[str, Vectors | None]) -> str:
+    """Part of the training key: supplied vector files by content, so new vectors mean a new model."""
+    paths = []
+    for v in supplied.values():
+        if v is not None:
+            paths.append(v.path)
+            if v.path.suffix == ".npy":
+                paths.append(ids_path(v.path))
+    return fingerprint_files(paths) if paths else ""
 
 
 _FAISS_WRITE = re.compile(r"write error in (.+?): .*\(([^()]+)\)\s*$")
@@ -278,11 +304,13 @@ def validate(model_folder: Path, tables: dict[str, pa.Table], settings: Settings
 
 
 def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
-    """Recall@k of the bundle's index against exact inner-product search, for the given query items."""
+    """Recall@k of the bundle's index against exact inner-product search over the same (one per tie
+    group) vectors, for the given query items."""
     q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
-    k = min(k, bundle.n_items)
-    _, approx = bundle.search(q, k)
-    _, exact = faiss.knn(q, np.ascontiguousarray(bundle.item_vecs), k, faiss.METRIC_INNER_PRODUCT)
+    groups = bundle.group_vecs()
+    k = min(k, len(groups))
+    _, approx = bundle.search_groups(q, k)
+    _, exact = faiss.knn(q, groups, k, faiss.METRIC_INNER_PRODUCT)
     hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
     return hits / exact.size if exact.size else 1.0
 

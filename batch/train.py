@@ -1,4 +1,4 @@
-"""Training: embeddings, the FAISS item index, the rating model, and hold-out evaluation.
+"""Training: retrieval vectors (PureSVD, or supplied), the FAISS index, the rating model.
 
 Functions from frames to a ModelBundle; no paths inside (the job saves the bundle).
 """
@@ -14,26 +14,26 @@ import faiss
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from sklearn.decomposition import TruncatedSVD
-from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.utils.extmath import randomized_svd
+from threadpoolctl import threadpool_limits
 
-from serving.errors import ConfigError
-from serving.model import ModelBundle, normalise, set_search_params
+from batch.embeddings import Vectors
+from serving.errors import ConfigError, InputError
+from serving.model import ModelBundle, fold_in, normalise, set_search_params
 from serving.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
-# Shrink item means towards the global mean with this many pseudo-ratings.
-_MEAN_PRIOR = 5.0
-# The rating model sees at most this many rows (a seeded sample above it).
-_MAX_TRAIN_ROWS = 2_000_000
 # Settings that change what training produces; a change in any of them means a new model.
-TRAINING_KEYS = ("train.dim", "train.index", "train.flat_max_items", "train.hnsw_ef_search", "train.ivf_nprobe",
-                 "train.model_iterations", "train.learning_rate", "train.seed", "batch.candidates")
+TRAINING_KEYS = ("train.dim", "train.popularity_damping", "train.index", "train.flat_max_items",
+                 "train.flat_max_items_ip", "train.hnsw_ef_search", "train.ivf_nprobe", "train.similar_min_support", "train.rating_dim",
+                 "train.rating_reg", "train.bias_reg", "train.rating_iterations", "train.holdout_share",
+                 "train.eval_users", "train.seed", "embeddings.item_vectors", "embeddings.user_vectors",
+                 "embeddings.metric")
 
 
 # Bump when training code changes what it produces, so cached models are not reused across it.
-TRAINING_CODE_VERSION = 2
+TRAINING_CODE_VERSION = 4
 
 
 def training_key(fingerprint: str, settings: Settings) -> str:
@@ -43,11 +43,12 @@ def training_key(fingerprint: str, settings: Settings) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def index_spec(n_items: int, settings: Settings) -> str:
+def index_spec(n_items: int, settings: Settings, metric: str = "cosine") -> str:
     """The FAISS factory string (the setting is validated against its pattern when loaded)."""
     spec = settings["train.index"]
     if spec == "auto":
-        if n_items <= settings["train.flat_max_items"]:
+        limit = settings["train.flat_max_items_ip" if metric == "ip" else "train.flat_max_items"]
+        if n_items <= limit:
             return "Flat"
         # IVF with ~4 sqrt(n) lists: on 1M clustered items it built 3x faster than HNSW32 and
         # searched 2x faster at higher recall (tests/bench/bench_batch.py).
@@ -57,7 +58,7 @@ def index_spec(n_items: int, settings: Settings) -> str:
 
 
 def build_index(vecs: np.ndarray, spec: str, settings: Settings, seed: int = 0) -> tuple[Any, dict[str, int]]:
-    """A cosine (normalised inner-product) FAISS index over (n, d) float32 unit vectors."""
+    """An inner-product FAISS index over (n, d) float32 vectors (unit vectors for cosine)."""
     n, d = vecs.shape
     index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     params: dict[str, int] = {}
@@ -76,24 +77,100 @@ def build_index(vecs: np.ndarray, spec: str, settings: Settings, seed: int = 0) 
     return index, params
 
 
-def _embeddings(uidx, iidx, n_users, n_items, dim, seed):
-    """TruncatedSVD of the L2-row-normalised binary user x item matrix.
+def popularity_svd(uidx: np.ndarray, iidx: np.ndarray, n_users: int, n_items: int, dim: int, damping: float,
+                   seed: int) -> np.ndarray:
+    """PureSVD item vectors: the right singular vectors of the binary user x item matrix whose columns
+    are scaled by count ** -damping. (nnz,) user and item indices -> (n_items, d') float32.
 
-    Returns (user_vecs (n_users, d'), item_vecs (n_items, d')), both unnormalised.
-    """
-    counts = np.bincount(uidx, minlength=n_users).astype(np.float32)
-    vals = 1.0 / np.sqrt(counts[uidx])
-    x = sparse.csr_matrix((vals, (uidx, iidx)), shape=(n_users, n_items), dtype=np.float32)
+    Scores are then a user's history folded in (the sum of its items' vectors) times the item vectors,
+    unnormalised, so an item's popularity stays in its vector's length."""
+    count = np.bincount(iidx, minlength=n_items).astype(np.float64)
+    weight = np.power(np.maximum(count, 1.0), -damping)
+    x = sparse.csr_matrix((weight[iidx], (uidx, iidx)), shape=(n_users, n_items), dtype=np.float64)
     k = max(1, min(dim, n_items - 1, n_users - 1))
-    svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=5, random_state=seed)
-    us = svd.fit_transform(x).astype(np.float32)
-    s = np.sqrt(np.maximum(svd.singular_values_, 1e-12)).astype(np.float32)
-    return us / s, svd.components_.T.astype(np.float32) * s
+    _, _, vt = randomized_svd(x, n_components=k, n_oversamples=20, n_iter=7, random_state=seed)
+    # fix each component's sign (an SVD's sign is arbitrary) so retraining gives the same vectors
+    flip = np.sign(vt[np.arange(k), np.abs(vt).argmax(axis=1)])
+    return np.ascontiguousarray((vt * flip[:, None]).T, dtype=np.float32)
+
+
+def fit_biases(uidx, iidx, ratings, n_users, n_items, reg, iterations=10):
+    """Regularised user and item biases: (global mean, user (n,), item (m,)) float64."""
+    mu = float(ratings.mean())
+    bu, bi = np.zeros(n_users), np.zeros(n_items)
+    cu = np.bincount(uidx, minlength=n_users)
+    ci = np.bincount(iidx, minlength=n_items)
+    for _ in range(iterations):
+        bi = np.bincount(iidx, ratings - mu - bu[uidx], n_items) / (ci + reg)
+        bu = np.bincount(uidx, ratings - mu - bi[iidx], n_users) / (cu + reg)
+    return mu, bu, bi
+
+
+def _ridge_rows(rows, cols, y, design, reg, n_rows, block: int = 4096):
+    """For every row r: argmin_x sum_j (y_j - design[cols_j] . x)^2 + reg * n_r * |x|^2 (ALS-WR).
+
+    (nnz,) rows, cols, targets and (p, f) design -> (n_rows, f). Each row's normal equations are one
+    small BLAS product; they are solved a block of rows at a time, so memory stays bounded."""
+    f = design.shape[1]
+    order = np.argsort(rows, kind="stable")
+    cols, y = cols[order], np.asarray(y, np.float64)[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    design = np.asarray(design, np.float64)
+    out = np.zeros((n_rows, f))
+    eye = np.eye(f)
+    # thousands of tiny products: a multi-threaded BLAS spends longer waking threads than computing
+    with threadpool_limits(1, user_api="blas"):
+        _ridge_blocks(indptr, cols, y, design, reg, eye, out, block)
+    return out
+
+
+def _ridge_blocks(indptr, cols, y, design, reg, eye, out, block):
+    n_rows, f = out.shape
+    for start in range(0, n_rows, block):
+        stop = min(n_rows, start + block)
+        a = np.empty((stop - start, f, f))
+        b = np.empty((stop - start, f))
+        for r in range(start, stop):
+            lo, hi = indptr[r], indptr[r + 1]
+            d = design[cols[lo:hi]]
+            a[r - start] = d.T @ d
+            b[r - start] = y[lo:hi] @ d
+        cnt = np.diff(indptr[start:stop + 1])
+        a += (reg * np.maximum(cnt, 1))[:, None, None] * eye
+        out[start:stop] = np.linalg.solve(a, b[..., None])[..., 0]
+
+
+def fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings: Settings) -> dict[str, Any]:
+    """Biased matrix factorisation by alternating ridge regressions (ALS-WR), started from the
+    regularised biases. Returns the arrays ModelBundle.predict reads and the "rating" meta."""
+    r = np.asarray(ratings, dtype=np.float64)
+    mu, bu, bi = fit_biases(uidx, iidx, r, n_users, n_items, settings["train.bias_reg"])
+    f = settings["train.rating_dim"]
+    reg = settings["train.rating_reg"]
+    rng = np.random.default_rng(settings["train.seed"])
+    p = rng.normal(scale=0.1, size=(n_users, f))
+    q = rng.normal(scale=0.1, size=(n_items, f))
+    bu_mf, bi_mf = bu.copy(), bi.copy()
+    for _ in range(settings["train.rating_iterations"]):
+        x = _ridge_rows(uidx, iidx, r - mu - bi_mf[iidx], np.column_stack([q, np.ones(n_items)]), reg, n_users)
+        p, bu_mf = x[:, :f], x[:, f]
+        x = _ridge_rows(iidx, uidx, r - mu - bu_mf[uidx], np.column_stack([p, np.ones(n_users)]), reg, n_items)
+        q, bi_mf = x[:, :f], x[:, f]
+    # predict() computes w0 + w1 (mu + bu + bi) + w2 (p . q): the factor model's own biases are used
+    # and it is blended with weight 1 (no held-out blend fitted here)
+    return {"user_bias": bu_mf.astype(np.float32), "item_bias": bi_mf.astype(np.float32),
+            "user_factors": p.astype(np.float32), "item_factors": q.astype(np.float32),
+            "meta": {"global_mean": mu, "blend": [0.0, 1.0, 1.0], "dim": f, "reg": reg}}
 
 
 def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                 rating_range: tuple[float, float] | None = None) -> ModelBundle:
-    """Fit embeddings, index and rating model on ``interactions`` over the ``items`` catalogue."""
+                 rating_range: tuple[float, float] | None = None,
+                 supplied: dict[str, Vectors | None] | None = None) -> ModelBundle:
+    """Fit retrieval vectors (unless supplied), index and rating model on ``interactions``.
+
+    ``supplied``: {"items": Vectors | None, "users": Vectors | None} from batch.embeddings; the
+    trainer makes only what is missing (PureSVD item vectors; user vectors folded in from history)."""
+    supplied = supplied or {}
     seed = settings["train.seed"]
     item_ids = np.sort(items["item_id"].to_numpy(dtype=np.int64))
     user_ids = np.unique(interactions["user_id"].to_numpy(dtype=np.int64))
@@ -102,125 +179,60 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
     ratings = interactions["rating"].to_numpy(dtype=np.float32)
     n_users, n_items = len(user_ids), len(item_ids)
 
-    user_raw, item_raw = _embeddings(uidx, iidx, n_users, n_items, settings["train.dim"], seed)
+    item_v, user_v = supplied.get("items"), supplied.get("users")
+    if item_v is not None:
+        metric = settings["embeddings.metric"]
+        item_vecs = np.zeros((n_items, item_v.vecs.shape[1]), np.float32)
+        item_vecs[np.searchsorted(item_ids, item_v.ids)] = item_v.vecs
+        missing = n_items - len(item_v.ids)
+        if missing:
+            LOG.warning("%s: %d catalogue items have no vector; they get zero vectors", item_v.path, missing)
+        source = str(item_v.path)
+    else:
+        metric = "ip"
+        item_vecs = popularity_svd(uidx, iidx, n_users, n_items, settings["train.dim"],
+                                   settings["train.popularity_damping"], seed)
+        source = "trained"
+    if metric == "cosine":
+        item_vecs = normalise(item_vecs)
 
-    # Genres as 0/1 flags; items nobody interacted with borrow their genres' mean vector.
-    order = items.set_index("item_id").loc[item_ids]
-    vocab = sorted({g for gs in order["genres"] for g in gs})
-    gpos = {g: j for j, g in enumerate(vocab)}
-    item_genres = np.zeros((n_items, len(vocab)), dtype=np.float32)
-    for r, gs in enumerate(order["genres"]):
-        for g in gs:
-            item_genres[r, gpos[g]] = 1.0
-    item_count = np.bincount(iidx, minlength=n_items)
-    cold = item_count == 0
-    if cold.any() and len(vocab):
-        warm = ~cold
-        centroid = (item_genres[warm].T @ item_raw[warm]) / np.maximum(item_genres[warm].sum(0), 1)[:, None]
-        item_raw[cold] = item_genres[cold] @ centroid
-        # A seeded jitter per item id, so cold items sharing genres are not exact duplicates (a tie
-        # group hundreds long would make their neighbour lists arbitrary).
-        scale = 0.05 * np.linalg.norm(item_raw[cold], axis=1, keepdims=True)
-        jitter = np.stack([np.random.default_rng([seed, int(i)]).normal(size=item_raw.shape[1])
-                           for i in item_ids[cold]]).astype(np.float32)
-        item_raw[cold] += scale * jitter / np.sqrt(item_raw.shape[1])
-    item_vecs, user_vecs = normalise(item_raw), normalise(user_raw)
-
-    glob = float(ratings.mean())
-    item_sum = np.bincount(iidx, weights=ratings, minlength=n_items)
-    item_mean = (item_sum + _MEAN_PRIOR * glob) / (item_count + _MEAN_PRIOR)
+    item_support = np.bincount(iidx, minlength=n_items).astype(np.int64)
     user_count = np.bincount(uidx, minlength=n_users)
-    user_mean = (np.bincount(uidx, weights=ratings, minlength=n_users) + _MEAN_PRIOR * glob) / (user_count + _MEAN_PRIOR)
-    item_stats = np.column_stack([item_mean, np.log1p(item_count)]).astype(np.float32)
-    user_stats = np.column_stack([user_mean, np.log1p(user_count)]).astype(np.float32)
-
-    # Seen items as CSR sorted by (user, item).
     o = np.lexsort((iidx, uidx))
     seen_items = iidx[o].astype(np.int32)
     seen_indptr = np.concatenate([[0], np.cumsum(user_count)]).astype(np.int64)
+    user_vecs = fold_in(item_vecs, seen_indptr, seen_items, metric)
+    if user_v is not None:
+        if user_v.vecs.shape[1] != item_vecs.shape[1]:
+            raise InputError(user_v.path, "vector", f"dimension {user_v.vecs.shape[1]} differs from the item "
+                                                     f"vectors' {item_vecs.shape[1]}")
+        given = user_v.vecs if metric == "ip" else normalise(user_v.vecs)
+        user_vecs[np.searchsorted(user_ids, user_v.ids)] = given
 
-    spec = index_spec(n_items, settings)
-    index, params = build_index(item_vecs, spec, settings, seed)
+    rating = fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings)
+    def builder(group_vecs):
+        spec = index_spec(len(group_vecs), settings, metric)
+        index, params = build_index(group_vecs, spec, settings, seed)
+        return index, {"index": spec, "search_params": params}
+
     lo, hi = rating_range or (float(ratings.min()), float(ratings.max()))
-    meta = {"dim": int(item_vecs.shape[1]), "index": spec, "search_params": params, "genres": vocab,
-            "candidates": settings["batch.candidates"], "rating_range": [lo, hi], "global_mean": glob,
-            "trained_at": datetime.now(timezone.utc).isoformat(), "n_interactions": int(len(ratings))}
-    bundle = ModelBundle(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,
-                         item_stats=item_stats, user_stats=user_stats, item_genres=item_genres,
-                         seen_indptr=seen_indptr, seen_items=seen_items, index=index, regressor=None, meta=meta)
-
-    rows = np.arange(len(ratings))
-    if len(rows) > _MAX_TRAIN_ROWS:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, _MAX_TRAIN_ROWS, replace=False))
-    reg = HistGradientBoostingRegressor(max_iter=settings["train.model_iterations"],
-                                        learning_rate=settings["train.learning_rate"],
-                                        early_stopping=False, random_state=seed)
-    x = bundle.features(uidx[rows], iidx[rows])
-    # Leave-one-out means for the training rows: a row's own rating must not leak into its features.
-    r = ratings[rows].astype(np.float64)
-    u_sum = user_mean * (user_count + _MEAN_PRIOR)
-    i_sum = item_mean * (item_count + _MEAN_PRIOR)
-    x[:, 1] = (u_sum[uidx[rows]] - r) / (user_count[uidx[rows]] - 1 + _MEAN_PRIOR)
-    x[:, 3] = (i_sum[iidx[rows]] - r) / (item_count[iidx[rows]] - 1 + _MEAN_PRIOR)
-    reg.fit(x, ratings[rows])
-    bundle.regressor = reg
+    meta = {"dim": int(item_vecs.shape[1]), "metric": metric, "vectors": source,
+            "user_vectors": str(user_v.path) if user_v is not None else "folded in",
+            "min_support": settings["train.similar_min_support"], "rating": rating.pop("meta"),
+            "rating_range": [lo, hi], "trained_at": datetime.now(timezone.utc).isoformat(),
+            "n_interactions": int(len(ratings))}
+    bundle = ModelBundle.from_vectors(item_ids, item_vecs, builder, user_ids=user_ids, user_vecs=user_vecs,
+                                      item_support=item_support, seen_indptr=seen_indptr, seen_items=seen_items,
+                                      rating=rating, meta=meta)
     return bundle
 
 
-def time_split(interactions: pd.DataFrame, holdout_share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The newest ``holdout_share`` of interactions (by timestamp) form the test set."""
-    ordered = interactions.sort_values(["ts", "user_id", "item_id"], kind="stable")
-    cut = int(round(len(ordered) * (1 - holdout_share)))
-    return ordered.iloc[:cut], ordered.iloc[cut:]
-
-
-def evaluate(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-             bundle: ModelBundle | None = None) -> dict[str, Any]:
-    """RMSE against an item-mean baseline, recall@10 against a most-popular baseline, on ``test``."""
-    bundle = bundle or train_bundle(train, items, settings)
-    uidx = bundle.user_index(test["user_id"].to_numpy())
-    iidx = bundle.item_index(test["item_id"].to_numpy())
-    known = (uidx >= 0) & (iidx >= 0)
-    truth = test["rating"].to_numpy(dtype=np.float64)[known]
-    pred = bundle.predict(uidx[known], iidx[known]).astype(np.float64)
-    item_mean = train.groupby("item_id")["rating"].mean()
-    base = test["item_id"][known].map(item_mean).fillna(train["rating"].mean()).to_numpy(dtype=np.float64)
-
-    # recall@10 on users known at training time, a seeded sample of them.
-    test_known = test[known]
-    users = np.unique(test_known["user_id"].to_numpy())
-    rng = np.random.default_rng(settings["train.seed"])
-    if len(users) > settings["train.eval_users"]:
-        users = np.sort(rng.choice(users, settings["train.eval_users"], replace=False))
-    truth_sets = test_known[test_known["user_id"].isin(users)].groupby("user_id")["item_id"].apply(set)
-    recs, _ = bundle.recommend(bundle.user_index(users), 10)
-    popular = bundle.item_ids[np.argsort(-np.expm1(bundle.item_stats[:, 1]), kind="stable")]
-    rec_hits, pop_hits = [], []
-    for row, uid in enumerate(users):
-        want = truth_sets[uid]
-        rec_hits.append(len(want.intersection(recs[row].tolist())) / len(want))
-        seen = set(bundle.item_ids[bundle.seen_of(int(bundle.user_index([uid])[0]))].tolist())
-        top = [i for i in popular[:10 + len(seen)].tolist() if i not in seen][:10]
-        pop_hits.append(len(want.intersection(top)) / len(want))
-    return {
-        "holdout_share": settings["train.holdout_share"],
-        "test_rows": int(len(test)), "test_rows_scored": int(known.sum()),
-        "rmse_model": _rmse(pred, truth), "rmse_item_mean": _rmse(base, truth),
-        "recall_at_10": float(np.mean(rec_hits)) if rec_hits else None,
-        "recall_at_10_popular": float(np.mean(pop_hits)) if pop_hits else None,
-        "eval_users": int(len(users)),
-    }
-
-
-def _rmse(a: np.ndarray, b: np.ndarray) -> float | None:
-    return float(np.sqrt(np.mean((a - b) ** 2))) if len(a) else None
-
-
-def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings
-                       ) -> tuple[ModelBundle, dict[str, Any]]:
-    """Evaluate on a time-based hold-out, then fit the bundle that ships on all interactions."""
-    train, test = time_split(interactions, settings["train.holdout_share"])
+def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                       supplied: dict[str, Vectors | None] | None = None) -> tuple[ModelBundle, dict[str, Any]]:
+    """Evaluate on the per-user temporal hold-out (batch.evaluate), then fit the bundle that ships on
+    all interactions."""
+    from batch.evaluate import holdout_report
     lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
-    evaluation = evaluate(train, test, items, settings, train_bundle(train, items, settings, lohi))
+    evaluation = holdout_report(interactions, items, settings, supplied)
     LOG.info("evaluation: %s", evaluation)
-    return train_bundle(interactions, items, settings, lohi), evaluation
+    return train_bundle(interactions, items, settings, lohi, supplied), evaluation

@@ -2,7 +2,8 @@
 
 The batch job calls these with thousands of queries at a time, the API with one, so batch
 and live answers agree by construction. Functions take and return arrays; ids outside the
-bundle map to index -1 and are the caller's to reject.
+bundle map to index -1 and are the caller's to reject. Every list is ordered by (score desc, item
+id asc), exactly, in batch and live alike.
 """
 from __future__ import annotations
 
@@ -13,48 +14,57 @@ from pathlib import Path
 from typing import Any, Callable
 
 import faiss
-import joblib
 import numpy as np
 from scipy import sparse
 
 LOG = logging.getLogger(__name__)
 
 # Files of a saved bundle (inside a snapshot's model/ folder).
-_ARRAYS = ("item_ids", "user_ids", "item_vecs", "user_vecs", "item_stats", "user_stats",
-           "item_genres", "seen_indptr", "seen_items")
+_ARRAYS = ("item_ids", "user_ids", "item_vecs", "user_vecs", "item_support", "seen_indptr", "seen_items",
+           "group_of", "group_indptr", "group_items", "user_bias", "item_bias", "user_factors", "item_factors")
 _INDEX_FILE = "items.faiss"
-_REGRESSOR_FILE = "regressor.joblib"
 _META_FILE = "meta.json"
 
-# Extra candidates asked of FAISS beyond what is kept, so exact re-scoring decides the cut.
+# Extra candidate groups asked of FAISS beyond what is kept, so exact re-scoring decides the cut.
 _MARGIN = 8
 
-SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+METRICS = ("ip", "cosine")
+
+# (queries (n, d), k[, params]) -> (scores, group indices), as faiss.Index.search
+SearchFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
 class ModelBundle:
-    """Everything a query needs. Shapes: n users, m items, d dims, g genres.
+    """Everything a query needs. Shapes: n users, m items, d retrieval dims, r rating factors, G tie groups.
 
-    item_ids (m,) int64 sorted; user_ids (n,) int64 sorted; item_vecs (m, d) and user_vecs (n, d)
-    float32, L2-normalised; item_stats / user_stats (., 2) float32 = (mean rating, log1p count);
-    item_genres (m, g) float32 0/1; seen_indptr (n+1,) int64 + seen_items (nnz,) int32: CSR of the
-    items each user has interacted with, sorted per user.
+    item_ids (m,) int64 sorted; user_ids (n,) int64 sorted; item_vecs (m, d) and user_vecs (n, d) float32,
+    scored by inner product (unit rows when meta["metric"] is "cosine"); item_support (m,) int64
+    interactions per item; seen_indptr (n+1,) int64 + seen_items (nnz,) int32: CSR of each user's items,
+    sorted. Tie groups: items whose vectors (and similar-item eligibility) are byte-identical share one
+    row of the FAISS index: group_of (m,) int32, group_indptr (G+1,) int64 + group_items (m,) int32 the
+    members of each group in id order. Rating model: user_bias (n,), item_bias (m,) float32,
+    user_factors (n, r), item_factors (m, r) float32, with meta["rating"] holding the global mean and
+    the blend weights.
     """
 
     item_ids: np.ndarray
     user_ids: np.ndarray
     item_vecs: np.ndarray
     user_vecs: np.ndarray
-    item_stats: np.ndarray
-    user_stats: np.ndarray
-    item_genres: np.ndarray
+    item_support: np.ndarray
     seen_indptr: np.ndarray
     seen_items: np.ndarray
+    group_of: np.ndarray
+    group_indptr: np.ndarray
+    group_items: np.ndarray
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
     index: Any
-    regressor: Any
     meta: dict[str, Any] = field(default_factory=dict)
-    search: SearchFn | None = None  # the kNN kernel; defaults to the FAISS index
+    search: SearchFn | None = None  # the kNN kernel over group vectors; defaults to the FAISS index
 
     def __post_init__(self) -> None:
         n_users, n_items = len(self.user_ids), len(self.item_ids)
@@ -62,14 +72,27 @@ class ModelBundle:
             raise ValueError("vectors do not match the id arrays")
         if self.seen_indptr.shape != (n_users + 1,):
             raise ValueError("seen_indptr must have n_users + 1 entries")
+        if self.group_of.shape != (n_items,) or self.group_items.shape != (n_items,):
+            raise ValueError("tie groups do not match the item ids")
         counts = np.diff(self.seen_indptr)
         # Sorted (user, item) keys: membership of any candidate is one searchsorted.
         self._seen_keys = (np.repeat(np.arange(n_users, dtype=np.int64), counts) * n_items
                            + np.asarray(self.seen_items, dtype=np.int64))
-        self._user_genre = _user_genre_profile(self.seen_indptr, self.seen_items, self.item_genres)
         self.max_seen = int(counts.max()) if n_users else 0
+        self._group_size = np.diff(self.group_indptr)
+        self._group_rep = np.asarray(self.group_items[self.group_indptr[:-1]], dtype=np.int64)
+        self.max_group = int(self._group_size.max()) if len(self._group_size) else 0
         if self.search is None:
-            self.search = self.index.search
+            index = self.index  # not self: a closure over self would be a reference cycle
+            self.search = lambda q, k, params=None: index.search(q, k, params=params)
+        # Similar items only among items with enough support: a FAISS selector over the groups
+        # (groups never mix eligible and ineligible items), so the cut is exact inside the search.
+        eligible = self.item_support[self._group_rep] >= self.min_support
+        self._similar_params = None
+        if not eligible.all():
+            self._bitmap = np.packbits(eligible, bitorder="little")  # the selector reads this memory
+            self._selector = faiss.IDSelectorBitmap(len(eligible), faiss.swig_ptr(self._bitmap))
+            self._similar_params = search_parameters(self.meta.get("index", "Flat"), self.meta, self._selector)
 
     # --- ids --------------------------------------------------------------------
     @property
@@ -81,8 +104,34 @@ class ModelBundle:
         return len(self.user_ids)
 
     @property
+    def n_groups(self) -> int:
+        return len(self._group_rep)
+
+    @property
     def model_version(self) -> str:
         return self.meta.get("model_version", "unknown")
+
+    @property
+    def metric(self) -> str:
+        return self.meta.get("metric", "ip")
+
+    @property
+    def min_support(self) -> int:
+        return int(self.meta.get("min_support", 0))
+
+    def search_groups(self, q: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of (n, d) float32 queries over the group vectors -> (scores, group indices) (n, k).
+
+        With meta["mips_pad"] the index holds each vector with one more coordinate,
+        sqrt(max_norm^2 - |v|^2), so that all have the same length and an IVF index clusters them
+        as well as unit vectors; queries get a 0 there, so every inner product is unchanged."""
+        if self.meta.get("mips_pad"):
+            q = np.ascontiguousarray(np.column_stack([q, np.zeros(len(q), np.float32)]), dtype=np.float32)
+        return self.search(q, k, params) if params is not None else self.search(q, k)
+
+    def group_vecs(self) -> np.ndarray:
+        """(G, d) float32: the vectors the FAISS index holds, one per tie group."""
+        return np.ascontiguousarray(self.item_vecs[self._group_rep])
 
     def item_index(self, ids: np.ndarray) -> np.ndarray:
         """External item ids (any shape) -> row indices, -1 where unknown."""
@@ -101,115 +150,124 @@ class ModelBundle:
     def seen_mask(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
         """(n, c) bool: whether user uidx[r] has seen item iidx[r, j]. iidx may hold -1."""
         keys = uidx.astype(np.int64)[:, None] * self.n_items + iidx.astype(np.int64)
-        pos = np.searchsorted(self._seen_keys, keys)
-        pos = np.minimum(pos, max(len(self._seen_keys) - 1, 0))
         if len(self._seen_keys) == 0:
             return np.zeros(keys.shape, dtype=bool)
+        pos = np.searchsorted(self._seen_keys, keys)
+        pos = np.minimum(pos, len(self._seen_keys) - 1)
         return (self._seen_keys[pos] == keys) & (iidx >= 0)
 
     def seen_of(self, uidx: int) -> np.ndarray:
         return self.seen_items[self.seen_indptr[uidx]:self.seen_indptr[uidx + 1]]
 
     # --- the queries ------------------------------------------------------------
-    def features(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
-        """(n,) user and (n,) item indices -> (n, 6 + g) float32 rows for the rating model: cosine,
-        user mean and log count, item mean and log count, the user's affinity to the item's genres,
-        then the item's genre flags."""
+    def predict(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
+        """Predicted ratings for (n,) user and (n,) item indices -> (n,) float32, clipped to the rating
+        range seen in training: a blend of the regularised bias baseline and the biased factor model."""
         uidx, iidx = np.asarray(uidx, dtype=np.int64), np.asarray(iidx, dtype=np.int64)
         if uidx.shape != iidx.shape or uidx.ndim != 1:
             raise ValueError("uidx and iidx must be 1-d and of equal length")
-        cos = np.einsum("ij,ij->i", self.user_vecs[uidx], self.item_vecs[iidx])
-        genres = self.item_genres[iidx]
-        affinity = np.einsum("ij,ij->i", self._user_genre[uidx], genres)
-        return np.column_stack([cos, self.user_stats[uidx], self.item_stats[iidx], affinity, genres]
-                               ).astype(np.float32, copy=False)
-
-    def predict(self, uidx: np.ndarray, iidx: np.ndarray) -> np.ndarray:
-        """Predicted ratings, (n,) float32, clipped to the rating range seen in training."""
         if len(uidx) == 0:
             return np.zeros(0, dtype=np.float32)
-        pred = self.regressor.predict(self.features(uidx, iidx))
+        r = self.meta["rating"]
+        base = r["global_mean"] + self.user_bias[uidx].astype(np.float64) + self.item_bias[iidx]
+        inter = np.einsum("ij,ij->i", self.user_factors[uidx].astype(np.float64), self.item_factors[iidx])
+        w = r["blend"]  # [intercept, weight of the baseline, weight of the interaction term]
+        pred = w[0] + w[1] * base + w[2] * inter
         lo, hi = self.meta.get("rating_range", (-np.inf, np.inf))
         return np.clip(pred, lo, hi).astype(np.float32)
 
     def similar_items(self, iidx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k neighbours of each item, itself excluded.
+        """Top-k neighbours of each item by the bundle's metric, itself excluded, only items with at
+        least meta["min_support"] interactions.
 
-        iidx (n,) item indices -> (ids (n, k) int64, scores (n, k) float32 cosine), padded with -1 / nan.
+        iidx (n,) item indices -> (ids (n, k) int64, scores (n, k) float32), padded with -1 / nan.
         """
         iidx = np.asarray(iidx, dtype=np.int64)
         q = np.ascontiguousarray(self.item_vecs[iidx])
-        _, idx = self.search(q, min(k + 1 + _MARGIN, self.n_items))
-        scores, idx = self._rescore(q, idx, drop=idx == iidx[:, None])
-        return self._to_ids(idx[:, :k], scores[:, :k], idx[:, :k] >= 0, k)
+        idx, scores = self._candidates(q, k + 1, k + 1, params=self._similar_params)
+        return self._finish(idx, scores, idx == iidx[:, None], k)
 
     def recommend(self, uidx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS candidates for each user's vector, unseen only, ranked by the rating model.
+        """Unseen items for each user, by inner product of the user's vector with the item vectors.
 
-        uidx (n,) -> (ids (n, k) int64, predicted ratings (n, k) float32), padded with -1 / nan.
-        The search depth depends on the bundle alone, so one query and a batch agree.
+        uidx (n,) -> (ids (n, k) int64, scores (n, k) float32), padded with -1 / nan. The search
+        depth depends on the bundle and k alone, so one query and a batch agree.
         """
         uidx = np.asarray(uidx, dtype=np.int64)
-        n_cand = int(self.meta.get("candidates", 100))
         q = np.ascontiguousarray(self.user_vecs[uidx])
-        _, idx = self.search(q, min(self.n_items, n_cand + self.max_seen + _MARGIN))
-        _, idx = self._rescore(q, idx, drop=self.seen_mask(uidx, idx))
-        return self._rank_candidates(uidx, idx, idx >= 0, n_cand, k)
+        need = k + self.max_seen
+        idx, scores = self._candidates(q, need, need)
+        return self._finish(idx, scores, self.seen_mask(uidx, idx), k)
 
     def recommend_for_items(self, item_lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Session recommendations: the mean of the given items' vectors, those items excluded.
+        """Session recommendations: the session is folded in exactly as a user's history is (see
+        fold_in), then searched like a user, the given items excluded.
 
-        item_lists: n arrays of item indices -> (ids (n, k) int64, cosine scores (n, k) float32).
+        item_lists: n arrays of item indices -> (ids (n, k) int64, scores (n, k) float32).
         """
-        q = np.stack([self.item_vecs[np.asarray(lst, dtype=np.int64)].mean(axis=0) for lst in item_lists])
-        q = normalise(q.astype(np.float32))
-        longest = max(len(lst) for lst in item_lists)
-        _, idx = self.search(q, min(self.n_items, k + longest + _MARGIN))
-        given = np.full((len(item_lists), longest), -2, dtype=np.int64)
-        for r, lst in enumerate(item_lists):
+        lists = [np.asarray(lst, dtype=np.int64) for lst in item_lists]
+        indptr = np.concatenate([[0], np.cumsum([len(lst) for lst in lists])]).astype(np.int64)
+        flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        q = fold_in(self.item_vecs, indptr, flat, self.metric)
+        longest = max((len(lst) for lst in lists), default=0)
+        idx, scores = self._candidates(q, k + longest, k + longest)
+        given = np.full((len(lists), max(longest, 1)), -2, dtype=np.int64)
+        for r, lst in enumerate(lists):
             given[r, :len(lst)] = lst
-        scores, idx = self._rescore(q, idx, drop=(idx[:, :, None] == given[:, None, :]).any(axis=2))
-        return self._to_ids(idx[:, :k], scores[:, :k], idx[:, :k] >= 0, k)
+        drop = (idx[:, :, None] == given[:, None, :]).any(axis=2)
+        return self._finish(idx, scores, drop, k)
 
     # --- helpers ----------------------------------------------------------------
-    def _rescore(self, q: np.ndarray, idx: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosine of each candidate, computed row by row the same way for one query or many,
-        then ordered by (score desc, item index asc); dropped and missing candidates go last as -1.
+    def _candidates(self, q: np.ndarray, depth: int, cap: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS proposes ``depth`` + margin tie groups per query; each is re-scored exactly with its one
+        vector and expanded into its first ``cap`` members (in id order), every member carrying the
+        group's score, so identical vectors tie exactly whatever kernel FAISS used.
 
-        FAISS proposes the candidates; its batched and single-query kernels round differently, which
-        reorders near-ties. Ordering here makes batch and live answers identical.
-        """
-        idx = np.where(drop, -1, idx)
-        scores = np.full(idx.shape, -np.inf, dtype=np.float32)
-        rows = max(1, (1 << 22) // max(1, idx.shape[1] * q.shape[1]))  # bounded temporary memory
-        for start in range(0, len(idx), rows):
-            part = idx[start:start + rows]
-            vecs = self.item_vecs[np.maximum(part, 0)]
+        Returns item indices (n, c) (-1 = none) and float32 scores (n, c) (-inf = none)."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        n = q.shape[0]
+        depth = min(self.n_groups, depth + _MARGIN)
+        if n == 0 or depth == 0:
+            return np.full((n, 0), -1, np.int64), np.full((n, 0), -np.inf, np.float32)
+        _, groups = self.search_groups(q, depth, params)
+        groups = np.asarray(groups, dtype=np.int64)
+        ok = groups >= 0
+        scores = np.full(groups.shape, -np.inf, dtype=np.float32)
+        rows = max(1, (1 << 22) // max(1, groups.shape[1] * q.shape[1]))  # bounded temporary memory
+        for start in range(0, n, rows):
+            part = groups[start:start + rows]
+            vecs = self.item_vecs[self._group_rep[np.maximum(part, 0)]]
             s = np.einsum("kd,knd->kn", q[start:start + rows], vecs)
             scores[start:start + rows] = np.where(part >= 0, s, -np.inf)
-        order = np.lexsort((np.where(idx >= 0, idx, np.iinfo(np.int64).max), -scores), axis=1)
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        if self.max_group <= 1:
+            return np.where(ok, self._group_rep[np.maximum(groups, 0)], -1), scores
+        sizes = np.where(ok, np.minimum(self._group_size[np.maximum(groups, 0)], cap), 0)
+        per_row = sizes.sum(axis=1)
+        flat_sizes = sizes.ravel()
+        flat_groups = np.repeat(groups.ravel(), flat_sizes)
+        within = np.arange(len(flat_groups)) - np.repeat(np.cumsum(flat_sizes) - flat_sizes, flat_sizes)
+        members = self.group_items[self.group_indptr[flat_groups] + within]
+        row = np.repeat(np.arange(n), per_row)
+        col = np.arange(len(members)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        width = int(per_row.max()) if n else 0
+        idx = np.full((n, width), -1, dtype=np.int64)
+        out = np.full((n, width), -np.inf, dtype=np.float32)
+        idx[row, col] = members
+        out[row, col] = np.repeat(scores.ravel(), flat_sizes)
+        return idx, out
 
-    def _rank_candidates(self, uidx, idx, keep, n_cand, k):
-        # First n_cand kept candidates per row, in search order.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :n_cand]
-        cand = np.take_along_axis(idx, order, axis=1)
-        valid = np.take_along_axis(keep, order, axis=1)
-        rows = np.repeat(uidx, cand.shape[1])
-        flat_valid = valid.ravel()
-        pred = np.full(cand.size, -np.inf, dtype=np.float32)
-        pred[flat_valid] = self.predict(rows[flat_valid], cand.ravel()[flat_valid])
-        pred = pred.reshape(cand.shape)
-        # Highest prediction first; ties keep search order (stable sort).
-        rank = np.argsort(-pred, axis=1, kind="stable")[:, :k]
-        return self._to_ids(np.take_along_axis(cand, rank, axis=1), np.take_along_axis(pred, rank, axis=1),
-                            np.take_along_axis(valid, rank, axis=1), k)
-
-    def _to_ids(self, idx, scores, valid, k):
+    def _finish(self, idx: np.ndarray, scores: np.ndarray, drop: np.ndarray, k: int):
+        """Drop what must not be shown, order by (score desc, item id asc) and keep k, as ids."""
+        idx = np.where(drop, -1, idx)
+        scores = np.where(idx >= 0, scores, -np.inf)
+        # item indices follow item ids (both sorted), so the index is the id tie-break
+        order = np.lexsort((np.where(idx >= 0, idx, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+        idx, scores = np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
         n = idx.shape[0]
         ids = np.full((n, k), -1, dtype=np.int64)
         out = np.full((n, k), np.nan, dtype=np.float32)
         w = idx.shape[1]
+        valid = idx >= 0
         ids[:, :w] = np.where(valid, self.item_ids[np.where(valid, idx, 0)], -1)
         out[:, :w] = np.where(valid, scores, np.nan)
         return ids, out
@@ -221,7 +279,6 @@ class ModelBundle:
         for name in _ARRAYS:
             np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
         faiss.write_index(self.index, str(folder / _INDEX_FILE))
-        joblib.dump(self.regressor, folder / _REGRESSOR_FILE)
         (folder / _META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
 
     @staticmethod
@@ -236,8 +293,98 @@ class ModelBundle:
         meta = json.loads((folder / _META_FILE).read_text())
         index = read_index(folder / _INDEX_FILE, meta.get("index", ""), mmap)
         set_search_params(index, meta)
-        regressor = joblib.load(folder / _REGRESSOR_FILE)
-        return cls(**arrays, index=index, regressor=regressor, meta=meta)
+        return cls(**arrays, index=index, meta=meta)
+
+    @classmethod
+    def from_vectors(cls, item_ids: np.ndarray, item_vecs: np.ndarray,
+                     index_builder: Callable[[np.ndarray], tuple[Any, dict[str, Any]]],
+                     user_ids: np.ndarray | None = None, user_vecs: np.ndarray | None = None,
+                     item_support: np.ndarray | None = None, seen_indptr: np.ndarray | None = None,
+                     seen_items: np.ndarray | None = None, rating: dict[str, np.ndarray] | None = None,
+                     meta: dict[str, Any] | None = None) -> "ModelBundle":
+        """A bundle from vectors: tie groups computed, the index built over one vector per group by
+        ``index_builder((G, d) float32) -> (FAISS index, meta entries such as "index" and
+        "search_params")``. Missing parts default to empty / zero."""
+        meta = dict(meta or {})
+        meta.setdefault("metric", "ip")
+        meta.setdefault("rating", {"global_mean": 0.0, "blend": [0.0, 1.0, 1.0]})
+        n_items, d = item_vecs.shape
+        user_ids = np.zeros(0, np.int64) if user_ids is None else user_ids
+        user_vecs = np.zeros((len(user_ids), d), np.float32) if user_vecs is None else user_vecs
+        item_support = np.zeros(n_items, np.int64) if item_support is None else item_support
+        seen_indptr = np.zeros(len(user_ids) + 1, np.int64) if seen_indptr is None else seen_indptr
+        seen_items = np.zeros(0, np.int32) if seen_items is None else seen_items
+        rating = rating or {}
+        eligible = item_support >= int(meta.get("min_support", 0))
+        group_of, group_indptr, group_items = tie_groups(item_vecs, eligible)
+        group_vecs = np.ascontiguousarray(item_vecs[group_items[group_indptr[:-1]]], dtype=np.float32)
+        if meta["metric"] == "ip":
+            group_vecs = mips_pad(group_vecs)
+            meta["mips_pad"] = True
+        index, index_meta = index_builder(group_vecs)
+        meta.update(index_meta)
+        return cls(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,
+                   item_support=np.asarray(item_support, np.int64), seen_indptr=seen_indptr, seen_items=seen_items,
+                   group_of=group_of, group_indptr=group_indptr, group_items=group_items,
+                   user_bias=rating.get("user_bias", np.zeros(len(user_ids), np.float32)),
+                   item_bias=rating.get("item_bias", np.zeros(n_items, np.float32)),
+                   user_factors=rating.get("user_factors", np.zeros((len(user_ids), 1), np.float32)),
+                   item_factors=rating.get("item_factors", np.zeros((n_items, 1), np.float32)),
+                   index=index, meta=meta)
+
+
+def tie_groups(vecs: np.ndarray, eligible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups of rows whose vectors are byte-identical and whose ``eligible`` flags agree.
+
+    vecs (m, d) float32, eligible (m,) bool -> group_of (m,) int32, indptr (G+1,) int64, members (m,)
+    int32 sorted by (group, row). Groups are numbered by their smallest row, so without duplicates
+    group g is row g."""
+    m = vecs.shape[0]
+    if m == 0:
+        return np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32)
+    rows = np.ascontiguousarray(np.column_stack([np.asarray(vecs, np.float32).view(np.uint32),
+                                                 np.asarray(eligible, np.uint32)]))
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    # renumber groups by their first row
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group_of = rank[inverse.ravel()].astype(np.int32)
+    members = np.lexsort((np.arange(m), group_of)).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(group_of, minlength=len(first)))]).astype(np.int64)
+    return group_of, indptr, members
+
+
+def mips_pad(vecs: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, d+1) float32: each row extended by sqrt(max_norm^2 - |row|^2), so all rows have
+    the largest row's length. Inner products with queries padded by 0 are unchanged; the
+    maximum-inner-product search becomes a search among equal-length vectors, which clustering
+    indexes (IVF) handle as well as cosine (Bachrach et al., 2014)."""
+    vecs = np.asarray(vecs, dtype=np.float32)
+    sq = np.einsum("ij,ij->i", vecs.astype(np.float64), vecs)
+    extra = np.sqrt(np.maximum(sq.max(initial=0.0) - sq, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.column_stack([vecs, extra]))
+
+
+def fold_in(item_vecs: np.ndarray, indptr: np.ndarray, items: np.ndarray, metric: str) -> np.ndarray:
+    """Query vectors from histories: (m, d) item vectors and a CSR of item indices (n+1,) / (nnz,) ->
+    (n, d) float32. Inner product: the sum of the history's vectors (PureSVD's x_u V); cosine: their
+    normalised mean. User vectors and session queries both come from here."""
+    n = len(indptr) - 1
+    x = sparse.csr_matrix((np.ones(len(items), dtype=np.float32), np.asarray(items, np.int64),
+                           np.asarray(indptr, np.int64)), shape=(n, item_vecs.shape[0]))
+    q = np.asarray(x @ np.asarray(item_vecs, dtype=np.float32), dtype=np.float32)
+    return normalise(q) if metric == "cosine" else q
+
+
+def search_parameters(spec: str, meta: dict[str, Any], selector) -> Any:
+    """FAISS search parameters carrying ``selector`` and the index's recorded knobs."""
+    knobs = meta.get("search_params") or {}
+    if spec.startswith("IVF"):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(knobs.get("nprobe", 1)))
+    if spec.startswith("HNSW"):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(knobs.get("efSearch", 16)))
+    return faiss.SearchParameters(sel=selector)
 
 
 def lookup(sorted_ids: np.ndarray, ids) -> np.ndarray:
@@ -294,13 +441,3 @@ def set_search_params(index, meta: dict[str, Any]) -> None:
 def normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
-def _user_genre_profile(indptr: np.ndarray, items: np.ndarray, genres: np.ndarray) -> np.ndarray:
-    """(n_users, g): the share of each user's items in each genre."""
-    n_users, n_items = len(indptr) - 1, genres.shape[0]
-    counts = np.diff(indptr)
-    seen = sparse.csr_matrix((np.ones(len(items), dtype=np.float32), np.asarray(items), np.asarray(indptr)),
-                             shape=(n_users, n_items))
-    prof = np.asarray(seen @ np.asarray(genres, dtype=np.float32))
-    return (prof / np.maximum(counts, 1)[:, None]).astype(np.float32)

@@ -8,14 +8,15 @@ import pytest
 
 from batch.inputs import generate_sample, write_inputs
 from serving.settings import load_settings
+from serving.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
 
 SMALL = {
     "sample": {"users": 300, "items": 400, "interactions": 12_000, "genres": 6, "days": 60, "seed": 7},
-    "train": {"dim": 16, "model_iterations": 30, "eval_users": 200},
-    "batch": {"k_max": 20, "candidates": 40, "batch_size": 64, "keep": 3, "validate_sample": 50,
+    "train": {"dim": 16, "rating_dim": 8, "eval_users": 200},
+    "batch": {"k_max": 20, "batch_size": 64, "keep": 3, "validate_sample": 50,
               "pairs_per_user": 5, "threads": 1},
 }
 
@@ -65,4 +66,6 @@ def workspace(tmp_path, published):
     shutil.copytree(root / "inputs", tmp_path / "inputs")
     shutil.copytree(root / "store", tmp_path / "store", symlinks=True)
     settings, cfg = make_settings(tmp_path)
+    from batch.catalog import refresh_views
+    refresh_views(Store(settings["paths.store"]))  # the copied catalog's views still name the original's files
     return tmp_path, settings, cfg, result

@@ -80,6 +80,20 @@ def test_summary_table(tmp_path):
     assert (tmp_path / "summary.md").read_text() == text
 
 
+def test_summary_reports_recommender_quality(tmp_path):
+    import run_all
+    (tmp_path / "recommender_quality.json").write_text(json.dumps({
+        "ranking": {"model": {"recall_at_10": 0.11, "ndcg_at_10": 0.15}, "most_popular": {"recall_at_10": 0.05,
+                    "ndcg_at_10": 0.11}, "recall_at_10_vs_most_popular": 2.2, "ndcg_at_10_vs_most_popular": 15 / 11},
+        "rating": {"model": {"rmse": 0.95}, "bias": {"rmse": 0.94}},
+        "similar_items": {"rare_neighbours": 0, "neighbours": 50}}))
+    text = run_all.summary(tmp_path)
+    assert "| 2.20x (0.110 vs 0.050) | >= 1.5x | yes |" in text
+    assert "| 1.36x (0.150 vs 0.110) | >= 1.5x | **no** |" in text
+    assert "| 0.9500 (0.9400) | <= 0.93 | **no** |" in text
+    assert "| 0 of 50 | 0 | yes |" in text
+
+
 def test_server_benchmark_small(tmp_path, workspace):
     """The server benchmark end to end on a tiny catalogue, granian only (nginx, Redis and the former
     gunicorn worker come with make bench), Python load generator: slow clients stall nothing."""

@@ -47,60 +47,67 @@ def test_layout_and_manifest(snap):
     store.verify(sid)
 
 
+def _brute_force(vecs: np.ndarray, q: np.ndarray, drop: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products in float64, dropped rows excluded, ordered by (score desc, index asc)."""
+    sims = vecs @ q
+    order = np.lexsort((np.arange(len(sims)), -sims))
+    order = order[~drop[order]][:k]
+    return order, sims[order]
+
+
 def test_similar_items_equal_brute_force(snap):
-    store, sid, bundle, settings, _ = snap
-    assert bundle.meta["index"] == "Flat"
+    store, sid, bundle, settings, root = snap
+    assert bundle.meta["index"] == "Flat" and bundle.meta["metric"] == "ip"
     table = store.read_table(sid, "similar_items").to_pandas()
     k = settings["batch.k_max"]
     vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
+    inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
+    support = inter["item_id"].value_counts().reindex(bundle.item_ids, fill_value=0).to_numpy()
+    rare = support < settings["train.similar_min_support"]
+    assert rare.any(), "the sample must hold rare items for this test to mean something"
     for row in table.sample(40, random_state=1).itertuples():
         i = int(np.searchsorted(bundle.item_ids, row.item_id))
-        sims = vecs @ vecs[i]
-        sims[i] = -np.inf  # itself excluded
-        order = np.argsort(-sims, kind="stable")[:k]
+        drop = rare.copy()
+        drop[i] = True  # itself excluded
+        order, sims = _brute_force(vecs, vecs[i], drop, k)
         np.testing.assert_array_equal(np.asarray(row.neighbor_ids), bundle.item_ids[order])
-        np.testing.assert_allclose(np.asarray(row.scores), sims[order], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(row.scores), sims, rtol=1e-4, atol=1e-5)
 
 
 def test_predictions_equal_model_predict(snap):
     store, sid, bundle, _, root = snap
     preds = store.read_table(sid, "predictions").to_pandas()
-    items = pd.read_parquet(root / "inputs" / "items.parquet").set_index("item_id")
     u = np.searchsorted(bundle.user_ids, preds["user_id"].to_numpy())
     i = np.searchsorted(bundle.item_ids, preds["item_id"].to_numpy())
-    # Assemble the rows independently of ModelBundle.features.
-    cos = (np.asarray(bundle.user_vecs)[u] * np.asarray(bundle.item_vecs)[i]).sum(axis=1)
-    vocab = bundle.meta["genres"]
-    flags = np.array([[g in items.loc[iid, "genres"] for g in vocab] for iid in preds["item_id"]], dtype=np.float32)
-    seen = {uid: set() for uid in bundle.user_ids}
-    inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
-    for a, b in zip(inter["user_id"], inter["item_id"]):
-        seen[a].add(b)
-    gidx = {iid: j for j, iid in enumerate(bundle.item_ids)}
-    genres = np.asarray(bundle.item_genres)
-    affinity = np.array([genres[[gidx[x] for x in seen[uid]]].mean(axis=0) @ flags[r]
-                         for r, uid in enumerate(preds["user_id"])])
-    x = np.column_stack([cos, np.asarray(bundle.user_stats)[u], np.asarray(bundle.item_stats)[i], affinity, flags])
+    # the blend written out by hand, independently of ModelBundle.predict
+    r = bundle.meta["rating"]
+    w0, w1, w2 = r["blend"]
+    base = r["global_mean"] + np.asarray(bundle.user_bias, np.float64)[u] + np.asarray(bundle.item_bias, np.float64)[i]
+    inter = (np.asarray(bundle.user_factors, np.float64)[u] * np.asarray(bundle.item_factors, np.float64)[i]).sum(1)
     lo, hi = bundle.meta["rating_range"]
-    want = np.clip(bundle.regressor.predict(x.astype(np.float32)), lo, hi)
+    want = np.clip(w0 + w1 * base + w2 * inter, lo, hi)
     np.testing.assert_allclose(preds["prediction"].to_numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_user_recs_exclude_seen_and_are_ranked(snap):
+def test_user_recs_exclude_seen_and_equal_brute_force(snap):
+    """User vectors are the user's history folded in (the sum of its item vectors); recommendations
+    are the unseen items by inner product, ties by id."""
     store, sid, bundle, settings, root = snap
     recs = store.read_table(sid, "user_recs").to_pandas()
     inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
     seen = inter.groupby("user_id")["item_id"].apply(set)
+    vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
     assert len(recs) > 0
     for row in recs.itertuples():
         ids = list(row.item_ids)
         assert len(ids) == settings["batch.k_max"]
         assert not set(ids) & seen[row.user_id]
-        assert len(set(ids)) == len(ids)
-        scores = np.asarray(row.scores)
-        assert np.all(np.diff(scores) <= 1e-6), "ranked by predicted rating"
-        u = np.searchsorted(bundle.user_ids, row.user_id)
-        np.testing.assert_allclose(scores, bundle.predict(np.full(len(ids), u), bundle.item_index(ids)), rtol=1e-5)
+        history = np.searchsorted(bundle.item_ids, sorted(seen[row.user_id]))
+        drop = np.zeros(len(vecs), bool)
+        drop[history] = True
+        order, sims = _brute_force(vecs, vecs[history].sum(axis=0), drop, len(ids))
+        np.testing.assert_array_equal(ids, bundle.item_ids[order])
+        np.testing.assert_allclose(np.asarray(row.scores), sims, rtol=1e-4, atol=1e-4)
 
 
 def test_one_query_agrees_with_the_batch(snap):

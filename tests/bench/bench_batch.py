@@ -34,14 +34,17 @@ def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
     return normalise(x)
 
 
-def item_only_bundle(vecs: np.ndarray, index) -> ModelBundle:
-    """A bundle with items only (no users): what similar-items precompute needs."""
-    n, d = vecs.shape
-    return ModelBundle(item_ids=np.arange(1, n + 1, dtype=np.int64), user_ids=np.zeros(0, np.int64),
-                       item_vecs=vecs, user_vecs=np.zeros((0, d), np.float32),
-                       item_stats=np.zeros((n, 2), np.float32), user_stats=np.zeros((0, 2), np.float32),
-                       item_genres=np.zeros((n, 0), np.float32), seen_indptr=np.zeros(1, np.int64),
-                       seen_items=np.zeros(0, np.int32), index=index, regressor=None)
+def item_only_bundle(vecs: np.ndarray, index, meta: dict | None = None) -> ModelBundle:
+    """A bundle with items only (no users) around an index built already over ``vecs``: what
+    similar-items precompute needs."""
+    n = vecs.shape[0]
+
+    def prebuilt(group_vecs):
+        if len(group_vecs) != n:  # the index holds one row per distinct vector
+            raise ValueError("item_only_bundle needs distinct vectors")
+        return index, dict(meta or {})
+    # unit vectors (clustered() normalises): cosine, so the prebuilt index needs no padding coordinate
+    return ModelBundle.from_vectors(np.arange(1, n + 1, dtype=np.int64), vecs, prebuilt, meta={"metric": "cosine"})
 
 
 def run(items: int, dim: int, index: str, k: int = 10, recall_queries: int = 1000, out_dir=None) -> dict:
@@ -54,7 +57,7 @@ def run(items: int, dim: int, index: str, k: int = 10, recall_queries: int = 100
     t1 = time.perf_counter()
     spec = index_spec(items, settings)
     idx, params = build_index(vecs, spec, settings)
-    bundle = item_only_bundle(vecs, idx)
+    bundle = item_only_bundle(vecs, idx, {"index": spec, "search_params": params})
     t_build = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -48,13 +48,10 @@ def build_snapshot(root: Path, items: int, dim: int, k_max: int) -> tuple[Path, 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     vecs = clustered(items, dim, clusters=max(10, items // 500))
     index, params = build_index(vecs, index_spec(items, settings), settings)
-    bundle = item_only_bundle(vecs, index)
-    # This snapshot has items only (no users to score): a fitted constant model stands in.
-    from sklearn.dummy import DummyRegressor
-    bundle.regressor = DummyRegressor(strategy="constant", constant=3.0).fit(np.zeros((1, 6)), [3.0])
-    bundle.meta = {"index": index_spec(items, settings), "search_params": params, "candidates": 100,
-                   "rating_range": [1.0, 5.0], "genres": [], "trained_at": "2026-01-01T00:00:00+00:00",
-                   "model_version": f"synthetic-{items}"}
+    bundle = item_only_bundle(vecs, index, {"index": index_spec(items, settings), "search_params": params})
+    # This snapshot has items only (no users to score)
+    bundle.meta.update({"rating_range": [1.0, 5.0], "trained_at": "2026-01-01T00:00:00+00:00",
+                        "model_version": f"synthetic-{items}"})
     model_dir = root / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     bundle.save(model_dir)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
 import bench_modes  # noqa: E402
+import bench_quality  # noqa: E402
 import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
@@ -116,6 +117,19 @@ def summary(results_dir: Path = RESULTS) -> str:
                  _row("memory added per extra server worker (PSS)",
                       f"{s['extra_worker_mb']:,.0f} MB = {s['extra_worker_share_of_snapshot']:.0%} of the snapshot",
                       "<= 25%", s["extra_worker_share_of_snapshot"] <= 0.25)]
+    q = load("recommender_quality")
+    if q:
+        rk, rt, sim = q["ranking"], q["rating"], q["similar_items"]
+        rows += [_row("quality, MovieLens 100K: recall@10 vs most-popular (per-user temporal split)",
+                      f"{rk['recall_at_10_vs_most_popular']:.2f}x ({rk['model']['recall_at_10']:.3f} vs "
+                      f"{rk['most_popular']['recall_at_10']:.3f})", ">= 1.5x", rk["recall_at_10_vs_most_popular"] >= 1.5),
+                 _row("quality, MovieLens 100K: NDCG@10 vs most-popular",
+                      f"{rk['ndcg_at_10_vs_most_popular']:.2f}x ({rk['model']['ndcg_at_10']:.3f} vs "
+                      f"{rk['most_popular']['ndcg_at_10']:.3f})", ">= 1.5x", rk["ndcg_at_10_vs_most_popular"] >= 1.5),
+                 _row("quality, MovieLens 100K: 5-fold RMSE (bias baseline)",
+                      f"{rt['model']['rmse']:.4f} ({rt['bias']['rmse']:.4f})", "<= 0.93", rt["model"]["rmse"] <= 0.93),
+                 _row("quality, MovieLens 100K: famous movies' top-10 similar items with < 20 ratings",
+                      f"{sim['rare_neighbours']} of {sim['neighbours']}", "0", sim["rare_neighbours"] == 0)]
     mach = machine()
     head = (f"Machine: {mach['cores']} cores, Python {mach['python']}, "
             + ", ".join(f"{k} {v}" for k, v in mach["packages"].items()) + "\n\n"
@@ -130,7 +144,7 @@ def main(quick: bool = False, only: str = "") -> None:
         for name in only.split(","):
             {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run}[name]()
+             "snapshot": bench_snapshot.run, "quality": bench_quality.run}[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -141,6 +155,7 @@ def main(quick: bool = False, only: str = "") -> None:
         bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000, workdir=work, out_dir=out,
                         rounds=2)
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
+        bench_quality.run(out_dir=out, folds=2)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -150,12 +165,13 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_snapshot.run()
+    bench_quality.run()
     print(summary())
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality")
     a = ap.parse_args()
     main(a.quick, a.only)

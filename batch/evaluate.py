@@ -1,0 +1,219 @@
+"""Offline evaluation by the two standard protocols, against simple baselines.
+
+- ranking: a per-user temporal split (each user's newest ``holdout_share`` of interactions held out;
+  users with fewer than 5 keep all in training); recall@10 and NDCG@10 over users with held-out
+  items, items seen in training excluded; baseline most-popular.
+- rating: 5-fold cross-validation (KFold, shuffled, seed 0) RMSE; baselines item mean and the
+  regularised user + item bias model.
+Plus the similar-items support check: how many of famous items' top-10 neighbours are rare.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import KFold
+
+from batch.embeddings import Vectors
+from batch.train import fit_biases, fit_rating_model, train_bundle
+from serving.model import ModelBundle
+from serving.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+K = 10
+MIN_INTERACTIONS = 5
+# Famous titles (MovieLens spellings); when none is in the catalogue the most-rated items stand in.
+FAMOUS = (r"Toy Story \(1995\)", r"Star Wars(: Episode IV - A New Hope)? \(1977\)", r"Godfather, The \(1972\)",
+          r"Pulp Fiction \(1994\)", r"Fargo \(1996\)")
+RARE_BELOW = 20
+
+
+def temporal_split(interactions: pd.DataFrame, share: float, min_interactions: int = MIN_INTERACTIONS
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's newest ``share`` of interactions (at least one; ties by item id) -> test, the rest
+    -> train; users with fewer than ``min_interactions`` keep all in train."""
+    ordered = interactions.sort_values(["user_id", "ts", "item_id"], kind="stable")
+    pos = ordered.groupby("user_id").cumcount().to_numpy()
+    n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
+    n_test = np.where(n >= min_interactions, np.maximum(1, (n * share).astype(np.int64)), 0)
+    test = pos >= n - n_test
+    return ordered[~test], ordered[test]
+
+
+def ranking_metrics(rec_ids: np.ndarray, truth: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) recommended ids (-1 padded) and n arrays of held-out ids -> recall@k (n,), NDCG@k (n,)."""
+    k = rec_ids.shape[1]
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    recall, ndcg = np.zeros(len(truth)), np.zeros(len(truth))
+    for r, want in enumerate(truth):
+        hit = np.isin(rec_ids[r], want) & (rec_ids[r] >= 0)
+        recall[r] = hit.sum() / len(want)
+        ndcg[r] = (hit * disc).sum() / disc[:min(len(want), k)].sum()
+    return recall, ndcg
+
+
+def most_popular(train: pd.DataFrame, user_ids: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) ids: the most-interacted items in ``train`` (ties by id), each user's seen items excluded."""
+    counts = train.groupby("item_id").size()
+    ranked = counts.index.to_numpy()[np.lexsort((counts.index.to_numpy(), -counts.to_numpy()))]
+    seen = train.groupby("user_id")["item_id"].apply(lambda s: set(s.tolist()))
+    out = np.full((len(user_ids), k), -1, dtype=np.int64)
+    for r, uid in enumerate(user_ids):
+        s = seen.get(uid, set())
+        top = [i for i in ranked[:k + len(s)].tolist() if i not in s][:k]
+        out[r, :len(top)] = top
+    return out
+
+
+def ranking_report(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                   supplied: dict[str, Vectors | None] | None = None, max_users: int | None = None,
+                   bundle: ModelBundle | None = None) -> dict[str, Any]:
+    """recall@10 / NDCG@10 of the model trained on ``train`` and of most-popular, on ``test``."""
+    bundle = bundle or train_bundle(train, items, settings, supplied=supplied)
+    test = test[test["user_id"].isin(bundle.user_ids)]
+    users = np.unique(test["user_id"].to_numpy())
+    if max_users is not None and len(users) > max_users:
+        rng = np.random.default_rng(settings["train.seed"])
+        users = np.sort(rng.choice(users, max_users, replace=False))
+    test = test[test["user_id"].isin(users)]
+    truth = [g.to_numpy() for _, g in test.groupby("user_id")["item_id"]]
+    out: dict[str, Any] = {"users": int(len(users)), "k": K}
+    if not len(users):
+        return out
+    recs, _ = bundle.recommend(bundle.user_index(users), K)
+    for name, ids in (("model", recs), ("most_popular", most_popular(train, users, K))):
+        recall, ndcg = ranking_metrics(ids, truth)
+        out[name] = {"recall_at_10": float(recall.mean()), "ndcg_at_10": float(ndcg.mean())}
+    for m in ("recall_at_10", "ndcg_at_10"):
+        base = out["most_popular"][m]
+        out[f"{m}_vs_most_popular"] = out["model"][m] / base if base > 0 else None
+    return out
+
+
+def rmse_baselines(train: pd.DataFrame, test: pd.DataFrame, settings: Settings) -> dict[str, float]:
+    """RMSE on ``test`` of the rating model, the bias model and the item mean, all fitted on ``train``."""
+    users = np.unique(np.concatenate([train["user_id"].to_numpy(), test["user_id"].to_numpy()]))
+    items = np.unique(np.concatenate([train["item_id"].to_numpy(), test["item_id"].to_numpy()]))
+    u, i = np.searchsorted(users, train["user_id"].to_numpy()), np.searchsorted(items, train["item_id"].to_numpy())
+    tu, ti = np.searchsorted(users, test["user_id"].to_numpy()), np.searchsorted(items, test["item_id"].to_numpy())
+    r = train["rating"].to_numpy(np.float64)
+    truth = test["rating"].to_numpy(np.float64)
+    lo, hi = float(min(r.min(), truth.min())), float(max(r.max(), truth.max()))
+    model = fit_rating_model(u, i, r, len(users), len(items), settings)
+    meta = model["meta"]
+    w = meta["blend"]
+    base = meta["global_mean"] + model["user_bias"][tu].astype(np.float64) + model["item_bias"][ti]
+    inter = np.einsum("ij,ij->i", model["user_factors"][tu].astype(np.float64), model["item_factors"][ti])
+    pred_model = w[0] + w[1] * base + w[2] * inter
+    mu, bu, bi = fit_biases(u, i, r, len(users), len(items), settings["train.bias_reg"])
+    pred_bias = mu + bu[tu] + bi[ti]
+    count = np.bincount(i, minlength=len(items))
+    mean = np.divide(np.bincount(i, r, len(items)), count, out=np.full(len(items), r.mean()), where=count > 0)
+    pred_mean = mean[ti]
+    return {name: float(np.sqrt(np.mean((np.clip(p, lo, hi) - truth) ** 2)))
+            for name, p in (("model", pred_model), ("bias", pred_bias), ("item_mean", pred_mean))}
+
+
+def cross_validate(interactions: pd.DataFrame, settings: Settings, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """k-fold (shuffled, seeded) RMSE of the rating model and the baselines; per fold and overall."""
+    per_fold: dict[str, list[float]] = {}
+    for tr, te in KFold(folds, shuffle=True, random_state=seed).split(interactions):
+        for name, value in rmse_baselines(interactions.iloc[tr], interactions.iloc[te], settings).items():
+            per_fold.setdefault(name, []).append(value)
+    # overall RMSE from the folds' mean squared errors (folds are equal-sized within one row)
+    return {"folds": folds, "seed": seed,
+            **{name: {"rmse": float(np.sqrt(np.mean(np.square(v)))), "per_fold": v} for name, v in per_fold.items()}}
+
+
+def famous_items(items: pd.DataFrame, interactions: pd.DataFrame, n: int = 5) -> pd.DataFrame:
+    """The FAMOUS titles found in the catalogue, else the ``n`` most-rated items: item_id, title."""
+    found = []
+    for pattern in FAMOUS:
+        hit = items[items["title"].str.fullmatch(pattern)]
+        if len(hit):
+            found.append(hit.iloc[0])
+    if found:
+        return pd.DataFrame(found)[["item_id", "title"]].reset_index(drop=True)
+    top = interactions.groupby("item_id").size().sort_values(ascending=False, kind="stable").index[:n]
+    return items.set_index("item_id").loc[top, ["title"]].reset_index()
+
+
+def similar_support(bundle: ModelBundle, items: pd.DataFrame, interactions: pd.DataFrame,
+                    rare_below: int = RARE_BELOW) -> dict[str, Any]:
+    """For famous items, their top-10 similar items and how many have fewer than ``rare_below`` ratings."""
+    famous = famous_items(items, interactions)
+    counts = interactions.groupby("item_id").size()
+    titles = items.set_index("item_id")["title"]
+    ids, _ = bundle.similar_items(bundle.item_index(famous["item_id"].to_numpy()), K)
+    rows, rare = [], 0
+    for (iid, title), neigh in zip(famous.itertuples(index=False), ids):
+        neigh = [int(x) for x in neigh if x >= 0]
+        low = [x for x in neigh if counts.get(x, 0) < rare_below]
+        rare += len(low)
+        rows.append({"item_id": int(iid), "title": title, "neighbours": [titles.get(x, "") for x in neigh],
+                     "rare": len(low)})
+    return {"rare_below": rare_below, "items": rows, "rare_neighbours": rare,
+            "neighbours": int(sum(len(r["neighbours"]) for r in rows))}
+
+
+def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                   supplied: dict[str, Vectors | None] | None = None) -> dict[str, Any]:
+    """The batch job's check on its model: the temporal split, recall on a sample of users, RMSE on
+    the held-out ratings (model against item mean)."""
+    train, test = temporal_split(interactions, settings["train.holdout_share"])
+    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
+    bundle = train_bundle(train, items, settings, lohi, supplied)
+    rank = ranking_report(train, test, items, settings, supplied, settings["train.eval_users"], bundle)
+    known = test[test["user_id"].isin(bundle.user_ids) & test["item_id"].isin(bundle.item_ids)]
+    rmse = rmse_baselines(train, known, settings) if len(known) else {}
+    return {"protocol": "per-user temporal split", "holdout_share": settings["train.holdout_share"],
+            "test_rows": int(len(test)), "test_rows_scored": int(len(known)),
+            "rmse_model": rmse.get("model"), "rmse_item_mean": rmse.get("item_mean"), "rmse_bias": rmse.get("bias"),
+            "recall_at_10": rank.get("model", {}).get("recall_at_10"),
+            "recall_at_10_popular": rank.get("most_popular", {}).get("recall_at_10"),
+            "ndcg_at_10": rank.get("model", {}).get("ndcg_at_10"),
+            "ndcg_at_10_popular": rank.get("most_popular", {}).get("ndcg_at_10"),
+            "eval_users": rank["users"]}
+
+
+def evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+             supplied: dict[str, Vectors | None] | None = None, folds: int = 5) -> dict[str, Any]:
+    """Both protocols and the support check on the given inputs: the report `batch evaluate` prints."""
+    train, test = temporal_split(interactions, settings["train.holdout_share"])
+    ranking = ranking_report(train, test, items, settings, supplied)
+    LOG.info("ranking: %s", ranking)
+    rating = cross_validate(interactions, settings, folds)
+    LOG.info("rating: %s", rating)
+    full = train_bundle(interactions, items, settings, supplied=supplied)
+    return {"interactions": int(len(interactions)), "users": int(interactions["user_id"].nunique()),
+            "items": int(len(items)),
+            "ranking": {"protocol": f"per-user temporal split, newest {settings['train.holdout_share']:.0%} of each "
+                                    f"user with >= {MIN_INTERACTIONS} interactions held out", **ranking},
+            "rating": {"protocol": f"{folds}-fold cross-validation, KFold shuffle seed 0", **rating},
+            "similar_items": similar_support(full, items, interactions),
+            "settings": {k: settings[k] for k in ("train.dim", "train.popularity_damping", "train.rating_dim",
+                                                  "train.rating_reg", "train.bias_reg", "train.similar_min_support",
+                                                  "embeddings.item_vectors", "embeddings.metric")}}
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+    """The report as (columns, rows) for a printed table: one row per method."""
+    rk, rt = report["ranking"], report["rating"]
+    cols = ["method", "recall@10", "NDCG@10", "RMSE (5-fold)", "recall vs most-popular", "NDCG vs most-popular"]
+    pop = rk.get("most_popular", {})
+
+    def ratio(x, base):
+        return f"{x / base:.2f}x" if x is not None and base else None
+
+    model = rk.get("model", {})
+    return cols, [
+        ("model", model.get("recall_at_10"), model.get("ndcg_at_10"), rt["model"]["rmse"],
+         ratio(model.get("recall_at_10"), pop.get("recall_at_10")), ratio(model.get("ndcg_at_10"), pop.get("ndcg_at_10"))),
+        ("most-popular", pop.get("recall_at_10"), pop.get("ndcg_at_10"), None, "1.00x", "1.00x"),
+        ("user+item bias", None, None, rt["bias"]["rmse"], None, None),
+        ("item mean", None, None, rt["item_mean"]["rmse"], None, None),
+    ]
+
