@@ -337,11 +337,13 @@ def test_request_log_memory_is_bounded(env):
         log.append("similar_items", i, None, 5, "live", 200, 10)
     assert len(log) == 10 and log.dropped_rows == 15
     assert [r[2] for r in log._rows] == list(range(15, 25))  # the newest kept, in order
-    log.max_buffer = 1000  # past the bound the oldest tenth goes at once, not one row per request
+    log.max_buffer = 1000  # raised: what is buffered stays
     for i in range(25, 1016):
         log.append("similar_items", i, None, 5, "live", 200, 10)
-    assert len(log) == 901 and log.dropped_rows == 15 + 100
-    assert [r[2] for r in log._rows] == list(range(115, 1016))
+    assert len(log) == 1000 and log.dropped_rows == 16
+    assert [r[2] for r in log._rows] == list(range(16, 1016))
+    log.max_buffer = 3  # lowered: the newest three stay (dropping them uncounted: a setting change, not load)
+    assert [r[2] for r in log._rows] == [1013, 1014, 1015]
 
 
 def test_hot_reload_under_concurrent_requests(env):
