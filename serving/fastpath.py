@@ -15,10 +15,16 @@ import re
 import time
 from typing import Callable, Iterable
 
+from urllib.parse import parse_qsl
+
 from serving import api
+from serving.errors import HybridServeError
+from serving.models.base import canonical_key
+from serving.models.predictor import RATING
 
 _ID = r"([0-9]{1,19})"
 _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
+_MODEL = re.compile(r"/v1/models/([A-Za-z][A-Za-z0-9_]{0,62})/predict")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
@@ -67,7 +73,8 @@ class HitPath:
             return None
         route = _PATH.fullmatch(path)
         if route is None:
-            return None
+            model = _MODEL.fullmatch(path)
+            return None if model is None else self._model_hit(model.group(1), query)
         item, user = route.group(1), route.group(2)
         if item is not None or user is not None:
             k = _K.fullmatch(query)
@@ -96,7 +103,25 @@ class HitPath:
         if ans is None:
             return None
         return ("prediction", api.prediction_body(uid, iid, ans), api.etag_of(ans, "pred", f"{uid}.{iid}"),
-                ans, ("prediction", iid, uid, 1))
+                ans, api.model_log(RATING, (uid, iid), canonical_key((uid, iid))))
+
+    def _model_hit(self, name: str, query: str):
+        """A registered model's precomputed prediction, parsed and keyed by the same functions as the view."""
+        snap = self.engine.snapshot
+        served = snap.models.get(name) if snap is not None else None
+        if served is None:
+            return None
+        spec = served.spec
+        try:
+            values = spec.parse_query(parse_qsl(query, keep_blank_values=True, errors="replace"))
+        except HybridServeError:
+            return None
+        key = canonical_key(values)
+        ans = self.engine.peek_model(name, values, key)
+        if ans is None:
+            return None
+        return ("prediction" if name == RATING else "model", api.model_body(name, spec.input_names, values, ans),
+                api.model_etag(ans, name, key), ans, api.model_log(name, values, key))
 
 
 def cors_headers_for(app, options: dict) -> Callable[[str | None], tuple]:

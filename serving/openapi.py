@@ -22,7 +22,44 @@ def _id_param(name: str, where: str, description: str) -> dict[str, Any]:
             "schema": {"type": "integer", "format": "int64", "minimum": 0}}
 
 
-def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
+def _model_param(inp) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": {"int": "integer", "float": "number", "string": "string",
+                                       "bool": "boolean"}[inp.type]}
+    if inp.type == "int":
+        schema["format"] = "int64"
+    if inp.values is not None:
+        schema["enum"] = list(inp.values)
+    if inp.min is not None:
+        schema["minimum"] = inp.min
+    if inp.max is not None:
+        schema["maximum"] = inp.max
+    if not inp.required:
+        schema["default"] = inp.default
+    return {"name": inp.name, "in": "query", "required": inp.required, "schema": schema,
+            "description": f"{inp.type} input of the model" + ("" if inp.required else " (optional)")}
+
+
+def _model_paths(specs, errors, ok) -> dict[str, Any]:
+    """One path per registered model: its inputs are that operation's query parameters."""
+    paths = {}
+    for spec in specs:
+        paths[f"/v1/models/{spec.name}/predict"] = {"get": {
+            "summary": f"Prediction of model {spec.name!r}"
+                       + (f" (probability of class {spec.output_class!r})" if spec.output_class is not None else ""),
+            "operationId": f"predict_{spec.name}",
+            "parameters": [_model_param(i) for i in spec.inputs],
+            "responses": {"200": ok("ModelPrediction", "The prediction, with its model version and provenance"),
+                          "304": {"description": "Not modified"},
+                          "400": _problem("An unknown, repeated, missing, mistyped or out-of-domain input: the "
+                                          "detail names it and what was expected"),
+                          "404": errors["404"], "405": errors["405"], "414": errors["414"],
+                          "503": _problem("No snapshot loaded, or the model failed to predict (the detail "
+                                          "names it)")}}}
+    return paths
+
+
+def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
+    """The document; ``models``: the registered models' specs (each gets its own predict path)."""
     k = {"name": "k", "in": "query", "required": True,
          "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
          "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
@@ -66,6 +103,12 @@ def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
                 [{"name": "items", "in": "query", "required": True,
                   "description": f"Comma-separated item ids, 1 to {session_max_items}, no duplicates, all known",
                   "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"}}, k], "SessionRecommendations"),
+            "/v1/models": {"get": {"summary": "The registered models: name, version, inputs, output",
+                                   "operationId": "models", "parameters": [],
+                                   "responses": {"200": {"description": "The models", "content": {
+                                       "application/json": {"schema": {"$ref": "#/components/schemas/Models"}}}},
+                                       "503": errors["503"]}}},
+            **_model_paths(models, errors, _ok),
             "/v1/snapshot": get("The live snapshot's manifest", "snapshot", [], "Snapshot",
                                 extra_errors=("405", "503")),
             "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "parameters": [],
@@ -95,5 +138,21 @@ def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
                 "viewed": {"type": "array", "items": {"type": "integer"}}, "k": {"type": "integer"},
                 "items": scored, **provenance}},
             "Snapshot": {"type": "object", "description": "The manifest plus age_s"},
+            "Models": {"type": "object", "properties": {"models": {"type": "array", "items": {
+                "type": "object", "required": ["name", "version", "inputs"], "properties": {
+                    "name": {"type": "string"}, "version": {"type": "string"}, "kind": {"type": "string"},
+                    "output": {"type": "string"}, "class": {}, "max_age_s": {"type": "number"},
+                    "precomputed": {"type": "integer"}, "predict": {"type": "string"},
+                    "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "type", "required"],
+                                                          "properties": {
+                        "name": {"type": "string"}, "type": {"type": "string", "enum": ["int", "float", "string",
+                                                                                        "bool"]},
+                        "required": {"type": "boolean"}, "values": {"type": "array"}, "min": {"type": "number"},
+                        "max": {"type": "number"}, "default": {}}}}}}}}},
+            "ModelPrediction": {"type": "object", "properties": {
+                "model": {"type": "string"}, "model_version": {"type": "string"},
+                "inputs": {"type": "object", "description": "The canonical inputs (cast, defaults filled in)"},
+                "prediction": {"description": "A number, or the class label of a classifier's predict"},
+                **provenance}},
         }},
     }

@@ -38,9 +38,10 @@ class RequestLog:
         self.on_drop: Callable[[int], None] | None = None
 
     def append(self, endpoint: str, item_id: int | None, user_id: int | None, k: int | None, source: str,
-               status: int, latency_us: int) -> None:
-        """Record one served request (cheap: a tuple into a list)."""
-        row = (self.clock(), endpoint, item_id, user_id, k, source, status, latency_us)
+               status: int, latency_us: int, model: str | None = None, input: str | None = None) -> None:
+        """Record one served request (cheap: a tuple into a list). ``model`` and ``input`` (its
+        canonical key) for a model's prediction."""
+        row = (self.clock(), endpoint, item_id, user_id, k, source, status, latency_us, model, input)
         with self._lock:
             self._rows.append(row)
             over = len(self._rows) - self.max_buffer
