@@ -51,6 +51,17 @@ def train_demand(frame: pd.DataFrame, seed: int = 0):
     return model.fit(frame[list(DEMAND_INPUTS)], frame["demand"])
 
 
+def ensure_sample_models(settings, interactions: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> list[Path]:
+    """Write the sample's demand model wherever a registered model expects it (an artifact named
+    demand.skops that does not exist yet), as the default config does. Returns the files written."""
+    written = []
+    for spec in settings.models:
+        path = Path(spec.artifact or "")
+        if path.name == DEMAND_FILE and not path.exists():
+            written.append(write_demand_model(path.parent, interactions, items, seed))
+    return written
+
+
 def write_demand_model(folder: Path, interactions: pd.DataFrame, items: pd.DataFrame, seed: int = 0) -> Path:
     """Train the demand model on the sample and save it as skops (written to a temporary name, then renamed)."""
     import os

@@ -103,11 +103,15 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                 [{"name": "items", "in": "query", "required": True,
                   "description": f"Comma-separated item ids, 1 to {session_max_items}, no duplicates, all known",
                   "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"}}, k], "SessionRecommendations"),
-            "/v1/models": {"get": {"summary": "The registered models: name, version, inputs, output",
-                                   "operationId": "models", "parameters": [],
-                                   "responses": {"200": {"description": "The models", "content": {
-                                       "application/json": {"schema": {"$ref": "#/components/schemas/Models"}}}},
-                                       "503": errors["503"]}}},
+            "/v1/models": get("The registered models: name, version, inputs, output", "models", [], "Models",
+                              extra_errors=("400", "405", "503")),
+            "/v1/models/{name}": get("One registered model", "model",
+                                     [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                     "Model", extra_errors=("400", "404", "405", "503")),
+            "/v1/models/{name}/predict": get(
+                "A registered model's prediction; its inputs are the query parameters (see the model's own path "
+                "below, or GET /v1/models)", "predict",
+                [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}], "ModelPrediction"),
             **_model_paths(models, errors, _ok),
             "/v1/snapshot": get("The live snapshot's manifest", "snapshot", [], "Snapshot",
                                 extra_errors=("405", "503")),
@@ -149,6 +153,7 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                                                                                         "bool"]},
                         "required": {"type": "boolean"}, "values": {"type": "array"}, "min": {"type": "number"},
                         "max": {"type": "number"}, "default": {}}}}}}}}},
+            "Model": {"type": "object", "description": "One entry of Models.models"},
             "ModelPrediction": {"type": "object", "properties": {
                 "model": {"type": "string"}, "model_version": {"type": "string"},
                 "inputs": {"type": "object", "description": "The canonical inputs (cast, defaults filled in)"},

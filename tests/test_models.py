@@ -650,3 +650,21 @@ def test_mlflow_model_folder_with_its_signature(mws, capsys):
     rc = main(["--config", str(cfg), "run"])
     assert rc == 1 and capsys.readouterr().err.strip() == (
         f"error: {cfg}: models.mlprice.inputs.size.type: int here, float in the MLflow signature of {folder}")
+
+
+def test_demo_shows_the_grid_a_live_miss_and_the_next_run_precomputing_it(mws):
+    """`make demo` with a registered model, at a tiny size, through a real server."""
+    from batch.demo import demo
+    root, settings, cfg, first, est = mws
+    cfg.write_text(cfg.read_text().replace("[serving]", "[serving]\nworkers = 1", 1)
+                   if "[serving]" in cfg.read_text() else cfg.read_text() + "\n[serving]\nworkers = 1\n")
+    lines = []
+    result = demo(load_settings(cfg, env={}), cfg, requests=200, concurrency=4, echo=lines.append)
+    text = "\n".join(lines)
+    assert "registered models (GET /v1/models): churn " in text
+    assert "demand: 35 rows precomputed (35 from the grid)" in text
+    miss = "/v1/models/demand/predict?genre=Action&weekday=0&discount=0.185"
+    assert f"GET /v1/models/demand/predict?genre=Action&weekday=0\n     -> precomputed " in text
+    assert f"GET {miss}  (3 times)\n     -> live " in text and ", then cache " in text
+    assert f"GET {miss} after the second run\n     -> precomputed " in text
+    assert f"(snapshot {result['second']}: 1 demand input(s) taken from the request log)" in text
