@@ -6,6 +6,7 @@ the model kinds. A snapshot keeps every registered model under ``models/<name>/`
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,18 @@ class ServedRating(Served):
 
     def __init__(self, model: RatingPredictor, snap):
         super().__init__(model)
-        self.snap = snap
+        # A weak reference: the snapshot holds this object, and a cycle would keep a swapped-out
+        # snapshot alive until a garbage collection (workers freeze the collector, serving/gunicorn_conf.py).
+        # Whoever asks holds the snapshot while asking.
+        self._snap = weakref.ref(snap)
 
     def lookup(self, key: str, values: tuple) -> Any:
         b = self.model.bundle
         uidx, iidx = b.user_index(np.array([values[0]]))[0], b.item_index(np.array([values[1]]))[0]
-        return None if uidx < 0 or iidx < 0 else self.snap.prediction(int(uidx), int(iidx))
+        return None if uidx < 0 or iidx < 0 else self._snap().prediction(int(uidx), int(iidx))
 
     def precomputed_rows(self) -> int:
-        return len(self.snap.pred_values)
+        return len(self._snap().pred_values)
 
 
 def _plain(v: Any) -> Any:

@@ -131,7 +131,7 @@ def live_overhead(settings, n: int = 2000) -> dict:
             t2 = time.perf_counter()
             engine_s.append(t1 - t0)
             model_s.append(t2 - t1)
-            agree += ans.source == "live" and ans.value == want
+            agree += bool(ans.source == "live" and ans.value == want)
     finally:
         app.extensions["hybridserve"].close()
     e, m = float(np.median(engine_s)) * 1e3, float(np.median(model_s)) * 1e3

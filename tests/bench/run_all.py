@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
+import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
@@ -69,6 +70,16 @@ def summary(results_dir: Path = RESULTS) -> str:
         if "ceiling_vs_live_only_rps" in m:
             rows.append(f"| modes ({what}): ceiling, every request a snapshot hit, vs live-only req/s | "
                         f"{m['ceiling_vs_live_only_rps']:.1f}x | (the most any hit rate can give) | - |")
+    md = load("models")
+    if md:
+        lv, g = md["live"], md["grid"]
+        rows += [_row("models: precomputed model prediction vs precomputed similar items, req/s at 16",
+                      f"{md['model_vs_similar_rps']:.2f}x", ">= 0.9x", md["model_vs_similar_rps"] >= 0.9),
+                 _row("models: live answer above the model's own one-row predict (p50)",
+                      f"+{lv['live_overhead_ms']:.3f} ms ({lv['engine_live_p50_ms']:.3f} vs "
+                      f"{lv['model_predict_one_row_p50_ms']:.3f} ms)", "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
+                 _row(f"models: grid precompute vs the model's batch predict ({g['grid_rows']:,} rows)",
+                      f"{g['grid_vs_model_predict']:.2f}x", ">= 0.8x", g["grid_vs_model_predict"] >= 0.8)]
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
@@ -94,6 +105,8 @@ def main(quick: bool = False) -> None:
         bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000, workdir=work, out_dir=out,
                         rounds=2)
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
+        bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
+                         out_dir=out, live_n=300, grid_steps=101)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -102,6 +115,7 @@ def main(quick: bool = False) -> None:
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_snapshot.run()
+    bench_models.run()
     print(summary())
 
 
