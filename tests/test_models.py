@@ -668,3 +668,26 @@ def test_demo_shows_the_grid_a_live_miss_and_the_next_run_precomputing_it(mws):
     assert f"GET {miss}  (3 times)\n     -> live " in text and ", then cache " in text
     assert f"GET {miss} after the second run\n     -> precomputed " in text
     assert f"(snapshot {result['second']}: 1 demand input(s) taken from the request log)" in text
+
+
+def test_generate_sample_trains_the_demand_model_the_default_config_registers(tmp_path, capsys):
+    """`make batch` = generate-sample --if-missing + run: the default config's demand model is made beside
+    the sample, matches the registered schema, and a run precomputes its 18 x 7 grid."""
+    from batch.models import choose, precompute, resolve
+    artifact = tmp_path / "inputs" / "demand.skops"
+    settings, cfg = make_settings(tmp_path)
+    cfg.write_text(cfg.read_text() + DEFAULT_MODELS_TOML.replace('"data/sample/demand.skops"',
+                                                                 json.dumps(str(artifact))))
+    assert main(["--config", str(cfg), "generate-sample"]) == 0
+    assert f"wrote the demand model (registered in config/default.toml) to {artifact}" in capsys.readouterr().out
+    artifact.unlink()
+    assert main(["--config", str(cfg), "generate-sample", "--if-missing"]) == 0  # the sample is there, the model not
+    assert f"wrote the demand model to {artifact}" in capsys.readouterr().out
+    (spec,) = load_settings(cfg, env={}).models
+    spec, predictor, checksum = resolve(spec)
+    assert predictor.feature_names == list(DEMAND_INPUTS) and spec.version == "demand-1"
+    cols, report = choose(spec, None, 0.95)
+    table = precompute(predictor, cols)
+    assert report["grid_rows"] == table.num_rows == 18 * 7
+    frame = table.select(list(DEMAND_INPUTS)).to_pandas()
+    np.testing.assert_array_equal(table.column("prediction").to_numpy(), predictor.estimator.predict(frame))
