@@ -63,7 +63,7 @@ def prepare(items: int, users: int, interactions: int, workdir: Path | None = No
     return cfg, settings, store
 
 
-def hit_rates(cfg: Path, store: Store, spec, measure, seconds: float, rounds: int) -> dict:
+def hit_rates(cfg: Path, store: Store, spec, measure, seconds: float, rounds: int, live_requests: int) -> dict:
     """Precomputed model predictions and precomputed similar items on one server, alternating."""
     from urllib.parse import urlencode
     sid = store.current_id()
@@ -87,7 +87,7 @@ def hit_rates(cfg: Path, store: Store, spec, measure, seconds: float, rounds: in
             for label, paths in (order if r % 2 == 0 else order[::-1]):
                 out[f"{label}_rounds"].append(measure(server.base, paths, 16, seconds))
         out["model_live_1"] = measure(server.base, [p + f"&discount={d:.4f}" for p, d in
-                                                    zip(model_paths * 40, np.linspace(0.0001, 0.4999, 5000))],
+                                                    zip(model_paths * 40, np.linspace(0.0001, 0.4999, live_requests))],
                                       1, seconds, once=True)
         out["model_hit_1"] = measure(server.base, model_paths, 1, seconds)
     finally:
@@ -177,12 +177,13 @@ def grid_rate(settings, steps: int = 1001, rounds: int = 3) -> dict:
 def run(items: int = 20_000, users: int = 10_000, interactions: int = 300_000, seconds: float = 5.0,
         loadgen: str = "wrk", workdir: Path | None = None, out_dir: Path | None = None, rounds: int = 3,
         live_n: int = 2000, grid_steps: int = 1001) -> dict:
+    """``live_n``: misses timed in process (and sent over HTTP at one connection)."""
     cfg, settings, store = prepare(items, users, interactions, workdir)
     spec = settings.models[0]
     result: dict = {"model": spec.name, "snapshot": store.current_id(), "workers": settings["serving.workers"],
                     "worker_class": settings["serving.worker_class"], "loadgen": loadgen, "rounds": rounds,
                     "seconds_per_run": seconds}
-    result.update(hit_rates(cfg, store, spec, LOADGENS[loadgen], seconds, rounds))
+    result.update(hit_rates(cfg, store, spec, LOADGENS[loadgen], seconds, rounds, live_n))
     result["live"] = live_overhead(settings, live_n)
     result["grid"] = grid_rate(settings, grid_steps)
     result["targets"] = {"model_vs_similar_rps": ">= 0.9", "live.live_overhead_ms": "<= 0.2",
