@@ -1,5 +1,7 @@
 """`python -m batch`: the batch CLI. Parses, calls the library, turns domain errors into one line
-and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked."""
+and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked.
+A run whose snapshot was published exits 0 even when the catalog update after it failed (a warning
+line says so; the record is added by the next run)."""
 from __future__ import annotations
 
 import json
@@ -127,9 +129,12 @@ def run(obj: _Ctx, retrain: bool, force: bool) -> None:
     click.echo("rows: " + ", ".join(f"{k} {v:,}" for k, v in m["row_counts"].items()))
     click.echo(f"expected hit rate on the selection window: {m['popularity']['expected_hit_rate']:.3f}")
     _print_evaluation(m.get("evaluation"))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if not result.catalog_updated:
-        click.echo("catalog is held by another process: the snapshot is published; "
-                   "the catalog will be refreshed by the next run", err=True)
+        # Exit 0 all the same: the snapshot is live; only the record of it is late.
+        click.echo(f"warning: catalog not updated ({result.catalog_error}): the snapshot is published; "
+                   f"the next run adds its record to the catalog", err=True)
 
 
 @cli.command()
@@ -232,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except HybridServeError as exc:
         click.echo(f"error: {exc}", err=True)
+        return EXIT_FAILED
+    except OSError as exc:  # a full or read-only disk, a missing permission: the path and the errno's meaning
+        from serving.store import describe_os_error
+        LOG.info("details of the error below", exc_info=exc)  # the traceback, with -v
+        click.echo(f"error: {describe_os_error(exc)}", err=True)
         return EXIT_FAILED
     return 0
 

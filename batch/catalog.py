@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 
+from serving.errors import SnapshotError
 from serving.store import TABLES, Store, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -33,40 +34,133 @@ def _sql_str(s: str) -> str:
 
 
 def record_pending(store: Store, run: dict[str, Any]) -> Path:
-    """Leave a run record for the next catalog update (used directly by a run that found the lock taken)."""
+    """Leave a run record for the next catalog update (used directly by a run that found the lock taken).
+    Written as ``<name>.json.tmp`` then renamed: a reader sees a whole record or none."""
     store.pending_runs_dir.mkdir(parents=True, exist_ok=True)
     pending = store.pending_runs_dir / f"{run['run_id']}-{os.getpid()}.json"
     write_atomic(pending, json.dumps(run, default=str).encode())
     return pending
 
 
-def record_run(store: Store, run: dict[str, Any]) -> bool:
-    """Append ``run`` to the catalog and refresh its views. False (and the record kept pending)
-    when another process holds the catalog."""
-    pending = record_pending(store, run)
+def recover_pending(store: Store) -> list[str]:
+    """Finish the records of runs killed while renaming theirs: a complete ``*.json.tmp`` becomes the
+    ``.json`` it was going to be; a partial one is removed (record_run rebuilds that run's record from
+    its snapshot's manifest). Files of a writer that is still alive (pid in the name) are left alone."""
+    done = []
+    if not store.pending_runs_dir.is_dir():
+        return done
+    for tmp in sorted(store.pending_runs_dir.glob("*.json.tmp")):
+        pid = tmp.name.removesuffix(".json.tmp").rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        try:
+            rec = json.loads(tmp.read_text())
+            complete = isinstance(rec, dict) and isinstance(rec.get("run_id"), str)
+        except (ValueError, UnicodeDecodeError):
+            complete = False
+        if complete:
+            os.replace(tmp, tmp.with_suffix(""))
+            done.append(f"{tmp.name}: recovered")
+        else:
+            tmp.unlink()
+            done.append(f"{tmp.name}: incomplete, removed")
+    if done:
+        LOG.info("pending run records of interrupted runs: %s", "; ".join(done))
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _from_manifest(store: Store, sid: str, manifest: dict[str, Any], parents: set[str]) -> dict[str, Any]:
+    """The run record of a snapshot whose run never reached the catalog (killed, or a full disk),
+    rebuilt from what its manifest says. A snapshot that never became CURRENT (nor anyone's parent)
+    was renamed into place by a run killed before CURRENT moved: not published."""
+    published = sid == store.current_id() or sid in parents
+    popularity = manifest.get("popularity") or {}
+    return {"run_id": manifest["run_id"], "started_at": manifest.get("created_at"), "ended_at": None,
+            "status": "published" if published else "interrupted",
+            "error": "run record rebuilt from the snapshot manifest (the run ended before recording itself)"
+                     + ("" if published else "; CURRENT never moved to it"),
+            "snapshot_id": sid, "model_version": manifest.get("model_version"),
+            "retrained": manifest.get("retrained"), "row_counts": manifest.get("row_counts"),
+            "stage_seconds": None, "expected_hit_rate": popularity.get("expected_hit_rate"),
+            "observed_hit_rate": manifest.get("observed_hit_rate_since_previous")}
+
+
+def _insert(con: duckdb.DuckDBPyConnection, rec: dict[str, Any], run_id: str) -> None:
+    values = [rec.get(c) for c in RUN_COLUMNS]
+    values[0] = run_id
+    for i in (8, 9):
+        values[i] = json.dumps(values[i]) if values[i] is not None else None
+    con.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", values)
+
+
+def record_run(store: Store, run: dict[str, Any]) -> str | None:
+    """Append ``run`` (and any records left pending) to the catalog and refresh its views.
+
+    Returns None when done, else why not: the catalog held by another process, or a full or read-only
+    disk. Never raises for those: the run's snapshot may be live already. Whatever could not be added
+    stays in pending-runs (or, if even that could not be written, is rebuilt from its snapshot's
+    manifest) and is added by the next run that reaches the catalog."""
+    pending = None
+    try:
+        pending = record_pending(store, run)
+        recover_pending(store)
+    except OSError as exc:
+        LOG.warning("run record not kept in pending-runs: %s: %s", exc.filename, exc.strerror)
+    kept = f"run recorded in {pending}" if pending else "a published run's record is rebuilt from its manifest"
+    ingested: list[Path] = []
     try:
         con = duckdb.connect(str(store.catalog_path))
-    except duckdb.IOException as exc:
-        LOG.warning("catalog %s is held by another process (%s); run recorded in %s, catalog refreshed next run",
-                    store.catalog_path, str(exc).splitlines()[0], pending)
-        return False
+    except duckdb.Error as exc:
+        why = str(exc).splitlines()[0]
+        if "lock" in why.lower():
+            why = f"{store.catalog_path} is held by another process"
+        LOG.warning("catalog not updated (%s); %s by the next run", why, kept)
+        return why
     try:
         con.execute(_RUNS_DDL)
-        ingested = sorted(store.pending_runs_dir.glob("*.json"))
+        con.execute("BEGIN TRANSACTION")
+        ingested = sorted(store.pending_runs_dir.glob("*.json")) if store.pending_runs_dir.is_dir() else []
         for path in ingested:
             rec = json.loads(path.read_text())
-            values = [rec.get(c) for c in RUN_COLUMNS]
-            for i in (8, 9):
-                values[i] = json.dumps(values[i]) if values[i] is not None else None
+            run_id = rec.get("run_id")
             if rec.get("status") == "locked":  # a run that never started: keep its own id distinct
-                values[0] = f"{values[0]}-locked-{path.stem.rsplit('-', 1)[-1]}"
-            con.execute(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(RUN_COLUMNS))})", values)
+                run_id = f"{run_id}-locked-{path.stem.rsplit('-', 1)[-1]}"
+            _insert(con, rec, run_id)
+        if pending is None:  # not kept on disk, but the catalog takes it
+            _insert(con, run, run["run_id"])
+        known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
+        manifests = {}
+        for sid in store.snapshot_ids():
+            try:
+                manifests[sid] = store.read_manifest(sid)
+            except SnapshotError:
+                continue
+        parents = {m.get("parent") for m in manifests.values()}
+        for sid, m in manifests.items():
+            if isinstance(m.get("run_id"), str) and m["run_id"] not in known:
+                LOG.warning("run %s left snapshot %s but no record: rebuilt from the manifest", m["run_id"], sid)
+                _insert(con, _from_manifest(store, sid, m, parents), m["run_id"])
+        con.execute("COMMIT")
         _refresh_views(con, store)
+    except (duckdb.Error, OSError) as exc:
+        why = str(exc).splitlines()[0] if isinstance(exc, duckdb.Error) else f"{exc.filename}: {exc.strerror}"
+        LOG.warning("catalog not updated (%s); %s by the next run", why, kept)
+        return why
     finally:
         con.close()
     for path in ingested:  # only these: a locked run may have added one meanwhile
-        os.unlink(path)
-    return True
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:

@@ -177,7 +177,7 @@ def read_movielens_100k(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     items = _read_csv(path / "u.item", sep="|", header=None, names=cols, encoding="latin-1")
     flags = items[[f"g{i}" for i in range(len(genre_names))]].to_numpy()
     genres = [[genre_names[j] for j in np.flatnonzero(row)] for row in flags]
-    return _frames(data, path / "u.data", items["item_id"], items["title"].fillna(""), genres)
+    return _frames(data, path / "u.data", items["item_id"], items["title"].fillna(""), genres, path / "u.item")
 
 
 _GENRES_100K = ("unknown",) + _GENRES
@@ -189,10 +189,15 @@ def read_movielens_csv(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     movies = _read_csv(path / "movies.csv")
     _require(ratings, path / "ratings.csv", ["userId", "movieId", "rating", "timestamp"])
     _require(movies, path / "movies.csv", ["movieId", "title", "genres"])
+    # Checked under the file's own column names, so an error names what the user sees.
+    for col in ("userId", "movieId", "timestamp"):
+        _check_csv_column(ratings[col], path / "ratings.csv", col, integer=True)
+    _check_csv_column(ratings["rating"], path / "ratings.csv", "rating", integer=False)
     data = ratings.rename(columns={"userId": "user_id", "movieId": "item_id", "timestamp": "ts"})
     genres = [[] if (not isinstance(g, str) or g == "(no genres listed)") else g.split("|")
               for g in movies["genres"]]
-    return _frames(data, path / "ratings.csv", movies["movieId"], movies["title"].fillna("").astype(str), genres)
+    return _frames(data, path / "ratings.csv", movies["movieId"], movies["title"].fillna("").astype(str), genres,
+                   path / "movies.csv", "movieId")
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
@@ -212,16 +217,36 @@ def _require(frame: pd.DataFrame, path: Path, columns: list[str]) -> None:
             raise InputError(path, col, "missing column")
 
 
-def _frames(data, data_path, item_ids, titles, genres) -> tuple[pd.DataFrame, pd.DataFrame]:
-    for col in ("user_id", "item_id", "rating", "ts"):
-        if not pd.api.types.is_numeric_dtype(data[col]):
-            raise InputError(data_path, col, "expected numbers")
+def _frames(data, data_path, item_ids, titles, genres, items_path=None, item_col="item_id"
+            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    for col in ("user_id", "item_id", "ts"):
+        _check_csv_column(data[col], data_path, col, integer=True)
+    _check_csv_column(data["rating"], data_path, "rating", integer=False)
+    if items_path is not None:
+        _check_csv_column(pd.Series(item_ids), items_path, item_col, integer=True)
     inter = pd.DataFrame({"user_id": data["user_id"].astype(np.int64), "item_id": data["item_id"].astype(np.int64),
                           "rating": data["rating"].astype(np.float32),
                           "ts": pd.to_datetime(data["ts"].astype(np.int64), unit="s", utc=True)})
     items = pd.DataFrame({"item_id": pd.Series(item_ids).astype(np.int64).to_numpy(),
                           "title": pd.Series(titles).astype(str).to_numpy(), "genres": genres})
     return inter, items
+
+
+def _check_csv_column(values: pd.Series, path: Path, column: str, integer: bool) -> None:
+    """A CSV column must hold numbers only (integers for ids and timestamps): a float or mixed column is
+    refused here rather than truncated or failing mid-run. ``column`` is the name the file uses."""
+    empty = int(values.isna().sum())
+    if empty:
+        raise InputError(path, column, f"{empty} empty values")
+    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+        as_num = pd.to_numeric(values, errors="coerce")
+        first = values[as_num.isna()].iloc[0] if as_num.isna().any() else values.iloc[0]
+        raise InputError(path, column, f"non-numeric values (first: {first!r}), expected "
+                                       + ("integers" if integer else "numbers"))
+    if integer and not pd.api.types.is_integer_dtype(values):
+        frac = values[values != np.floor(values)]
+        detail = f"first: {float(frac.iloc[0])!r}" if len(frac) else "written as floats, e.g. 1.0"
+        raise InputError(path, column, f"{values.dtype} values ({detail}), expected integers")
 
 
 # --- loading and validation -------------------------------------------------------------
@@ -251,6 +276,31 @@ def load_inputs(folder: Path, rating_min: float = 0.5, rating_max: float = 5.0) 
     return Inputs(inter, items, fingerprint_files([ipath, tpath]), folder)
 
 
+# What each input column may be stored as. Anything else stops the run before training: a string or
+# float id column would otherwise be cast ("7" -> 7, 7.9 -> 7) or fail deep inside training.
+_KINDS = {"user_id": "id", "item_id": "id", "rating": "number", "ts": "time", "title": "text", "genres": "texts"}
+_EXPECTED = {"id": "expected an integer type (int64)", "number": "expected a numeric type (float32)",
+             "time": "expected a timestamp or integer seconds since 1970",
+             "text": "expected string", "texts": "expected list<string>"}
+# Timestamps outside these years are a unit mistake (e.g. milliseconds read as seconds), not history.
+_TS_RANGE = (pd.Timestamp("1970-01-01", tz="UTC"), pd.Timestamp("2200-01-01", tz="UTC"))
+
+
+def _type_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == "id":
+        return pa.types.is_integer(t)
+    if kind == "number":
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+    if kind == "time":
+        return pa.types.is_timestamp(t) or pa.types.is_integer(t)
+    if kind == "text":
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+    if kind == "texts":
+        return ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                and (pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)))
+    raise ValueError(f"unknown column kind {kind!r}")
+
+
 def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(path, None, "file not found")
@@ -264,16 +314,30 @@ def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
         if f.name not in table.column_names:
             raise InputError(path, f.name, "missing column")
         col = table.column(f.name)
+        if pa.types.is_dictionary(col.type):  # a pandas categorical: judge the values, not the codes
+            col = col.cast(col.type.value_type)
+        kind = _KINDS[f.name]
+        if not _type_ok(kind, col.type):
+            raise InputError(path, f.name, f"type {col.type}, {_EXPECTED[kind]}")
         if col.null_count:
             raise InputError(path, f.name, f"{col.null_count} null values")
         try:
-            table = table.set_column(table.schema.get_field_index(f.name), f.name, col.cast(f.type, safe=not pa.types.is_timestamp(f.type)))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise InputError(path, f.name, f"type {col.type} cannot be read as {f.type}") from None
+            # Timestamps may lose sub-second precision (unsafe cast); ids and ratings must not change.
+            col = col.cast(f.type, safe=not pa.types.is_timestamp(f.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(path, f.name, f"type {table.column(f.name).type} cannot be read as {f.type} "
+                                           f"({str(exc).splitlines()[0]})") from None
+        table = table.set_column(table.schema.get_field_index(f.name), f.name, col)
     if "user_id" in schema.names and pc.min(table.column("user_id")).as_py() < 0:
         raise InputError(path, "user_id", "negative ids")
     if pc.min(table.column("item_id")).as_py() < 0:
         raise InputError(path, "item_id", "negative ids")
+    if "ts" in schema.names:
+        lo, hi = pc.min_max(table.column("ts").cast(pa.int64())).values()
+        bad = [v for v in (lo.as_py(), hi.as_py()) if not _TS_RANGE[0].timestamp() <= v < _TS_RANGE[1].timestamp()]
+        if bad:
+            raise InputError(path, "ts", f"{bad[0]} s since 1970 is outside 1970-2199 (integer timestamps are "
+                                         f"read as seconds, not milliseconds)")
     return table.select(schema.names).to_pandas()
 
 

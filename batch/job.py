@@ -5,8 +5,10 @@ Every answer is computed by serving.model, the same functions the API calls live
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,7 +31,7 @@ from serving.errors import Abandoned, HybridServeError, StoreLockedError, Valida
 from serving.model import ModelBundle
 from serving.snapshot import serving_arrays
 from serving.settings import Settings
-from serving.store import Store
+from serving.store import Store, describe_os_error, naming
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class RunResult:
     snapshot_id: str | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     catalog_updated: bool = False
+    catalog_error: str | None = None        # why the catalog was not updated (the record waits in pending-runs)
+    warnings: list[str] = field(default_factory=list)  # after publish: what failed without undoing it
 
 
 class _Stages:
@@ -84,13 +88,31 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
     bundle.meta.update(model_version=f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", training_key=key,
                        inputs_fingerprint=inputs.fingerprint, evaluation=evaluation)
     tmp = store.models_dir / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
-    bundle.save(tmp)
+    try:
+        with naming(tmp):
+            bundle.save(tmp)
+    except RuntimeError as exc:  # FAISS reports a failed write as a RuntimeError
+        raise _faiss_os_error(exc) or exc
     if folder.exists():  # --retrain: replace the cached bundle (snapshots hold hard links, not this folder)
         trash = store.models_dir / f".trash-{key}-{uuid.uuid4().hex[:6]}"
         os.replace(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, folder)
     return bundle, folder, evaluation, True
+
+
+_FAISS_WRITE = re.compile(r"write error in (.+?): .*\(([^()]+)\)\s*$")
+_ERRNO_BY_TEXT = {os.strerror(code): code for code in errno.errorcode}
+
+
+def _faiss_os_error(exc: RuntimeError) -> OSError | None:
+    """FAISS's "... write error in <path>: 0 != 8 (No space left on device)" as the OSError it was."""
+    m = _FAISS_WRITE.search(str(exc))
+    if m is None or m.group(2) not in _ERRNO_BY_TEXT:
+        return None
+    out = OSError(_ERRNO_BY_TEXT[m.group(2)], m.group(2), m.group(1))
+    out.__cause__ = exc
+    return out
 
 
 def prune_models(store: Store, keep: int) -> list[str]:
@@ -279,9 +301,12 @@ def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at
         lock = store.lock()
     except StoreLockedError as exc:
         started = now()
-        catalog.record_pending(store, {"run_id": f"run-{started:%Y%m%d-%H%M%S-%f}", "status": "locked",
-                                       "started_at": started.isoformat(), "ended_at": now().isoformat(),
-                                       "error": str(exc), "retrained": False})
+        try:
+            catalog.record_pending(store, {"run_id": f"run-{started:%Y%m%d-%H%M%S-%f}", "status": "locked",
+                                           "started_at": started.isoformat(), "ended_at": now().isoformat(),
+                                           "error": str(exc), "retrained": False})
+        except OSError as write_error:
+            LOG.warning("record of the locked run not kept: %s: %s", write_error.filename, write_error.strerror)
         raise
     try:
         return _run_locked(store, settings, retrain, force, crash_at, now, should_stop)
@@ -319,6 +344,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
             sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
+            hint = popularity.historical_window_warning(sel.report["window"], started)
+            if hint:
+                LOG.warning("%s", hint)
         k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
         checkpoint("precompute")
         with stages("precompute"):
@@ -364,10 +392,16 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             checkpoint("CURRENT moves")  # the last point at which a stop leaves no trace
             manifest = writer.publish(manifest)
             writer = None
-            store.apply_retention(settings["batch.keep"])
-            prune_models(store, settings["batch.keep"])
-        record.update(status="published", snapshot_id=snapshot_id, row_counts=manifest["row_counts"])
-        result = RunResult(run_id=run_id, status="published", snapshot_id=snapshot_id, manifest=manifest)
+            # The snapshot is live: nothing after this may report the run as failed.
+            record.update(status="published", snapshot_id=snapshot_id, row_counts=manifest["row_counts"])
+            result = RunResult(run_id=run_id, status="published", snapshot_id=snapshot_id, manifest=manifest)
+            for what, tidy in (("retention", lambda: store.apply_retention(settings["batch.keep"])),
+                               ("model cache pruning", lambda: prune_models(store, settings["batch.keep"]))):
+                try:
+                    tidy()
+                except OSError as exc:
+                    result.warnings.append(f"{what} not done: {exc.filename}: {exc.strerror}; the next run retries")
+                    LOG.warning("%s", result.warnings[-1])
         return result
     except ValidationFailed as exc:
         record.update(status="refused", error=str(exc))
@@ -378,6 +412,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     except HybridServeError as exc:
         record["error"] = str(exc)
         raise
+    except OSError as exc:
+        record["error"] = describe_os_error(exc)
+        raise
     except Exception as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
         raise
@@ -385,5 +422,6 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         if writer is not None:
             writer.abort()
         record.update(ended_at=now().isoformat(), stage_seconds=stages.seconds)
-        result.catalog_updated = catalog.record_run(store, record)
+        result.catalog_error = catalog.record_run(store, record)
+        result.catalog_updated = result.catalog_error is None
 

@@ -185,8 +185,41 @@ def read_request_counts(store: Store, now: datetime, half_life_hours: float = 0.
 
 
 def _window(interactions: pd.DataFrame, days: int) -> pd.DataFrame:
+    """The interactions of the last ``days`` days before the newest one in the inputs (0: all of them).
+
+    Measured from the data, not the clock: a historical data set (MovieLens 1996-2018) has its own
+    "recent", and a run on it must not find an empty window. The request log, which is live traffic,
+    decays on the clock instead (read_request_counts)."""
+    if days <= 0 or interactions.empty:
+        return interactions
     end = interactions["ts"].max()
     return interactions[interactions["ts"] > end - pd.Timedelta(days=days)]
+
+
+def window_report(interactions: pd.DataFrame, window: pd.DataFrame, days: int) -> dict[str, Any]:
+    """What the popularity window held, for the manifest and for the warning below."""
+    def span(frame):
+        return (frame["ts"].min().isoformat(), frame["ts"].max().isoformat()) if len(frame) else (None, None)
+    start, end = span(window)
+    return {"days": int(days), "start": start, "end": end, "interactions": int(len(window)),
+            "users": int(window["user_id"].nunique()), "items": int(window["item_id"].nunique()),
+            "all_users": int(interactions["user_id"].nunique()), "all_items": int(interactions["item_id"].nunique())}
+
+
+def historical_window_warning(report: dict[str, Any], now: datetime) -> str | None:
+    """A hint when the inputs end more than a window before ``now`` (historical data) and the window
+    holds under a fifth of the users: the run then precomputes for the few users active at the very
+    end of the data, where someone replaying a data set expects its active users."""
+    days, end = report["days"], report["end"]
+    if days <= 0 or end is None:
+        return None
+    behind = (now - datetime.fromisoformat(end)).days
+    if behind <= days or report["users"] >= 0.2 * report["all_users"]:
+        return None
+    return (f"inputs end {end[:10]}, {behind:,} days before this run: the popularity window "
+            f"(batch.window_days = {days}, counted back from the newest interaction) holds "
+            f"{report['users']:,} of {report['all_users']:,} users; for historical data set "
+            f"batch.window_days = 0 (all history) or a window that spans its activity (docs/real-data.md)")
 
 
 def _counts(frame: pd.DataFrame, column: str, weight: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +250,8 @@ def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarra
     """
     share = settings["batch.coverage"]
     window = _window(interactions, settings["batch.window_days"])
-    report: dict[str, Any] = {"coverage_target": share, "estimate": "held-out half of the traffic"}
+    report: dict[str, Any] = {"coverage_target": share, "estimate": "held-out half of the traffic",
+                              "window": window_report(interactions, window, settings["batch.window_days"])}
     log = log[log["endpoint"].isin([ENDPOINT_ITEMS, ENDPOINT_USERS, ENDPOINT_PAIRS])]
     if "n" not in log:  # a frame from an older reader: every row one request
         log = log.assign(n=1)

@@ -4,6 +4,7 @@ A typo in a config file is an error that names the file and the key.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -14,6 +15,12 @@ from serving.errors import ConfigError
 
 ENV_FILE = "HYBRIDSERVE_CONFIG"
 ENV_PREFIX = "HYBRIDSERVE_"
+# Variables under the prefix that are not HYBRIDSERVE_<SECTION>_<NAME> settings; any other
+# HYBRIDSERVE_* variable is a typo and refused, like an unknown key in a config file.
+ENV_NOT_SETTINGS = frozenset({
+    ENV_FILE,               # the config file to read
+    "HYBRIDSERVE_BIND",     # gunicorn's bind address (serving/gunicorn_conf.py), overrides serving.host/port
+})
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "max_users", 200_000, "Most users to precompute recommendations for", minimum=0),
     Setting("batch", "max_pairs", 1_000_000, "Most (user, item) pairs to precompute predictions for", minimum=0),
     Setting("batch", "pairs_per_user", 10, "Before any request log: predictions for each popular user's top-N recommended items", minimum=0),
-    Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log)", minimum=1),
+    Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log), in days back from "
+            "the newest interaction in the inputs, not from today; 0 = all history (for historical data sets)", minimum=0),
     Setting("batch", "batch_size", 4096, "Queries per vectorised call when precomputing", minimum=1),
     Setting("batch", "keep", 5, "Snapshots retained (CURRENT and its predecessor are always kept)", minimum=2),
     Setting("batch", "decay_half_life_hours", 168.0, "Request-log traffic loses half its weight per this many hours (0 = no decay)", minimum=0.0),
@@ -269,11 +277,23 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
             for name, value in table.items():
                 key = f"{section}.{name}"
                 values[key] = _check(_lookup(key, source), value, source)
-    for setting in SETTINGS:
-        var = f"{ENV_PREFIX}{setting.section}_{setting.name}".upper()
-        if var in env:
+    by_var = {env_var(setting): setting for setting in SETTINGS}
+    for var in sorted(v for v in env if v.startswith(ENV_PREFIX)):
+        setting = by_var.get(var)
+        if setting is not None:
             values[setting.key] = _check(setting, _parse_env(setting, env[var], var), var)
+        elif var not in ENV_NOT_SETTINGS:
+            # Compared without the shared prefix, which would make every name look close.
+            near = difflib.get_close_matches(var.removeprefix(ENV_PREFIX),
+                                             [v.removeprefix(ENV_PREFIX) for v in (*by_var, *ENV_NOT_SETTINGS)], n=1)
+            raise ConfigError(f"{var}: unknown setting"
+                              + (f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""))
     return Settings(values, source, models)
+
+
+def env_var(setting: Setting) -> str:
+    """The environment variable that overrides ``setting``: HYBRIDSERVE_<SECTION>_<NAME>."""
+    return f"{ENV_PREFIX}{setting.section}_{setting.name}".upper()
 
 
 def render_default_toml() -> str:

@@ -14,6 +14,8 @@ Both the batch job and the API use it; no other module knows a file name in the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -107,10 +109,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+
+
+def os_error_at(exc: OSError, path: Path | str) -> OSError:
+    """``exc`` as an OSError naming ``path`` with the errno's own words: pyarrow's write errors carry
+    no file name ("Error writing bytes to file. Detail: [errno 28] ..."), so an operator could not
+    tell which disk filled up."""
+    if exc.filename is not None and exc.strerror:
+        return exc
+    code = exc.errno
+    if code is None and (m := _ERRNO_IN_TEXT.search(str(exc))):
+        code = int(m.group(1))
+    out = OSError(code, os.strerror(code) if code else str(exc), str(path))
+    out.__cause__ = exc
+    return out
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: the path, the errno's meaning and its symbol ("data/store/x: No space left on device
+    (ENOSPC)")."""
+    symbol = errno.errorcode.get(exc.errno or -1)
+    text = exc.strerror or str(exc)
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}: "
+    return f"{where}{text}" + (f" ({symbol})" if symbol else "")
+
+
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """Re-raise an OSError from the block as one naming ``path`` (see os_error_at)."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error_at(exc, path) from exc
+
+
 def write_atomic(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
     """Write ``name.tmp``, fsync, then ``os.replace`` it over ``name``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with naming(tmp), open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -335,13 +374,22 @@ class Store:
         return removed
 
     def clean_temp(self) -> list[str]:
-        """Remove leftovers of interrupted publishes (call only while holding the batch lock)."""
+        """Remove leftovers of interrupted publishes, model saves and prunes: ``snapshots/.tmp-*``,
+        ``models/.tmp-*``, ``.trash-*`` in both, a half-written ``CURRENT.tmp`` (call only while holding
+        the batch lock: a running batch writes these). Returns the paths removed, relative to the root."""
         removed = []
-        if self.snapshots_dir.is_dir():
-            for p in self.snapshots_dir.iterdir():
-                if p.name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
+        for folder in (self.snapshots_dir, self.models_dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.name.startswith((".tmp-", ".trash-")):
+                        shutil.rmtree(p, ignore_errors=True)
+                        removed.append(str(p.relative_to(self.root)))
+        tmp = self.current_path.with_name(self.current_path.name + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+            removed.append(tmp.name)
+        if removed:
+            LOG.info("removed leftovers of interrupted runs: %s", ", ".join(removed))
         return removed
 
 
@@ -374,7 +422,9 @@ class SnapshotWriter:
         schema = TABLE_SCHEMAS[table]
         if not data.schema.remove_metadata().equals(schema):
             data = data.select(schema.names).cast(schema)
-        pq.write_table(data, self.tmp / f"{table}.parquet", compression="zstd")
+        path = self.tmp / f"{table}.parquet"
+        with naming(path):
+            pq.write_table(data, path, compression="zstd")
         self._tables[table] = data.num_rows
         self._maybe_crash("write")
 
@@ -384,7 +434,8 @@ class SnapshotWriter:
         folder = self.tmp / SERVING_DIR
         folder.mkdir(exist_ok=True)
         for name, arr in arrays.items():
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
+            with naming(folder / f"{name}.npy"):
+                np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
 
     def link_model(self, source: Path) -> None:
         """Hard-link (or copy) a trained bundle's files into this snapshot's model/ folder."""
@@ -396,7 +447,8 @@ class SnapshotWriter:
             try:
                 os.link(path, dest)
             except OSError:
-                shutil.copy2(path, dest)
+                with naming(dest):
+                    shutil.copy2(path, dest)
 
     def _files(self) -> Iterable[Path]:
         return sorted(p for p in self.tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -421,7 +473,8 @@ class SnapshotWriter:
                       for p in files},
         })
         manifest.setdefault("created_at", datetime.now(timezone.utc).isoformat())
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        with naming(self.tmp / MANIFEST):
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         self._maybe_crash("manifest")
         for p in files:
             _fsync_file(p)

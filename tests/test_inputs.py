@@ -1,4 +1,5 @@
 """Inputs: the sample, both MovieLens layouts, and every kind of bad input."""
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from batch.__main__ import main
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, read_movielens
+from serving.errors import InputError
 from serving.store import Store
 
 from conftest import ML100K, REPO
@@ -90,7 +92,7 @@ def _corrupt(kind, inputs):
         pq.write_table(_table(inter), ip); return f"{ip}: item_id: 1 rows name items missing"
     if kind == "text_ids":
         inter["user_id"] = "u" + inter["user_id"].astype(str)
-        pq.write_table(_table(inter), ip); return f"{ip}: user_id: type "
+        pq.write_table(_table(inter), ip); return f"{ip}: user_id: type large_string, expected an integer type"
     raise AssertionError(kind)
 
 
@@ -112,7 +114,6 @@ def test_bad_input_one_line_nonzero_exit_store_untouched(workspace, capsys, kind
     err = capsys.readouterr().err
     assert rc == 1
     assert err.startswith("error: " + want), err
-    assert kind != "text_ids" or err.rstrip().endswith("cannot be read as int64")
     assert err.count("\n") == 1, err
     assert _store_state(store) == before
 
@@ -144,3 +145,114 @@ def test_cli_process_exit_code_and_message(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr == f"error: {tmp_path / 'nothing' / INTERACTIONS}: file not found\n"
+
+
+# --- strict input types: every column that is not stored as its kind stops the run before training ---
+_SEC = pd.Timedelta(seconds=1)
+WRONG_TYPES = {
+    # name: (file, column, change, the type named in the error)
+    "numeric_string_user_ids": (INTERACTIONS, "user_id", lambda f: f["user_id"].astype(str), "large_string"),
+    "float_item_ids": (INTERACTIONS, "item_id", lambda f: f["item_id"].astype(np.float64), "double"),
+    "mixed_ids_as_categorical_strings": (INTERACTIONS, "item_id",
+                                         lambda f: f["item_id"].map(lambda v: f"i{v}" if v % 2 else str(v))
+                                         .astype("category"), "string"),
+    "string_ratings": (INTERACTIONS, "rating", lambda f: f["rating"].astype(str), "large_string"),
+    "float_seconds_ts": (INTERACTIONS, "ts", lambda f: (f["ts"] - pd.Timestamp(0, tz="UTC")) / _SEC, "double"),
+    "string_ts": (INTERACTIONS, "ts", lambda f: f["ts"].astype(str), "large_string"),
+    "float_item_ids_in_items": (ITEMS, "item_id", lambda f: f["item_id"].astype(np.float64), "double"),
+    "numeric_titles": (ITEMS, "title", lambda f: pd.Series(np.arange(len(f)), index=f.index), "int64"),
+    "joined_genres": (ITEMS, "genres", lambda f: f["genres"].map("|".join), "large_string"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_TYPES))
+def test_wrong_parquet_column_type_stops_the_run_before_training(workspace, capsys, monkeypatch, name):
+    root, settings, cfg, _ = workspace
+    filename, column, change, got_type = WRONG_TYPES[name]
+    path = root / "inputs" / filename
+    frame = pq.read_table(path).to_pandas()
+    frame[column] = change(frame)
+    pq.write_table(_table(frame), path)
+    import batch.job
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started on inputs of the wrong type")
+    monkeypatch.setattr(batch.job, "train_and_evaluate", no_training)
+    store = Store(settings["paths.store"])
+    before = _store_state(store), sorted(p.name for p in store.models_dir.iterdir())
+    rc = main(["--config", str(cfg), "run"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(f"error: {path}: {column}: type {got_type}, expected "), err
+    assert err.count("\n") == 1, err
+    assert (_store_state(store), sorted(p.name for p in store.models_dir.iterdir())) == before
+
+
+def test_accepted_parquet_types_read_as_the_schema(tmp_path, sample_frames):
+    """Narrower integers, categoricals of integers, integer ratings, integer epoch seconds and naive
+    timestamps are what users write: they load, with the values unchanged."""
+    inter, items = sample_frames
+    seconds = ((inter["ts"] - pd.Timestamp(0, tz="UTC")) // _SEC).astype(np.int64)
+    variant = inter.assign(user_id=inter["user_id"].astype(np.int32), item_id=inter["item_id"].astype("category"),
+                           rating=inter["rating"].astype(np.int16), ts=seconds)
+    pq.write_table(_table(variant), tmp_path / INTERACTIONS)
+    pq.write_table(_table(items.assign(item_id=items["item_id"].astype(np.uint32))), tmp_path / ITEMS)
+    got = load_inputs(tmp_path)
+    np.testing.assert_array_equal(got.interactions["user_id"].to_numpy(), inter["user_id"].to_numpy())
+    np.testing.assert_array_equal(got.interactions["item_id"].to_numpy(), inter["item_id"].to_numpy())
+    np.testing.assert_array_equal(got.interactions["rating"].to_numpy(), inter["rating"].to_numpy())
+    assert (got.interactions["ts"] == inter["ts"].dt.floor("s")).all()
+    assert got.interactions["user_id"].dtype == np.int64 and got.items["item_id"].dtype == np.int64
+    naive = inter.assign(ts=inter["ts"].dt.tz_localize(None))
+    pq.write_table(_table(naive), tmp_path / INTERACTIONS)
+    assert (load_inputs(tmp_path).interactions["ts"] == inter["ts"].dt.floor("s")).all()  # naive = UTC
+
+
+def test_millisecond_integer_timestamps_are_refused(tmp_path, sample_frames):
+    inter, items = sample_frames
+    ms = ((inter["ts"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)).astype(np.int64)
+    pq.write_table(_table(inter.assign(ts=ms)), tmp_path / INTERACTIONS)
+    pq.write_table(_table(items), tmp_path / ITEMS)
+    with pytest.raises(InputError, match=r"interactions.parquet: ts: \d+ s since 1970 is outside 1970-2199 "
+                                         r"\(integer timestamps are read as seconds, not milliseconds\)"):
+        load_inputs(tmp_path)
+
+
+CSV_WRONG = {
+    # name: (file, text replaced once, replacement, column, message after the column)
+    "string_user_id": ("ratings.csv", "\n1,10,", "\nu1,10,", "userId", "non-numeric values (first: 'u1'), expected integers"),
+    "float_user_id": ("ratings.csv", "\n2,10,", "\n2.5,10,", "userId", "float64 values (first: 2.5), expected integers"),
+    "integral_float_item_id": ("ratings.csv", "\n1,25,", "\n1,25.0,", "movieId",
+                               "float64 values (written as floats, e.g. 1.0), expected integers"),
+    "empty_item_id": ("ratings.csv", "\n1,25,", "\n1,,", "movieId", "1 empty values"),
+    "string_rating": ("ratings.csv", ",4.0,", ",four,", "rating", "non-numeric values (first: 'four'), expected numbers"),
+    "string_timestamp": ("ratings.csv", ",964982703", ",2000-07-30", "timestamp",
+                         "non-numeric values (first: '2000-07-30'), expected integers"),
+    "mixed_movie_id": ("movies.csv", "\n25,", "\nm25,", "movieId", "non-numeric values (first: 'm25'), expected integers"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CSV_WRONG))
+def test_wrong_csv_column_type_stops_the_import(tmp_path, capsys, name):
+    filename, old, new, column, message = CSV_WRONG[name]
+    src = tmp_path / "ml"
+    shutil.copytree(REPO / "tests" / "fixtures" / "ml-csv", src)
+    text = (src / filename).read_bytes().replace(b"\r\n", b"\n").decode()
+    assert old in text
+    (src / filename).write_text(text.replace(old, new, 1))
+    rc = main(["import-movielens", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err == f"error: {src / filename}: {column}: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_100k_column_type_stops_the_import(tmp_path, capsys):
+    src = tmp_path / "ml"
+    src.mkdir()
+    (src / "u.data").write_text("1\t10\t4\t881250949\n2\t1x\t3\t881250950\n")
+    (src / "u.item").write_text("10|Ten (1990)|01-Jan-1990||http://x|" + "|".join("0" * 19) + "\n")
+    rc = main(["import-movielens", str(src), "--out", str(tmp_path / "out")])
+    assert rc == 1
+    assert capsys.readouterr().err == (f"error: {src / 'u.data'}: item_id: non-numeric values (first: '1x'), "
+                                       f"expected integers\n")

@@ -1,6 +1,7 @@
 """Popularity: the smallest covering set, and the request log as its source."""
 from datetime import datetime, timedelta, timezone
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -189,3 +190,102 @@ def test_predictions_estimate_counts_the_top_recommendation_pairs():
     parts = [sel.report[k] for k in ("items", "users", "pairs")]
     assert sel.report["expected_hit_rate"] == pytest.approx(
         sum(p["expected_hit_rate"] * p["traffic"] for p in parts) / sum(p["traffic"] for p in parts))
+
+
+# --- the window is measured from the data, not the clock ------------------------------------------
+_YEARS_AGO = pd.Timedelta(days=365 * 24 + 6)  # the small sample moved back to about 2002
+NO_LOG = pd.DataFrame(columns=["endpoint", "user_id", "item_id", "n", "weight"])
+
+
+def test_window_counts_back_from_the_newest_interaction_not_the_clock(sample_frames, workspace):
+    """The same interactions, 24 years earlier, select the same keys: a window on the clock would be
+    empty and choose none."""
+    _, settings, _, _ = workspace
+    inter, _ = sample_frames
+    old = inter.assign(ts=inter["ts"] - _YEARS_AGO)
+    assert old["ts"].max() < pd.Timestamp("2003-01-01", tz="UTC")
+    items, users = np.sort(inter["item_id"].unique()), np.sort(inter["user_id"].unique())
+    now_sel = select(inter, NO_LOG, items, users, settings)
+    old_sel = select(old, NO_LOG, items, users, settings)
+    np.testing.assert_array_equal(old_sel.items, now_sel.items)
+    np.testing.assert_array_equal(old_sel.users, now_sel.users)
+    # Independent: the users chosen are the heaviest users of the last window_days before the newest
+    # interaction, enough of them to cover the target share of that window's interactions.
+    days = settings["batch.window_days"]
+    window = old[old["ts"] > old["ts"].max() - pd.Timedelta(days=days)]
+    counts = window["user_id"].value_counts()
+    assert 0 < len(old_sel.users) <= len(counts)
+    assert set(old_sel.users) <= set(counts.index)
+    assert counts[old_sel.users].sum() / counts.sum() >= settings["batch.coverage"] - 0.05
+    w = old_sel.report["window"]
+    assert (w["days"], w["interactions"], w["users"]) == (days, len(window), window["user_id"].nunique())
+    assert w["end"] == old["ts"].max().isoformat()
+
+
+def test_window_zero_counts_all_history(sample_frames, workspace):
+    _, settings, _, _ = workspace
+    inter, _ = sample_frames
+    items, users = np.sort(inter["item_id"].unique()), np.sort(inter["user_id"].unique())
+    all_time = select(inter, NO_LOG, items, users, settings.replace(batch__window_days=0))
+    # The same interactions all at one instant: any window holds them all.
+    flat = inter.assign(ts=inter["ts"].max())
+    want = select(flat, NO_LOG, items, users, settings)
+    np.testing.assert_array_equal(all_time.users, want.users)
+    np.testing.assert_array_equal(all_time.items, want.items)
+    w = all_time.report["window"]
+    assert (w["interactions"], w["users"], w["days"]) == (len(inter), inter["user_id"].nunique(), 0)
+
+
+def test_historical_run_precomputes_what_the_same_recent_data_would(tmp_path, sample_frames, published):
+    """A whole run on interactions from years ago publishes the same users and items as the published
+    run on the same interactions dated now."""
+    from batch.inputs import write_inputs
+    from conftest import make_settings
+    _, _, recent = published
+    inter, items = sample_frames
+    write_inputs(tmp_path / "inputs", inter.assign(ts=inter["ts"] - _YEARS_AGO), items)
+    settings, _ = make_settings(tmp_path)
+    result = run(settings)
+    store = Store(settings["paths.store"])
+    recent_store = Store(Path(recent.manifest["settings"]["paths"]["store"]))
+    for table, key in (("user_recs", "user_id"), ("similar_items", "item_id")):
+        got = store.read_table(result.snapshot_id, table).column(key).to_pylist()
+        want = recent_store.read_table(recent.snapshot_id, table).column(key).to_pylist()
+        assert got == want and len(got) > 0
+
+
+def test_bursty_historical_data_warns_and_window_zero_precomputes_its_active_users(tmp_path, sample_frames,
+                                                                                   caplog):
+    """MovieLens-like history: each user active for one month somewhere in 1998-2007. The last 30 days
+    hold a handful of users; the run says so, and window_days = 0 precomputes for the users who carry
+    the history's interactions."""
+    from batch.inputs import write_inputs
+    from conftest import make_settings
+    inter, items = sample_frames
+    rng = np.random.default_rng(5)
+    users = np.sort(inter["user_id"].unique())
+    month = pd.Series(rng.integers(0, 120, size=len(users)), index=users)
+    start = pd.Timestamp("1998-01-01", tz="UTC") + pd.to_timedelta(month[inter["user_id"]].to_numpy() * 30, unit="D")
+    ts = start + pd.to_timedelta(rng.uniform(0, 30 * 86400, size=len(inter)).astype(np.int64), unit="s")
+    bursty = inter.assign(ts=ts.floor("s"))
+    write_inputs(tmp_path / "inputs", bursty, items)
+    settings, _ = make_settings(tmp_path)
+    last_30 = bursty[bursty["ts"] > bursty["ts"].max() - pd.Timedelta(days=30)]["user_id"].nunique()
+    assert last_30 < 0.1 * len(users)
+    with caplog.at_level("WARNING", logger="batch.job"):
+        narrow = run(settings)
+    hints = [r.getMessage() for r in caplog.records if "popularity window" in r.getMessage()]
+    assert len(hints) == 1, hints
+    assert (f"holds {last_30} of {len(users)} users; for historical data set batch.window_days = 0 (all history)"
+            in hints[0])
+    assert narrow.manifest["row_counts"]["user_recs"] <= last_30
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batch.job"):
+        full = run(settings.replace(batch__window_days=0))
+    assert not [r for r in caplog.records if "popularity window" in r.getMessage()]
+    chosen = Store(settings["paths.store"]).read_table(full.snapshot_id, "user_recs").column("user_id").to_numpy()
+    counts = bursty["user_id"].value_counts()
+    assert len(chosen) > 5 * last_30
+    # The heaviest users of all history, covering the target share of its interactions (held-out estimate).
+    assert counts[chosen].sum() / counts.sum() >= settings["batch.coverage"] - 0.05
+    assert counts[chosen].min() >= counts.drop(chosen).to_numpy().max(initial=0)
