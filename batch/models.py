@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from batch.popularity import cover
 from serving.errors import InputError, ValidationFailed
 from serving.models import MODELS_DIR, Served, read_table
-from serving.models.base import (DTYPES, Input, ModelSpec, canonical_key, canonical_keys, columns_from_rows,
-                                 rows_from_keys)
+from serving.models.base import (DTYPES, Input, ModelSpec, canonical_key, canonical_key_array, canonical_keys,
+                                 columns_from_rows, rows_from_keys)
 from serving.models.predictor import (RATING, RatingPredictor, SklearnPredictor, artifact_checksum, copy_artifact,
                                       load_estimator, load_predictor, mlflow_inputs, write_spec)
 from serving.store import Store
@@ -145,9 +145,11 @@ def choose(spec: ModelSpec, log: tuple[list, np.ndarray] | None, coverage: float
     size = spec.grid_size()
     grid_cols: list[np.ndarray] = []
     keys: set[str] = set()
+    has_log = log is not None and len(log[0]) > 0
     if size is not None and size <= spec.grid_max_rows:
         grid_cols = spec.grid()
-        keys = set(canonical_keys(grid_cols)) if grid_cols else set()
+        if spec.candidates or has_log:  # the grid's keys are needed only to leave its rows out of the rest
+            keys = set(canonical_keys(grid_cols)) if grid_cols else set()
         report["grid_rows"] = size
     else:
         report["grid_rows"] = 0
@@ -163,7 +165,7 @@ def choose(spec: ModelSpec, log: tuple[list, np.ndarray] | None, coverage: float
                 extra.append(row)
         report["candidates"] = len(cands)
     logged = 0
-    if log is not None and len(log[0]):
+    if has_log:
         rows, skipped = rows_from_keys(spec, log[0])
         ok = [canonical_key(r) for r in rows]
         weight = dict(zip(log[0], log[1]))
@@ -213,7 +215,7 @@ def precompute(predictor, columns: list[np.ndarray], batch_size: int = 65_536) -
         parts.append(predictor.answer([c[start:start + batch_size] for c in columns]))
     pred = np.concatenate(parts) if parts else np.zeros(0)
     arrays = {inp.name: _arrow(inp, col) for inp, col in zip(spec.inputs, columns)}
-    arrays["input"] = pa.array(canonical_keys(columns), pa.string())
+    arrays["input"] = canonical_key_array(columns) if columns else pa.array([], pa.string())
     arrays["prediction"] = (pa.array(pred.astype(np.float64), pa.float64()) if pred.dtype.kind in "biuf"
                             else pa.array([None if v is None else str(v) for v in pred], pa.string()))
     arrays["model_version"] = pa.array([predictor.version] * n, pa.string())

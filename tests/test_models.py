@@ -691,3 +691,31 @@ def test_generate_sample_trains_the_demand_model_the_default_config_registers(tm
     assert report["grid_rows"] == table.num_rows == 18 * 7
     frame = table.select(list(DEMAND_INPUTS)).to_pandas()
     np.testing.assert_array_equal(table.column("prediction").to_numpy(), predictor.estimator.predict(frame))
+
+
+def test_request_log_segments_from_before_the_model_columns_still_read(tmp_path):
+    """Old segments (no model, input columns) next to new ones: both readers take what each has."""
+    from datetime import datetime, timezone
+
+    from batch.models import read_model_log
+    from batch.popularity import read_request_counts
+    from serving.requestlog import RequestLog
+    from serving.store import REQUEST_LOG_SCHEMA
+    store = Store(tmp_path / "store")
+    store.requests_dir.mkdir(parents=True)
+    old_schema = pa.schema([f for f in REQUEST_LOG_SCHEMA if f.name not in ("model", "input")])
+    old = pa.table({"ts": [datetime(2024, 1, 1, tzinfo=timezone.utc)], "endpoint": ["similar_items"], "item_id": [7],
+                    "user_id": [None], "k": [10], "source": ["live"], "status": [200], "latency_us": [90]},
+                   schema=old_schema)
+    pq.write_table(old, store.requests_dir / "seg-old.parquet")
+    now = datetime.now(timezone.utc)
+    assert read_model_log(store, now) == {}
+    log = RequestLog(store, clock=lambda: now.timestamp())
+    log.append("model", None, None, None, "live", 200, 120, "price", '["rocket",6.5]')
+    log.append("model", None, None, None, "cache", 200, 20, "price", '["rocket",6.5]')
+    log.append("similar_items", 7, None, 10, "precomputed", 200, 30)
+    log.flush()
+    keys, weights = read_model_log(store, now)["price"]
+    assert keys == ['["rocket",6.5]'] and weights.tolist() == [2.0]
+    counts = read_request_counts(store, now)
+    assert counts.loc[counts["endpoint"] == "similar_items", "n"].sum() == 2

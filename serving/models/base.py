@@ -270,12 +270,15 @@ def canonical_key(values: Sequence[Any]) -> str:
 
 
 def canonical_keys(columns: Sequence[np.ndarray]) -> list[str]:
-    """``canonical_key`` of every row of the columns, vectorised: each distinct value is written once
-    by ``json_text`` and the rows are joined as ``canonical_key`` joins them."""
+    """``canonical_key`` of every row of the columns (see ``canonical_key_array``)."""
+    return canonical_key_array(columns).to_pylist() if columns else []
+
+
+def canonical_key_array(columns: Sequence[np.ndarray]):
+    """``canonical_key`` of every row of the columns, vectorised, as a pyarrow string array: each
+    distinct value is written once by ``json_text`` and the rows are joined as ``canonical_key`` joins them."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    if not columns:
-        return []
     parts = []
     for col in columns:
         col = np.asarray(col)
@@ -287,7 +290,7 @@ def canonical_keys(columns: Sequence[np.ndarray]) -> list[str]:
         text = pa.array([json_text(u) for u in uniq], pa.string())
         parts.append(text.take(pa.array(codes.ravel().astype(np.int64))))
     joined = pc.binary_join_element_wise(*parts, ",") if len(parts) > 1 else parts[0]
-    return pc.binary_join_element_wise("[", joined, "]", "").to_pylist()
+    return pc.binary_join_element_wise("[", joined, "]", "")
 
 
 def _unique_objects(col: np.ndarray) -> tuple[list, np.ndarray]:

@@ -4,7 +4,9 @@
   server at 16 connections (target >= 0.9x);
 - a live answer's cost above the model's own one-row ``predict`` (target <= 0.2 ms): the engine's whole
   path for a miss (parse the query, canonical key, cache, the model's vectorised answer on one row)
-  against ``estimator.predict`` on a ready one-row DataFrame, interleaved, one thread, medians;
+  minus the time the estimator's own ``predict`` took inside that same call (so the model's noise, ms
+  on a busy machine, cancels); beside it, ``estimator.predict`` on a ready one-row DataFrame,
+  interleaved, one thread, medians;
 - the batch job's grid precompute (enumerate, key, predict, build the table) against the model's own
   batch ``predict`` on the same rows (target >= 0.8x).
 
@@ -99,6 +101,22 @@ def hit_rates(cfg: Path, store: Store, spec, measure, seconds: float, rounds: in
     return out
 
 
+class _Timed:
+    """The estimator itself, with the time spent inside its own predict recorded."""
+
+    def __init__(self, estimator):
+        self.estimator, self.spent = estimator, 0.0
+
+    def predict(self, X):
+        t0 = time.perf_counter()
+        y = self.estimator.predict(X)
+        self.spent += time.perf_counter() - t0
+        return y
+
+    def __getattr__(self, name):
+        return getattr(self.estimator, name)
+
+
 def live_overhead(settings, n: int = 2000) -> dict:
     """The engine's live path for a miss against the model's own one-row predict, interleaved."""
     import pandas as pd
@@ -121,12 +139,15 @@ def live_overhead(settings, n: int = 2000) -> dict:
                    for g, d, x in zip(genres, days, discounts)]
         for i in range(50):  # warm-up (first calls allocate)
             estimator.predict(frames[i])
-        engine_s, model_s, agree = [], [], 0
+        timed = served.model.estimator = _Timed(estimator)
+        engine_s, model_s, inside_s, agree = [], [], [], 0
         for i in range(50, n):
+            timed.spent = 0.0
             t0 = time.perf_counter()
             values = spec.parse_query(queries[i])
             ans = engine.predict("demand", values)
             t1 = time.perf_counter()
+            inside_s.append(timed.spent)
             want = estimator.predict(frames[i])[0]
             t2 = time.perf_counter()
             engine_s.append(t1 - t0)
@@ -135,8 +156,10 @@ def live_overhead(settings, n: int = 2000) -> dict:
     finally:
         app.extensions["hybridserve"].close()
     e, m = float(np.median(engine_s)) * 1e3, float(np.median(model_s)) * 1e3
+    above = (np.array(engine_s) - np.array(inside_s)) * 1e3
     return {"requests": n - 50, "live_answers_equal_to_predict": agree, "engine_live_p50_ms": e,
-            "model_predict_one_row_p50_ms": m, "live_overhead_ms": e - m,
+            "model_predict_one_row_p50_ms": m, "live_overhead_ms": float(np.median(above)),
+            "live_overhead_p99_ms": float(np.percentile(above, 99)), "difference_of_medians_ms": e - m,
             "engine_live_p99_ms": float(np.percentile(engine_s, 99)) * 1e3,
             "model_predict_one_row_p99_ms": float(np.percentile(model_s, 99)) * 1e3}
 
@@ -191,8 +214,9 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 300_000, s
     print(f"precomputed model prediction {result['model_16']['requests_per_s']:.0f} req/s vs similar items "
           f"{result['similar_16']['requests_per_s']:.0f} req/s: {result['model_vs_similar_rps']:.2f}x (target >= 0.9)")
     lv = result["live"]
-    print(f"live answer {lv['engine_live_p50_ms']:.3f} ms vs the model's one-row predict "
-          f"{lv['model_predict_one_row_p50_ms']:.3f} ms: +{lv['live_overhead_ms']:.3f} ms (target <= 0.2)")
+    print(f"live answer: +{lv['live_overhead_ms']:.3f} ms above the model's own predict in the same call "
+          f"(target <= 0.2; p99 +{lv['live_overhead_p99_ms']:.3f}); medians side by side {lv['engine_live_p50_ms']:.3f} "
+          f"ms vs {lv['model_predict_one_row_p50_ms']:.3f} ms")
     g = result["grid"]
     print(f"grid precompute {g['job_rows_per_s']:,.0f} rows/s vs the model's batch predict "
           f"{g['model_predict_rows_per_s']:,.0f} rows/s on {g['grid_rows']:,} rows: {g['grid_vs_model_predict']:.2f}x "
