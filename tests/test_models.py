@@ -664,7 +664,7 @@ def test_demo_shows_the_grid_a_live_miss_and_the_next_run_precomputing_it(mws):
     assert "registered models (GET /v1/models): churn " in text
     assert "demand: 35 rows precomputed (35 from the grid)" in text
     miss = "/v1/models/demand/predict?genre=Action&weekday=0&discount=0.185"
-    assert f"GET /v1/models/demand/predict?genre=Action&weekday=0\n     -> precomputed " in text
+    assert "GET /v1/models/demand/predict?genre=Action&weekday=0\n     -> precomputed " in text
     assert f"GET {miss}  (3 times)\n     -> live " in text and ", then cache " in text
     assert f"GET {miss} after the second run\n     -> precomputed " in text
     assert f"(snapshot {result['second']}: 1 demand input(s) taken from the request log)" in text

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -329,10 +328,6 @@ def columns_from_rows(spec: ModelSpec, rows: Sequence[tuple]) -> list[np.ndarray
     return cols
 
 
-def product_size(sizes: Iterable[int]) -> int:
-    return math.prod(sizes)
-
-
 class ModelKind(Protocol):
     """The protocol every model kind meets. ``load(folder, spec)`` builds one from a snapshot folder."""
 
@@ -486,7 +481,3 @@ def _parse_input(t: dict, j: int, where: str, source: str) -> Input:
         except ValueError as exc:
             raise bad("default", str(exc)) from None
     return Input(name, typ, required, values, bounds.get("min"), bounds.get("max"), default)
-
-
-def all_rows(domains: Sequence[Sequence[Any]]) -> Iterable[tuple]:
-    return itertools.product(*domains)
