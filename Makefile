@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/default.toml
 
-.PHONY: install test demo batch sample train schedule serve bench clean
+.PHONY: install test demo batch sample train schedule serve bench bench-server bench-tools clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,23 @@ demo: install
 schedule: install
 	$(PY) -m batch --config $(CONFIG) schedule
 
+# granian (serving/server.py); --host/--port/--workers after ARGS=, e.g. make serve ARGS="--port 8080"
 serve: install
-	HYBRIDSERVE_CONFIG=$(CONFIG) $(PY) -m gunicorn -c python:serving.gunicorn_conf 'serving.app:create_app()'
+	$(PY) -m serving.server --config $(CONFIG) $(ARGS)
 
-bench: install
-	@command -v wrk >/dev/null || apt-get install -y wrk || sudo apt-get install -y wrk
+# What the benchmarks compare against: nginx, Redis and wrk from apt; FastAPI, uvicorn, the Redis
+# client and gunicorn (the former server, as a baseline) from the bench extra.
+bench-tools: install
+	@command -v wrk >/dev/null && command -v redis-server >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
+		|| { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk nginx-light redis-server; }
+	$(PY) -m pip install -q -e '.[dev,bench]'
+
+bench: bench-tools
 	$(PY) tests/bench/run_all.py
+
+# Only the server comparison (granian, nginx, FastAPI + Redis, the former loop worker) and the summary.
+bench-server: bench-tools
+	$(PY) tests/bench/run_all.py --only server
 
 clean:
 	rm -rf $(VENV) data/store data/sample

@@ -1,6 +1,6 @@
 """`python -m batch demo`: the whole loop on the sample, end to end, in a couple of minutes.
 
-sample -> batch run -> gunicorn -> replay a Zipf trace -> batch run (reads the request log)
+sample -> batch run -> the API server -> replay a Zipf trace -> batch run (reads the request log)
 -> replay again -> the hit rate rises -> one SQL query -> stop the server.
 """
 from __future__ import annotations
@@ -11,12 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import click
+from werkzeug.datastructures import Headers
 
 from batch import catalog
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, write_inputs
@@ -36,63 +38,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, headers: dict | None = None, timeout: float = 10.0) -> tuple[int, dict, bytes]:
-    """(status, headers, body); 4xx/5xx and 304 are returned, not raised."""
+def http_get(url: str, headers: dict | None = None, timeout: float = 10.0) -> tuple[int, Headers, bytes]:
+    """(status, headers, body); 4xx/5xx and 304 are returned, not raised. Header names are looked up
+    case-insensitively, as HTTP says (granian sends them in lower case)."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, Headers(list(r.headers.items())), r.read()
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, Headers(list(e.headers.items())), e.read()
 
 
-class GunicornServer:
-    """The API under gunicorn in a child process on a free loopback port."""
+class ApiServer:
+    """The API under its production server (``python -m serving.server``, granian) in a child process,
+    on a free loopback port."""
 
     def __init__(self, config: Path | None, env: dict[str, str] | None = None, workers: int | None = None,
-                 app: str = "serving.app:create_app()", port: int | None = None):
+                 app: str | None = None, port: int | None = None):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ)
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the server makes its own unless told
-        self.env.update(HYBRIDSERVE_BIND=f"127.0.0.1:{self.port}", **(env or {}))
+        self.env.update(HYBRIDSERVE_SERVING_HOST="127.0.0.1", HYBRIDSERVE_SERVING_PORT=str(self.port), **(env or {}))
         if config is not None:
             self.env["HYBRIDSERVE_CONFIG"] = str(config)
         if workers is not None:
             self.env["HYBRIDSERVE_SERVING_WORKERS"] = str(workers)
-        self.app = app
+        self.app = app  # another WSGI app factory ("module:function"), for the benchmarks' baselines
         self.proc: subprocess.Popen | None = None
+        self.output = ""  # what the server printed, once stopped
 
-    def start(self, ready_path: str = "/readyz", timeout: float = 90.0) -> "GunicornServer":
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:serving.gunicorn_conf",
-                                      self.app], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "serving.server"] + (["--app", self.app] if self.app else [])
+
+    def start(self, ready_path: str = "/readyz", timeout: float = 90.0) -> "ApiServer":
+        # A file, not a pipe: nobody reads the server's log while it runs, and a full pipe would block it.
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.log()}")
             try:
-                if http_get(self.base + ready_path, timeout=2)[0] == 200:
+                if self._all_workers_started() and http_get(self.base + ready_path, timeout=2)[0] == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"gunicorn did not answer {ready_path} within {timeout:.0f}s")
+        raise RuntimeError(f"the server did not answer {ready_path} within {timeout:.0f}s")
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (workers flush their request logs), then wait."""
+    def stop(self, timeout: float = 45.0, sig: int = signal.SIGTERM) -> int | None:
+        """``sig`` (SIGTERM or SIGINT: the workers drain and flush their request logs), then wait."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.output = self.log()
+        self._log.close()
         return self.proc.returncode
+
+    def _all_workers_started(self) -> bool:
+        """Every worker granian spawned has built its app and serves (not only the one that answered)."""
+        text = self.log()
+        spawned = text.count("Spawning worker-")
+        return spawned > 0 and text.count("Started worker-") >= spawned
+
+    def log(self) -> str:
+        """What the server has printed so far (its own lines and its workers')."""
+        if self._log.closed:
+            return self.output
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
 
     def wait_for_snapshot(self, snapshot_id: str, timeout: float = 30.0, probes: int = 8) -> None:
         """Until every probe (spread over the workers) answers from ``snapshot_id``."""
@@ -104,11 +127,15 @@ class GunicornServer:
             time.sleep(0.2)
         raise RuntimeError(f"server did not switch to snapshot {snapshot_id}")
 
-    def __enter__(self) -> "GunicornServer":
+    def __enter__(self) -> "ApiServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# The helper's name before the server moved from gunicorn to granian (tests written against it keep working).
+GunicornServer = ApiServer
 
 
 def _table(title: str, df) -> str:
@@ -199,8 +226,8 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
     shown = shown_items(bundle, users)
     flush_s = 1.0
     env = {"HYBRIDSERVE_SERVING_LOG_FLUSH_INTERVAL_S": str(flush_s), "HYBRIDSERVE_SERVING_RELOAD_INTERVAL_S": "0.5"}
-    with GunicornServer(config, env=env) as server:
-        echo(f"2. gunicorn on {server.base} ({settings['serving.workers']} sync workers)")
+    with ApiServer(config, env=env) as server:
+        echo(f"2. the API (granian) on {server.base}, {settings['serving.workers']} worker processes")
         before = replay(server.base, make_trace(bundle_items, users, requests, seed=1, shown=shown), concurrency)
         echo(_table(f"3. replayed {requests} GET requests (Zipf 1.1 over all endpoints), {concurrency} at a time:",
                     before))

@@ -1,4 +1,4 @@
-"""`python -m serving`: the development server (use `make serve` for gunicorn)."""
+"""`python -m serving`: the development server (use `make serve` for the production server, granian)."""
 from __future__ import annotations
 
 import argparse

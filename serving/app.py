@@ -1,7 +1,6 @@
 """`create_app(settings)`: the only place the API is wired. Nothing heavy happens at import."""
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import time
@@ -85,8 +84,18 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
         services._reloader = threading.Thread(target=_reload_loop, args=(engine, settings, services._stop),
                                               name="snapshot-reload", daemon=True)
         services._reloader.start()
-        atexit.register(services.close)
+        # Flush the request log when the process ends. atexit is not enough: a server's worker started by
+        # multiprocessing with fork (granian's) leaves through os._exit, which skips atexit; it does end
+        # its main thread and then join the non-daemon threads, this one among them.
+        threading.Thread(target=_close_after_main, args=(services,), name="requestlog-close-at-exit",
+                         daemon=False).start()
     return app
+
+
+def _close_after_main(services: Services) -> None:
+    """Wait for the main thread to end (a worker that drained its connections), then flush."""
+    threading.main_thread().join()
+    services.close()
 
 
 def _reload_loop(engine: Engine, settings: Settings, stop: threading.Event) -> None:

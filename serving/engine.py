@@ -36,7 +36,7 @@ def one_thread_per_pool() -> None:
     """FAISS's OpenMP, the rating model's OpenMP and BLAS on one thread, in the calling thread.
 
     OpenMP's thread count is per thread: a limit set where the app was built does not reach the
-    request threads of a threaded server (Flask's development server, gunicorn's gthread), where a
+    request threads of a threaded server (Flask's development server, granian's blocking threads), where a
     predict or a search would start one OpenMP thread per core that spin-wait against the worker
     (measured: 53 req/s instead of ~900). So each thread that computes live sets it, once.
     """

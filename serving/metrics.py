@@ -1,4 +1,4 @@
-"""Prometheus metrics; multiprocess mode under gunicorn (PROMETHEUS_MULTIPROC_DIR set).
+"""Prometheus metrics; multiprocess mode under the server (serving/server.py sets PROMETHEUS_MULTIPROC_DIR).
 
 Hit rate and snapshot age are derived at scrape time from the aggregated series, so they
 are right across worker processes.
@@ -43,6 +43,9 @@ class Metrics:
                                       multiprocess_mode="max")
         self.requestlog_failures = Counter("hybridserve_requestlog_flush_failures", "Failed request-log flushes",
                                            registry=r)
+        # One sample per worker process (pid label in multiprocess mode): what gc.freeze() hid at start.
+        self.gc_frozen = Gauge("hybridserve_gc_frozen_objects", "Start-up objects frozen out of the garbage "
+                               "collector's sight in this worker", registry=r, multiprocess_mode="all")
         self._children: dict[tuple, tuple] = {}
         self.requestlog_dropped = Counter("hybridserve_requestlog_dropped_rows",
                                           "Request-log rows dropped to bound memory", registry=r)

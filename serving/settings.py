@@ -19,7 +19,6 @@ ENV_PREFIX = "HYBRIDSERVE_"
 # HYBRIDSERVE_* variable is a typo and refused, like an unknown key in a config file.
 ENV_NOT_SETTINGS = frozenset({
     ENV_FILE,               # the config file to read
-    "HYBRIDSERVE_BIND",     # gunicorn's bind address (serving/gunicorn_conf.py), overrides serving.host/port
 })
 
 
@@ -91,16 +90,20 @@ SETTINGS: tuple[Setting, ...] = (
     # serving
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),
-    Setting("serving", "workers", 2, "gunicorn worker processes (make serve)", minimum=1),
-    Setting("serving", "worker_class", "loop",
-            "gunicorn worker type: loop (serving/worker.py) keeps connections alive and handles each request in the "
-            "worker's one thread; gthread hands requests to request threads; both bind a listening socket per worker "
-            "(SO_REUSEPORT). sync opens and closes a connection per request (for a buffering proxy in front)",
-            choices=("loop", "gthread", "sync")),
-    Setting("serving", "threads", 1, "Request threads per gthread worker (more overlap slow clients, but add GIL contention)", minimum=1),
-    Setting("serving", "keepalive_s", 5, "Seconds a loop or gthread worker keeps an idle client connection open", minimum=0),
-    Setting("serving", "client_timeout_s", 5.0, "Seconds a loop worker waits on a client that stalls mid-request or stops "
-            "reading its answer before dropping the connection", minimum=0.1),
+    Setting("serving", "workers", 2, "Server worker processes (granian; make serve); one per core for a CPU-bound app", minimum=1),
+    Setting("serving", "blocking_threads", 1, "Python threads per worker that run the app (the GIL runs one at a time: "
+            "1 measured fastest; more only overlap requests that wait)", minimum=1),
+    Setting("serving", "runtime_threads", 1, "Rust I/O threads per worker (parse HTTP, keep connections, write answers)", minimum=1),
+    Setting("serving", "backpressure", 512, "Connections a worker serves at once; further ones wait in the listen backlog "
+            "(each idle, slow or stalled client holds one, never a Python thread)", minimum=1),
+    Setting("serving", "header_read_timeout_s", 10.0, "A client is disconnected when its request head is not complete this "
+            "many seconds after its first byte, or after its previous answer (so also an idle keep-alive connection)",
+            minimum=0.001, maximum=60.0),
+    Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers; a "
+            "larger one, or more than 100 headers, gets 431 from the server before the app", minimum=8192),
+    Setting("serving", "keepalive", True, "Keep client connections open across requests (HTTP/1.1 keep-alive)"),
+    Setting("serving", "shutdown_timeout_s", 30, "On SIGTERM/SIGINT a worker finishes its requests and flushes its request log; "
+            "one still running after this many seconds is killed (its unflushed rows are lost)", minimum=1),
     Setting("serving", "mode", "hybrid", "hybrid: snapshot, then cache, then live; ttl-cache: cache then live (no snapshot answers); live-only: every request computed live",
             choices=("hybrid", "ttl-cache", "live-only")),
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),

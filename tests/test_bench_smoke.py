@@ -90,3 +90,18 @@ def test_models_benchmark_small(tmp_path):
     assert r["model_live_1"]["requests"] > 0 and r["model_live_1"]["non_2xx"] == 0
     assert r["live"]["live_answers_equal_to_predict"] == r["live"]["requests"] == 30
     assert r["grid"]["grid_rows"] == 18 * 7 * 11 and r["grid"]["grid_vs_model_predict"] > 0
+
+
+def test_server_benchmark_small(tmp_path, workspace):
+    """The server benchmark end to end on a tiny catalogue, granian only (nginx, Redis and the former
+    gunicorn worker come with make bench), Python load generator: slow clients stall nothing."""
+    import bench_server
+    r = bench_server.run(seconds=0.5, rounds=1, loadgen="python", workdir=tmp_path / "work", out_dir=tmp_path,
+                         servers=("granian",), n_paths=50, config=workspace[2])
+    saved = json.loads((tmp_path / "server.json").read_text())
+    assert saved["servers"] == ["granian"] and saved["paths"] == 50 and saved["body_bytes_median"] > 100
+    for key in ("at_16", "at_1"):
+        assert r["granian"][key]["requests"] > 0 and r["granian"][key]["non_2xx"] == 0
+    slow = r["slow_clients"]["granian"]
+    assert slow["at_16"]["requests"] > 0 and r["slow_clients_granian_failed"] == 0
+    assert slow["trickling_dropped_by_server"] == 0  # 0.5 s runs: well inside the header timeout

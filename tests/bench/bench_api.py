@@ -1,7 +1,7 @@
-"""API benchmark through gunicorn, side by side in one run:
+"""API benchmark through the server (granian), side by side in one run:
 
 - the precomputed hit path against a minimal Flask route returning a body of the same size, on the
-  same gunicorn settings: requests/s at 16 connections, p50/p99 at 1 connection;
+  same server settings: requests/s at 16 connections, p50/p99 at 1 connection;
 - the live path (nothing precomputed is fresh, no cache): p50/p99 for similar items and user
   recommendations, on a catalogue of 100,000 items and 50,000 users.
 
@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from batch.demo import GunicornServer, http_get  # noqa: E402
+from batch.demo import ApiServer, http_get  # noqa: E402
 from batch.inputs import INTERACTIONS, generate_sample, write_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from common import write_result  # noqa: E402
@@ -85,12 +85,12 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     live_users = [f"/v1/users/{u}/recommendations?k=10" for u in rng.choice(bundle.user_ids, 5000)]
     workers = settings["serving.workers"]
     result: dict = {"items": bundle.n_items, "users": bundle.n_users, "index": bundle.meta["index"],
-                    "snapshot": sid, "workers": workers, "worker_class": settings["serving.worker_class"], "loadgen": loadgen,
+                    "snapshot": sid, "workers": workers, "server": "granian", "loadgen": loadgen,
                     "k": 10, "seconds_per_run": seconds, "rounds": rounds,
                     "method": "hybrid and minimal servers run side by side; short runs alternate; medians"}
 
     status, _, body = 0, {}, b""
-    hybrid = GunicornServer(cfg).start()
+    hybrid = ApiServer(cfg).start()
     try:
         status, _, body = http_get(hybrid.base + hot_paths[0])
         if status != 200 or json.loads(body)["source"] != "precomputed":
@@ -99,10 +99,10 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
         body_file = Path(workdir or WORK) / "minimal-body.json"
         body_file.parent.mkdir(parents=True, exist_ok=True)
         body_file.write_bytes(body)
-        minimal = GunicornServer(cfg, env={"MINIMAL_BODY_FILE": str(body_file), "PYTHONPATH": str(HERE)},
-                                 app="minimal_app:create_app()").start()
+        minimal = ApiServer(cfg, env={"MINIMAL_BODY_FILE": str(body_file), "PYTHONPATH": str(HERE)},
+                                 app="minimal_app:create_app").start()
         # The same app with CORS off (serving.cors_origins = ""), to show what CORS costs per response.
-        no_cors = GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_CORS_ORIGINS": ""}).start()
+        no_cors = ApiServer(cfg, env={"HYBRIDSERVE_SERVING_CORS_ORIGINS": ""}).start()
         try:
             # The machine is shared and noisy: alternate short runs of the servers, report medians.
             runs: dict[str, list] = {"hybrid_16": [], "minimal_16": [], "hybrid_no_cors_16": [], "hybrid_1": [],
@@ -121,7 +121,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     finally:
         hybrid.stop()
     live_env = {"HYBRIDSERVE_SERVING_MAX_AGE_S": "0", "HYBRIDSERVE_SERVING_CACHE_TTL_S": "0"}
-    with GunicornServer(cfg, env=live_env) as server:
+    with ApiServer(cfg, env=live_env) as server:
         status, _, body = http_get(server.base + live_items[0])
         if json.loads(body)["source"] != "live":
             raise RuntimeError("the live server answered from somewhere else")
@@ -144,7 +144,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     print(f"{'precomputed hit, CORS off':34}{result['hybrid_no_cors_16']['requests_per_s']:12.0f}")
     print(f"hit path / minimal route requests/s: {result['hit_vs_minimal_rps']:.2f} (target >= 0.8); "
           f"with CORS off {result['hit_no_cors_vs_minimal_rps']:.2f}; "
-          f"{result['items']:,} items, index {result['index']}, {workers} {result['worker_class']} workers, {loadgen}")
+          f"{result['items']:,} items, index {result['index']}, {workers} granian workers, {loadgen}")
     write_result("api_latency", result, out_dir)
     return result
 

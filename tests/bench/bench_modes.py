@@ -1,4 +1,4 @@
-"""What hybrid serving buys: three serving modes, one run, same data, models, gunicorn settings and trace.
+"""What hybrid serving buys: three serving modes, one run, same data, models, server settings and trace.
 
 - live-only: every request computed live (serving.mode = "live-only");
 - ttl-cache: live results cached on first request with a TTL, no snapshot answers ("ttl-cache");
@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 from bench_api import prepare  # noqa: E402
-from batch.demo import GunicornServer, http_get  # noqa: E402
+from batch.demo import ApiServer, http_get  # noqa: E402
 from batch.inputs import load_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from batch.popularity import coverage_curve, read_request_counts  # noqa: E402
@@ -122,7 +122,7 @@ def _replay(cfg: Path, store: Store, mode: str, paths: list[str], concurrency: i
     Returns (its request-log rows for the lookups, wrk's report, its /metrics page)."""
     before = set(store.requests_dir.glob("seg-*.parquet"))
     prom = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
-    server = GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": mode, "PROMETHEUS_MULTIPROC_DIR": str(prom)}).start()
+    server = ApiServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": mode, "PROMETHEUS_MULTIPROC_DIR": str(prom)}).start()
     try:
         progress = {"count": -1.0, "since": time.monotonic()}
 
@@ -184,7 +184,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     result: dict = {"items": items, "users": users, "requests": len(today), "exponent": exponent,
                     "request_popularity_order": order, "coverage_target": settings["batch.coverage"],
                     "concurrency": concurrency, "loadgen": loadgen, "workers": settings["serving.workers"],
-                    "worker_class": settings["serving.worker_class"], "threads": settings["serving.threads"],
+                    "server": "granian", "blocking_threads": settings["serving.blocking_threads"],
                     "cache_ttl_s": settings["serving.cache_ttl_s"], "snapshot": sid,
                     "snapshot_rows": published.manifest["row_counts"],
                     "expected_hit_rate": published.manifest["popularity"]["expected_hit_rate"],
@@ -209,7 +209,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     # The ceiling of that ratio on this stack: the hybrid server answering only the trace's requests it
     # served from the snapshot (every request a hit), against the live-only replay of the whole trace.
     hits = _paths(logs["hybrid"][logs["hybrid"]["source"] == "precomputed"])
-    with GunicornServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": "hybrid"}) as server:
+    with ApiServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": "hybrid"}) as server:
         all_hits = measure(server.base, hits, concurrency, ceiling_seconds)
     result["all_hits"] = {"requests_per_s": all_hits["requests_per_s"], "paths": len(hits),
                           "seconds": ceiling_seconds, "client": all_hits}

@@ -1,9 +1,9 @@
-"""A 1,000,000-item snapshot: load time, and resident memory per gunicorn worker.
+"""A 1,000,000-item snapshot: load time, and resident memory per server worker.
 
 The snapshot is written with the store's writer: synthetic clustered item vectors (dimension 64),
 the configured ANN index, similar items precomputed for every item at k_max. Then:
 - load time: LoadedSnapshot.load (verify checksums and schemas, map the arrays), in a fresh process;
-- memory: gunicorn with 1 and with N workers on that store, after requests touched the data;
+- memory: the server with 1 and with N workers on that store, after requests touched the data;
   PSS (proportional set size) summed over workers, so shared pages are counted once.
 
     python tests/bench/bench_snapshot.py [--items 1000000 --k-max 50 --workers 4]
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 from bench_batch import clustered, item_only_bundle  # noqa: E402
-from batch.demo import GunicornServer, http_get  # noqa: E402
+from batch.demo import ApiServer, http_get  # noqa: E402
 from batch.job import items_table, precompute_similar  # noqa: E402
 from batch.train import build_index, index_spec  # noqa: E402
 from bench_api import WORK  # noqa: E402
@@ -96,7 +96,7 @@ def _workers(master: int) -> list[int]:
 
 
 def measure_workers(cfg: Path, n: int, paths: list[str]) -> dict:
-    with GunicornServer(cfg, workers=n, env={"HYBRIDSERVE_SERVING_VERIFY_CHECKSUMS": "false"}) as srv:
+    with ApiServer(cfg, workers=n, env={"HYBRIDSERVE_SERVING_VERIFY_CHECKSUMS": "false"}) as srv:
         for p in paths:  # touch the data every worker serves: precomputed rows and live FAISS search
             http_get(srv.base + p)
         pids = _workers(srv.proc.pid)

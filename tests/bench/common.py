@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_PACKAGES = ("numpy", "pandas", "pyarrow", "duckdb", "scikit-learn", "faiss-cpu", "flask", "gunicorn")
+_PACKAGES = ("numpy", "pandas", "pyarrow", "duckdb", "scikit-learn", "faiss-cpu", "flask", "granian")
 
 
 def machine() -> dict:

@@ -1,6 +1,7 @@
 """`make bench`: every benchmark under tests/bench/, one JSON each, then a summary table.
 
     python tests/bench/run_all.py [--quick]      (--quick: small sizes, to check the pipeline)
+    python tests/bench/run_all.py --only server   (only the named benchmarks, e.g. server,modes)
 
 Writes tests/bench/results/<benchmark>.json, summary.md (the table the README quotes) and the
 plots of the serving-modes benchmark (latency_cdf.png, hit_rate_after_deploy.png, coverage_curve.png).
@@ -20,6 +21,7 @@ import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
+import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
@@ -80,11 +82,34 @@ def summary(results_dir: Path = RESULTS) -> str:
                       f"{lv['model_predict_one_row_p50_ms']:.1f} ms)", "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
                  _row(f"models: grid precompute vs the model's batch predict ({g['grid_rows']:,} rows)",
                       f"{g['grid_vs_model_predict']:.2f}x", ">= 0.8x", g["grid_vs_model_predict"] >= 0.8)]
+    v = load("server")
+    if v:
+        def spread(key):
+            rounds_ = v.get(key + "_per_round", [])
+            return f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
+        if "granian_vs_nginx_rps" in v:
+            rows.append(_row(f"server: granian hits vs nginx serving the same bytes statically, req/s at 16 "
+                             f"({v['granian']['at_16']['requests_per_s']:,.0f} vs {v['nginx']['at_16']['requests_per_s']:,.0f})",
+                             f"{v['granian_vs_nginx_rps']:.2f}x" + spread("granian_vs_nginx_rps"), ">= 0.4x (aim 0.5x)", v["granian_vs_nginx_rps"] >= 0.4))
+        if "granian_vs_fastapi_redis_rps" in v:
+            rows.append(_row(f"server: granian hits vs FastAPI + uvicorn + Redis cache, req/s at 16 "
+                             f"({v['fastapi_redis']['at_16']['requests_per_s']:,.0f})",
+                             f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", v["granian_vs_fastapi_redis_rps"] >= 10))
+        if "granian_vs_gunicorn_loop_rps" in v:
+            rows += [_row(f"server: granian hits vs the former gunicorn loop worker, req/s at 16 "
+                          f"({v['gunicorn_loop']['at_16']['requests_per_s']:,.0f})",
+                          f"{v['granian_vs_gunicorn_loop_rps']:.1f}x" + spread("granian_vs_gunicorn_loop_rps"), "(chosen on it)", v["granian_vs_gunicorn_loop_rps"] >= 1),
+                     _row("server: one connection's hit p99, granian vs loop worker",
+                          f"{v['granian_p99_1_ms']:.2f} ms vs {v['gunicorn_loop_p99_1_ms']:.2f} ms", "not worse",
+                          v["granian_p99_1_ms"] <= v["gunicorn_loop_p99_1_ms"])]
+        rows.append(_row("server: hits at 16 with 50 trickling + 50 half-sent connections open: p99, failed or reset",
+                         f"{v['slow_clients_granian_p99_ms']:.2f} ms, {v['slow_clients_granian_failed']}",
+                         "< 50 ms, 0", v["slow_clients_granian_p99_ms"] < 50 and v["slow_clients_granian_failed"] == 0))
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
                       f"{s['load_s']['first_load_s']:.2f} s", "<= 2 s", s["load_s"]["first_load_s"] <= 2),
-                 _row("memory added per extra gunicorn worker (PSS)",
+                 _row("memory added per extra server worker (PSS)",
                       f"{s['extra_worker_mb']:,.0f} MB = {s['extra_worker_share_of_snapshot']:.0%} of the snapshot",
                       "<= 25%", s["extra_worker_share_of_snapshot"] <= 0.25)]
     mach = machine()
@@ -96,7 +121,14 @@ def summary(results_dir: Path = RESULTS) -> str:
     return text
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False, only: str = "") -> None:
+    if only:  # e.g. "server" or "server,modes": the named parts of the full run, then the summary
+        for name in only.split(","):
+            {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
+             "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
+             "snapshot": bench_snapshot.run}[name]()
+        print(summary())
+        return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
         out = RESULTS / "quick"
         work = HERE / ".work" / "quick"
@@ -111,6 +143,7 @@ def main(quick: bool = False) -> None:
         return
     bench_batch.run(1_000_000, 64, "auto")
     bench_api.run()
+    bench_server.run()
     bench_modes.run(rounds=5)  # the main comparison: five rounds, as the hybrid replay is the noisiest figure
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
@@ -122,4 +155,6 @@ def main(quick: bool = False) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    main(ap.parse_args().quick)
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot")
+    a = ap.parse_args()
+    main(a.quick, a.only)

@@ -1,5 +1,6 @@
-"""A gunicorn worker for a CPU-bound app: keep-alive connections served by one loop in the worker's
-own thread (``serving.worker_class = "loop"``, the default).
+"""The server benchmark's baseline only, retired from serving/ when the API moved to granian
+(docs/server.md): a gunicorn worker for a CPU-bound app, keep-alive connections served by one loop in
+the worker's own thread.
 
 It is gunicorn's gthread worker (the same poller, keep-alive bookkeeping, request parsing and
 shutdown) with three changes:
@@ -97,7 +98,7 @@ class _Handled:
 
 
 class LoopWorker(ThreadWorker):
-    client_timeout = 5.0  # serving.client_timeout_s, set by serving.gunicorn_conf.post_fork
+    client_timeout = 5.0  # seconds a stalled client may hold the worker
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

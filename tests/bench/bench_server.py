@@ -1,0 +1,332 @@
+"""The HTTP server under the API, side by side in one run, every server answering the same bytes:
+
+- hybridserve on granian (`python -m serving.server`, what `make serve` runs);
+- nginx serving those bytes as static files (the physical limit of this machine);
+- the usual prediction-cache design: FastAPI + uvicorn (2 workers) + Redis (fastapi_redis_app.py),
+  every answer already cached in Redis;
+- the former production setup: gunicorn 27 with the project's own loop worker (loop_worker.py).
+
+Each gets the same precomputed paths (wrk, 16 keep-alive connections and 1), in alternating short
+runs; medians are reported. Then slow clients: 50 connections trickling a header line every 0.5 s and
+50 that sent half a request stay open while wrk measures the hits on other connections.
+
+    python tests/bench/bench_server.py [--items 100000 --seconds 5 --rounds 3]
+
+nginx, redis-server and wrk come from apt (make bench installs them); fastapi, uvicorn, redis and
+gunicorn from the `bench` extra of pyproject.toml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from bench_api import WORK, _median_run, prepare  # noqa: E402
+from batch.demo import ApiServer, free_port, http_get  # noqa: E402
+from common import write_result  # noqa: E402
+from loadgen import LOADGENS  # noqa: E402
+from serving.settings import load_settings  # noqa: E402
+from serving.store import Store  # noqa: E402
+
+SERVERS = ("granian", "nginx", "fastapi_redis", "gunicorn_loop")
+_NGINX_CONF = """
+worker_processes {workers};
+{user}
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {root}/static;
+        location = /readyz {{ return 200 "ok"; }}
+        location / {{ default_type application/json; try_files $uri.json =404; }}
+    }}
+}}
+"""
+
+
+class Proc:
+    """A baseline server in a child process, ready when ``ready_url`` answers 200."""
+
+    def __init__(self, name: str, cmd: list[str], ready_url: str, base: str, env: dict | None = None):
+        self.name, self.cmd, self.ready_url, self.base = name, cmd, ready_url, base
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> "Proc":
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self._log.read()[-2000:]}")
+            try:
+                if http_get(self.ready_url, timeout=2)[0] == 200:
+                    time.sleep(3.0 if self.name != "redis" else 0)  # every worker up, not only the first
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.proc is not None:
+            self._log.close()
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}", f"/usr/bin/{tool}") if os.path.exists(p)), None)
+    if path is None:
+        raise SystemExit(f"{tool} is not installed: `apt-get install nginx-light redis-server wrk` (make bench does this)")
+    return path
+
+
+def start_nginx(root: Path, bodies: dict[str, bytes], workers: int) -> Proc:
+    static = root / "static"
+    shutil.rmtree(static, ignore_errors=True)
+    for path, body in bodies.items():
+        f = static / (path.split("?")[0].lstrip("/") + ".json")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(body)
+    port = free_port()
+    conf = root / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(workers=workers, root=root, port=port,
+                                       user="user root;" if os.geteuid() == 0 else ""))
+    base = f"http://127.0.0.1:{port}"
+    return Proc("nginx", [require("nginx"), "-p", str(root), "-c", str(conf)], base + "/readyz", base).start()
+
+
+def start_redis(bodies: dict[str, bytes]) -> tuple[Proc, str]:
+    import redis
+
+    port = free_port()
+    proc = Proc("redis", [require("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], "", "")
+    proc._log = tempfile.TemporaryFile(mode="w+")
+    proc.proc = subprocess.Popen(proc.cmd, stdout=proc._log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = redis.Redis(port=port)
+    deadline = time.time() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    with client.pipeline() as pipe:
+        for path, body in bodies.items():
+            item = path.split("/")[3]
+            k = path.split("k=")[1]
+            pipe.set(f"similar:{item}:{k}", body)
+        pipe.execute()
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def start_fastapi(cfg: Path, redis_url: str, workers: int) -> Proc:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"REDIS_URL": redis_url, "HYBRIDSERVE_CONFIG": str(cfg), "PYTHONPATH": str(HERE)}
+    return Proc("fastapi_redis", [sys.executable, "-m", "uvicorn", "fastapi_redis_app:app", "--host", "127.0.0.1",
+                                  "--port", str(port), "--workers", str(workers), "--no-access-log",
+                                  "--log-level", "warning"], base + "/readyz", base, env).start()
+
+
+def start_loop_worker(cfg: Path, workers: int) -> Proc:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"HYBRIDSERVE_CONFIG": str(cfg), "PYTHONPATH": str(HERE), "LOOP_WORKER_BIND": f"127.0.0.1:{port}",
+           "HYBRIDSERVE_SERVING_WORKERS": str(workers)}
+    env_clean = {k: v for k, v in env.items()}
+    return Proc("gunicorn_loop", [sys.executable, "-m", "gunicorn", "-c", "python:loop_gunicorn_conf",
+                                  "serving.app:create_app()"], base + "/readyz", base, env_clean).start()
+
+
+class SlowClients:
+    """``trickling`` connections sending one header line every ``every_s`` and ``half`` connections that
+    sent half a request line, all kept open until closed."""
+
+    def __init__(self, port: int, trickling: int = 50, half: int = 50, every_s: float = 0.5):
+        self.port, self.every_s = port, every_s
+        self.trickling = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(trickling)]
+        self.half = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(half)]
+        self._stop = threading.Event()
+        self.dropped = 0  # connections the server closed while they trickled (its header timeout)
+        for s in self.half:
+            s.sendall(b"GET /v1/items/1/simil")
+        for s in self.trickling:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n")
+        self._thread = threading.Thread(target=self._trickle, daemon=True)
+        self._thread.start()
+
+    def _trickle(self) -> None:
+        n = 0
+        while not self._stop.wait(self.every_s):
+            n += 1
+            for s in list(self.trickling):
+                try:
+                    s.sendall(b"X-Slow-%d: 1\r\n" % n)
+                except OSError:
+                    self.trickling.remove(s)
+                    self.dropped += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for s in self.trickling + self.half:
+            s.close()
+
+
+def _measure_slow(base: str, port: int, paths: list[str], seconds: float, measure) -> dict:
+    slow = SlowClients(port)
+    try:
+        time.sleep(1.0)
+        at16 = measure(base, paths, 16, seconds)
+        at1 = measure(base, paths, 1, seconds)
+    finally:
+        slow.close()
+    return {"trickling": 50, "half_sent": 50, "at_16": at16, "at_1": at1,
+            "trickling_dropped_by_server": slow.dropped}
+
+
+def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000, seconds: float = 4.0,
+        rounds: int = 5, loadgen: str = "wrk", workdir: Path | None = None, out_dir: Path | None = None,
+        servers: tuple[str, ...] = SERVERS, n_paths: int = 1000, config: Path | None = None) -> dict:
+    """``config``: serve that config's store instead of preparing one of the given size."""
+    measure = LOADGENS[loadgen]
+    if config is not None:
+        cfg, settings = Path(config), load_settings(config, env={})
+        store = Store(settings["paths.store"])
+    else:
+        cfg, settings, store = prepare(items, users, interactions, workdir)
+    root = Path(workdir or WORK) / "server-bench"
+    root.mkdir(parents=True, exist_ok=True)
+    sid = store.current_id()
+    hot = store.read_table(sid, "similar_items").column("item_id").to_numpy()
+    rng = np.random.default_rng(0)
+    paths = [f"/v1/items/{i}/similar?k=10" for i in rng.permutation(hot)[:n_paths]]
+    workers = settings["serving.workers"]
+    result: dict = {"items": len(hot) if config is not None else items, "snapshot": sid, "workers": workers, "paths": len(paths), "loadgen": loadgen,
+                    "seconds_per_run": seconds, "rounds": rounds, "servers": list(servers),
+                    "method": "all servers up at once, same paths and bytes; short runs alternate; medians"}
+    started: dict[str, object] = {}
+    redis_proc = None
+    try:
+        started["granian"] = ApiServer(cfg).start()
+        bodies = {}
+        for p in paths:
+            status, _, body = http_get(started["granian"].base + p)
+            if status != 200 or json.loads(body)["source"] != "precomputed":
+                raise RuntimeError(f"expected a precomputed answer for {p}, got {status} {body[:200]!r}")
+            bodies[p] = body
+        result["body_bytes_median"] = float(np.median([len(b) for b in bodies.values()]))
+        if "nginx" in servers:
+            started["nginx"] = start_nginx(root / "nginx", bodies, workers)
+        if "fastapi_redis" in servers:
+            redis_proc, url = start_redis(bodies)
+            started["fastapi_redis"] = start_fastapi(cfg, url, workers)
+        if "gunicorn_loop" in servers:
+            started["gunicorn_loop"] = start_loop_worker(cfg, workers)
+        for name, srv in started.items():  # the same bytes from every server (granian's age_s moves on)
+            status, _, body = http_get(srv.base + paths[0])
+            same = json.loads(body) | {"age_s": 0} == json.loads(bodies[paths[0]]) | {"age_s": 0}
+            if status != 200 or not same:
+                raise RuntimeError(f"{name} answered {status} {body[:200]!r}")
+        runs: dict[str, dict[str, list]] = {n: {"at_16": [], "at_1": []} for n in started}
+        for _ in range(rounds):
+            for name, srv in started.items():
+                runs[name]["at_16"].append(measure(srv.base, paths, 16, seconds))
+            for name, srv in started.items():
+                runs[name]["at_1"].append(measure(srv.base, paths, 1, seconds))
+        for name in started:
+            result[name] = {k: _median_run(v) for k, v in runs[name].items()}
+        # Slow clients, against granian and (for comparison) the loop worker it replaces.
+        result["slow_clients"] = {}
+        for name in ("granian", "gunicorn_loop"):
+            if name in started:
+                srv = started[name]
+                result["slow_clients"][name] = _measure_slow(srv.base, int(srv.base.rsplit(":", 1)[1]), paths,
+                                                             seconds, measure)
+    finally:
+        for srv in started.values():
+            srv.stop()
+        if redis_proc is not None:
+            redis_proc.stop()
+
+    # The machine is shared: its load moves between rounds more than between the servers of one round.
+    # So a ratio is the median of the per-round ratios (each round measures the servers back to back).
+    g = [x["requests_per_s"] for x in result["granian"]["at_16"]["runs"]]
+    ratios = {}
+    for name, key in (("nginx", "granian_vs_nginx_rps"), ("fastapi_redis", "granian_vs_fastapi_redis_rps"),
+                      ("gunicorn_loop", "granian_vs_gunicorn_loop_rps")):
+        if name in result:
+            per_round = [a / b["requests_per_s"] for a, b in zip(g, result[name]["at_16"]["runs"])]
+            ratios[key] = float(np.median(per_round))
+            result[key + "_per_round"] = per_round
+    if "gunicorn_loop" in result:
+        ratios["granian_p99_1_ms"] = result["granian"]["at_1"]["p99_ms"]
+        ratios["gunicorn_loop_p99_1_ms"] = result["gunicorn_loop"]["at_1"]["p99_ms"]
+    result.update(ratios)
+    slow = result["slow_clients"]["granian"]["at_16"]
+    result["slow_clients_granian_p99_ms"] = slow["p99_ms"]
+    result["slow_clients_granian_failed"] = slow["non_2xx"] + slow["socket_errors"]
+    result["targets"] = {"granian_vs_nginx_rps": ">= 0.4 (aim 0.5)", "granian_vs_fastapi_redis_rps": ">= 10",
+                         "granian_p99_1_ms": "<= gunicorn_loop_p99_1_ms",
+                         "slow_clients_granian_p99_ms": "< 50", "slow_clients_granian_failed": "== 0"}
+    print(f"{'server (' + str(workers) + ' workers)':34}{'req/s @16':>12}{'p99 ms @16':>12}{'p50 ms @1':>12}"
+          f"{'p99 ms @1':>12}")
+    for name in started:
+        a, b = result[name]["at_16"], result[name]["at_1"]
+        print(f"{name:34}{a['requests_per_s']:12.0f}{a['p99_ms']:12.3f}{b['p50_ms']:12.3f}{b['p99_ms']:12.3f}")
+    for name, s in result["slow_clients"].items():
+        a = s["at_16"]
+        print(f"{name + ', 50 trickling + 50 half-sent':34}{a['requests_per_s']:12.0f}{a['p99_ms']:12.3f}"
+              f"{s['at_1']['p50_ms']:12.3f}{s['at_1']['p99_ms']:12.3f}  failed/reset: "
+              f"{a['non_2xx'] + a['socket_errors'] + s['at_1']['non_2xx'] + s['at_1']['socket_errors']}")
+    print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "  (ratios: medians of per-round ratios)")
+    write_result("server", result, out_dir)
+    return result
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--users", type=int, default=50_000)
+    ap.add_argument("--interactions", type=int, default=1_000_000)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of " + ",".join(SERVERS))
+    a = ap.parse_args()
+    run(a.items, a.users, a.interactions, a.seconds, a.rounds, servers=tuple(a.servers.split(",")))
