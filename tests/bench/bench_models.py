@@ -204,7 +204,7 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 300_000, s
     cfg, settings, store = prepare(items, users, interactions, workdir)
     spec = settings.models[0]
     result: dict = {"model": spec.name, "snapshot": store.current_id(), "workers": settings["serving.workers"],
-                    "worker_class": settings["serving.worker_class"], "loadgen": loadgen, "rounds": rounds,
+                    "server": "granian", "loadgen": loadgen, "rounds": rounds,
                     "seconds_per_run": seconds}
     result.update(hit_rates(cfg, store, spec, LOADGENS[loadgen], seconds, rounds, live_n))
     result["live"] = live_overhead(settings, live_n)
