@@ -52,4 +52,4 @@ bench-server: bench-tools
 	$(PY) tests/bench/run_all.py --only server
 
 clean:
-	rm -rf $(VENV) data/store data/sample
+	rm -rf $(VENV) data/store data/store-demo data/sample

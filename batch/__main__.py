@@ -174,25 +174,29 @@ def rollback(obj: _Ctx, snapshot_id: str | None) -> None:
 
 @cli.command()
 @click.argument("query")
-@click.option("--max-rows", default=1000, show_default=True, help="Rows printed at most.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None,
+              help="Rows printed at most [default: batch.sql_max_rows].")
+@click.option("--time-limit-ms", type=click.IntRange(min=1), default=None,
+              help="Interrupt the query after this long [default: batch.sql_time_limit_ms].")
 @click.pass_obj
-def sql(obj: _Ctx, query: str, max_rows: int) -> None:
-    """Run a SQL query (read-only) against the store's DuckDB catalog and print a table."""
-    import duckdb
+def sql(obj: _Ctx, query: str, max_rows: int | None, time_limit_ms: int | None) -> None:
+    """Run one reading SQL statement against the store's DuckDB catalog and print a table.
 
+    Read-only at the engine level: no COPY, ATTACH, EXPORT, INSTALL/LOAD or SET, and no file outside
+    the store's snapshots/ and requests/ folders; a refused statement is one line and exit 1."""
     from batch.catalog import format_table
     from batch.catalog import query as run_query
     from serving.store import Store
-    store = Store(obj.settings["paths.store"])
+    s = obj.settings
+    max_rows = max_rows or s["batch.sql_max_rows"]
+    store = Store(s["paths.store"])
     try:
-        cols, rows, truncated = run_query(store.catalog_path, query, max_rows)
+        cols, rows, truncated = run_query(store, query, max_rows, time_limit_ms or s["batch.sql_time_limit_ms"])
     except FileNotFoundError:
         raise HybridServeError(f"{store.catalog_path}: no catalog yet (run `python -m batch run` first)") from None
-    except duckdb.Error as exc:
-        raise HybridServeError(f"sql: {str(exc).splitlines()[0]}") from None
     click.echo(format_table(cols, rows))
     if truncated:
-        click.echo(f"(first {max_rows} rows shown; --max-rows for more)")
+        click.echo(f"(truncated: the first {max_rows} rows are shown; --max-rows for more)")
 
 
 @cli.command()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from serving.errors import SnapshotError
+from serving.errors import HybridServeError, SnapshotError
 from serving.store import TABLES, Store, write_atomic
 
 LOG = logging.getLogger(__name__)
@@ -222,18 +223,114 @@ def refresh_views(store: Store) -> bool:
     return True
 
 
-def query(catalog: Path, sql: str, max_rows: int = 1000):
-    """Run ``sql`` read-only against the catalog; returns (column names, rows, truncated)."""
-    if not Path(catalog).is_file():
-        raise FileNotFoundError(catalog)
-    con = duckdb.connect(str(catalog), read_only=True)
+# Only statements that read. DuckDB parses WITH, FROM, VALUES, TABLE, DESCRIBE, SHOW and SUMMARIZE as a
+# SELECT too. EXPLAIN is not among them: EXPLAIN ANALYZE runs the statement it explains, a COPY included.
+_READ_STATEMENTS = (duckdb.StatementType.SELECT,)
+_BATCH_ROWS = 2048  # rows DuckDB hands over at a time while the printed rows are gathered
+
+
+def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
+    """The catalog for ad-hoc SQL, read-only at the engine level.
+
+    ``read_only`` alone still lets a query write files (COPY TO, EXPORT DATABASE), attach other
+    databases and read any file on the machine. So external access is switched off, except for the
+    two folders the catalog's views read (the snapshots' and the request log's Parquet), and the
+    configuration is locked so that no statement can switch it back on. DuckDB's allowed
+    directories also admit writes, which is why :func:`query` accepts only reading statements.
+    """
+    readable = [str(d.resolve()) + os.sep for d in (store.snapshots_dir, store.requests_dir)]
+    con = duckdb.connect(str(store.catalog_path), read_only=True,
+                         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
-        cur = con.execute(sql)
-        cols = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchmany(max_rows + 1)
-    finally:
+        con.execute("SET allowed_directories = $dirs", {"dirs": readable})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
         con.close()
-    return cols, rows[:max_rows], len(rows) > max_rows
+        raise
+    return con
+
+
+def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time_limit_ms: int = 30_000,
+          ) -> tuple[list[str], list[tuple], bool]:
+    """Run one reading statement against the catalog of ``store`` (a Store, or its catalog's path);
+    returns (column names, rows, truncated).
+
+    At most ``max_rows`` rows are fetched, streamed in batches: a query with millions of rows
+    stops after the first batches instead of being computed whole. The query is interrupted after
+    ``time_limit_ms``. Refused statements, file access outside the store, a deadline passed and any
+    DuckDB error raise HybridServeError with one line.
+    """
+    if not isinstance(store, Store):
+        path = Path(store)
+        store = Store(path.parent)
+        if store.catalog_path != path:
+            raise ValueError(f"{path}: not a store's catalog (expected {store.catalog_path.name})")
+    if not store.catalog_path.is_file():
+        raise FileNotFoundError(store.catalog_path)
+    try:
+        con = open_readonly(store)
+    except duckdb.Error as exc:
+        raise HybridServeError(f"sql: {store.catalog_path}: {_first_line(exc)}") from None
+    fired = threading.Event()
+
+    def interrupt() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(time_limit_ms / 1000, interrupt)
+    timer.daemon = True
+    try:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1:
+            raise HybridServeError(f"sql: one statement at a time, got {len(statements)}")
+        kind = statements[0].type
+        if kind not in _READ_STATEMENTS:
+            raise HybridServeError(f"sql: refused: only reading statements are allowed (SELECT, WITH, FROM, "
+                                   f"VALUES, DESCRIBE, SHOW, SUMMARIZE), got {kind.name}")
+        timer.start()
+        rel = con.sql(sql)
+        cols = list(rel.columns)
+        rows: list[tuple] = []
+        reader = rel.to_arrow_reader(_BATCH_ROWS)
+        truncated = False
+        try:
+            for batch in reader:
+                room = max_rows - len(rows)
+                if batch.num_rows > room:
+                    batch, truncated = batch.slice(0, room), True
+                rows.extend(zip(*(column.to_pylist() for column in batch.columns)))
+                if truncated or len(rows) == max_rows and _more(reader):
+                    truncated = True
+                    break
+        finally:
+            reader.close()
+    except duckdb.InterruptException:
+        if not fired.is_set():
+            raise
+        raise HybridServeError(f"sql: stopped after {time_limit_ms} ms (batch.sql_time_limit_ms, or "
+                               f"--time-limit-ms)") from None
+    except duckdb.PermissionException as exc:
+        raise HybridServeError(f"sql: refused: {_first_line(exc)} (only the store's snapshots/ and requests/ "
+                               f"folders are readable)") from None
+    except duckdb.Error as exc:
+        raise HybridServeError(f"sql: {_first_line(exc)}") from None
+    finally:
+        timer.cancel()
+        con.close()
+    return cols, rows, truncated
+
+
+def _more(reader) -> bool:
+    """Whether the stream has another non-empty batch (read only once the cap is reached)."""
+    for batch in reader:
+        if batch.num_rows:
+            return True
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def format_table(cols: list[str], rows: list[tuple]) -> str:

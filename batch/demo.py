@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+import pyarrow.parquet as pq
 from werkzeug.datastructures import Headers
 
 from batch import catalog
@@ -117,7 +119,7 @@ class ApiServer:
         self._log.seek(0)
         return self._log.read()
 
-    def wait_for_snapshot(self, snapshot_id: str, timeout: float = 30.0, probes: int = 8) -> None:
+    def wait_for_snapshot(self, snapshot_id: str, timeout: float = 30.0, probes: int = 16) -> None:
         """Until every probe (spread over the workers) answers from ``snapshot_id``."""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -166,13 +168,12 @@ def _model_query(spec, overrides: dict) -> str:
     return f"/v1/models/{spec.name}/predict?{urlencode(text)}"
 
 
-def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple | None:
+def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple:
     """The first registered model: its grid precomputed; a miss answered live, then from the cache.
-    Returns (path of the miss, its first answer) for after the next run, or None with no model."""
+    Returns ((path of the miss, its answer) or None with no model, model requests made)."""
     spec = next((s for s in settings.models if s.name in (manifest.get("models") or {})), None)
-    if spec is None:
-        echo("   (no registered models in this config: see docs/models.md)")
-        return None
+    if spec is None:  # nothing to show (and nothing printed: the README shows a run without models)
+        return None, 0
     status, _, body = http_get(base + "/v1/models")
     listed = [f"{m['name']} {m['version']}" for m in json.loads(body)["models"]]
     sel = manifest["models"][spec.name]["selection"]
@@ -182,7 +183,7 @@ def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple
     # a value of an open optional input (e.g. a discount) is not in the grid: a miss
     open_inp = next((i for i in spec.inputs if i.values is None and i.type == "float"), None)
     if not hit or open_inp is None:
-        return None
+        return None, 0
     lo, hi = open_inp.min or 0.0, open_inp.max if open_inp.max is not None else (open_inp.min or 0.0) + 1.0
     miss = _model_query(spec, {open_inp.name: round(lo + (hi - lo) * 0.37, 3)})
     sources = []
@@ -192,7 +193,7 @@ def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple
         sources.append(f"{answer.get('source', status)} {answer.get('prediction', '')}")
     echo(f"   GET {hit}\n     -> {sources[0]}")
     echo(f"   GET {miss}  (3 times)\n     -> " + ", then ".join(sources[1:3]) + " (the request log keeps the miss)")
-    return miss, json.loads(http_get(base + miss)[2])
+    return (miss, json.loads(http_get(base + miss)[2])), 5
 
 
 def _models_after(base: str, miss: tuple, manifest: dict, echo) -> None:
@@ -204,37 +205,73 @@ def _models_after(base: str, miss: tuple, manifest: dict, echo) -> None:
          f"{name} input(s) taken from the request log)")
 
 
+def demo_store(settings: Settings) -> Path:
+    """The demo's own store beside ``paths.store`` (``data/store`` -> ``data/store-demo``)."""
+    store = Path(settings["paths.store"])
+    return store.with_name(store.name + "-demo")
+
+
+def _fresh_store(folder: Path) -> Store:
+    """Empty the demo's store, so that every demo starts with no request log and prints the same
+    numbers; a folder the demo did not make is never deleted."""
+    marker = folder / ".hybridserve-demo"
+    if folder.exists():
+        if not marker.is_file():
+            raise click.ClickException(f"{folder}: exists and was not made by the demo; move it away or "
+                                       f"set paths.store elsewhere")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    marker.write_text("made by `python -m batch demo`, emptied by every demo run\n")
+    return Store(folder)
+
+
+def _wait_for_log_rows(store: Store, rows: int, timeout: float = 60.0) -> int:
+    """Until the workers have flushed ``rows`` request-log rows (not a guessed sleep)."""
+    deadline = time.time() + timeout
+    while True:
+        have = sum(pq.read_metadata(p).num_rows for p in store.requests_dir.glob("seg-*.parquet"))
+        if have >= rows or time.time() > deadline:
+            return have
+        time.sleep(0.2)
+
+
 def demo(settings: Settings, config: Path | None, requests: int = 3000, concurrency: int = 8,
          echo=click.echo) -> dict:
+    """The loop, in a store of its own emptied first: what it prints depends only on the settings,
+    except for times, ids, the port, and which worker's cache answered a repeated live request."""
     t_start = time.perf_counter()
     inputs = Path(settings["paths.inputs"])
-    if not ((inputs / INTERACTIONS).is_file() and (inputs / ITEMS).is_file()):
-        s = settings
+    s = settings
+    store = _fresh_store(demo_store(settings))
+    made = not ((inputs / INTERACTIONS).is_file() and (inputs / ITEMS).is_file())
+    if made:
         write_inputs(inputs, *generate_sample(s["sample.users"], s["sample.items"], s["sample.interactions"],
                                               s["sample.genres"], s["sample.days"], s["sample.seed"]))
-        echo(f"generated the sample in {inputs}")
+    # The demo's traffic spans seconds: a decay over hours would change no weight, only break ties
+    # between keys asked equally often by which worker answered first -- and so the numbers shown.
+    settings = settings.replace(paths__store=str(store.root), batch__decay_half_life_hours=0.0)
+    echo(f"inputs {inputs} ({'generated now' if made else 'there already'}), demo store {store.root} (emptied first)")
     inputs_now = load_inputs(inputs, settings["train.rating_min"], settings["train.rating_max"])
     for path in ensure_sample_models(settings, inputs_now.interactions, inputs_now.items, settings["sample.seed"]):
         echo(f"trained the sample's demand model into {path}")
     first = run(settings)
     echo(f"1. batch run: snapshot {first.snapshot_id}, rows {first.manifest['row_counts']}, "
          f"expected hit rate {first.manifest['popularity']['expected_hit_rate']:.3f}")
-    store = Store(settings["paths.store"])
     bundle_items = store.read_table(first.snapshot_id, "items").column("item_id").to_numpy()
     bundle = ModelBundle.load(store.model_dir(first.snapshot_id))
     users = bundle.user_ids
     shown = shown_items(bundle, users)
-    flush_s = 1.0
-    env = {"HYBRIDSERVE_SERVING_LOG_FLUSH_INTERVAL_S": str(flush_s), "HYBRIDSERVE_SERVING_RELOAD_INTERVAL_S": "0.5"}
+    env = {"HYBRIDSERVE_PATHS_STORE": str(store.root), "HYBRIDSERVE_SERVING_LOG_FLUSH_INTERVAL_S": "1.0",
+           "HYBRIDSERVE_SERVING_RELOAD_INTERVAL_S": "0.5"}
     with ApiServer(config, env=env) as server:
         echo(f"2. the API (granian) on {server.base}, {settings['serving.workers']} worker processes")
         before = replay(server.base, make_trace(bundle_items, users, requests, seed=1, shown=shown), concurrency)
         echo(_table(f"3. replayed {requests} GET requests (Zipf 1.1 over all endpoints), {concurrency} at a time:",
                     before))
-        miss = _models_before(server.base, settings, first.manifest, echo)
-        time.sleep(flush_s + 1.0)  # the workers flush their request logs
+        miss, asked = _models_before(server.base, settings, first.manifest, echo)
+        logged = _wait_for_log_rows(store, len(before) + asked)
         second = run(settings)
-        echo(f"4. batch run again, now from the request log: snapshot {second.snapshot_id}, "
+        echo(f"4. batch run again, now from the request log ({logged} rows): snapshot {second.snapshot_id}, "
              f"rows {second.manifest['row_counts']}, expected hit rate "
              f"{second.manifest['popularity']['expected_hit_rate']:.3f}")
         server.wait_for_snapshot(second.snapshot_id)
@@ -249,9 +286,8 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
             _models_after(server.base, miss, second.manifest, echo)
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "
            "FROM requests GROUP BY ALL ORDER BY endpoint, source")
-    cols, rows, _ = catalog.query(store.catalog_path, sql)
+    cols, rows, _ = catalog.query(store, sql)
     echo(f"6. SQL over the catalog (python -m batch sql \"...\"):\n   {sql}\n" + catalog.format_table(cols, rows))
     echo(f"7. server stopped; demo took {time.perf_counter() - t_start:.0f}s")
     return {"before": hit_rate(before), "after": hit_rate(after), "first": first.snapshot_id,
-            "second": second.snapshot_id}
-
+            "second": second.snapshot_id, "store": store.root}

@@ -277,10 +277,7 @@ def session_recommendations():
     items = parse_items(svc, params.get("items"))
     k = parse_k(svc, params.get("k"))
     st.log = ("session", None, None, k)
-    try:
-        ans = svc.engine.session(items, k)
-    except NotFound as exc:  # an unknown id inside the list is a malformed list, not a missing resource
-        raise BadRequest(str(exc)) from None
+    ans = svc.engine.session(items, k)  # an unknown id: 404, as on every endpoint (a well-formed list)
     return _answer(svc, ans, "session", "", {"viewed": list(items), "k": k, "items": _scored(ans)})
 
 

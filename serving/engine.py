@@ -91,6 +91,7 @@ class Engine:
         self.counts: Counter = Counter()
         self.last_reload_error: str | None = None
         self._refused: str | None = None
+        self._pointer: str | None = None  # what CURRENT named at the last check
         self.on_snapshot: Callable[[LoadedSnapshot], None] | None = None
         self.on_reload_failure: Callable[[str], None] | None = None
         self.on_stale: Callable[[str], None] | None = None
@@ -105,24 +106,35 @@ class Engine:
     def reload(self) -> bool:
         """Load CURRENT if it changed; swap it in when it passes its checks. True if swapped.
 
-        A snapshot that fails is refused (logged, counted, reported by /readyz) and the old one keeps
-        serving; it is not retried until CURRENT changes again.
+        A snapshot that fails, in any way, is refused (logged, counted, reported by /readyz) and the
+        old one keeps serving; it is not retried until CURRENT changes again. CURRENT moving back to
+        the snapshot being served clears the refusal; a missing or empty CURRENT is reported.
         """
         with self._reload_lock:
-            target = self.store.current_id()
+            target, pointer_problem = self._read_current()
+            self._pointer = target
             current = self._snap.id if self._snap else None
             if target is None:
                 if current is None:
-                    self.last_reload_error = f"no snapshot published in {self.store.root} (CURRENT missing)"
+                    self.last_reload_error = f"no snapshot published in {self.store.root} ({pointer_problem})"
                     self._fall_back_to_model()
+                elif self.last_reload_error is None or not self.last_reload_error.startswith(pointer_problem):
+                    self.last_reload_error = f"{pointer_problem} in {self.store.root}; still serving {current}"
+                    LOG.error("%s", self.last_reload_error)
                 return False
-            if target == current or target == self._refused:
+            if target == current:
+                if self.last_reload_error is not None:  # CURRENT is back at what is served: nothing is wrong now
+                    LOG.info("CURRENT points at %s again, which is being served", current)
+                self._refused, self.last_reload_error = None, None
+                return False
+            if target == self._refused:
                 return False
             try:
                 snap = LoadedSnapshot.load(self.store, target, checksums=self.verify_checksums)
-            except (SnapshotError, OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # whatever is wrong with it, one path: refuse, count, keep serving
                 self._refused = target
-                self.last_reload_error = f"snapshot {target} refused: {exc}"
+                reason = exc if isinstance(exc, (SnapshotError, OSError)) else f"{type(exc).__name__}: {exc}"
+                self.last_reload_error = f"snapshot {target} refused: {reason}"
                 self.counts["reload_failures"] += 1
                 LOG.error("%s; still serving %s", self.last_reload_error, current)
                 if self.on_reload_failure:
@@ -137,6 +149,16 @@ class Engine:
             if self.on_snapshot:
                 self.on_snapshot(snap)
             return True
+
+    def _read_current(self) -> tuple[str | None, str]:
+        """(CURRENT's snapshot id, or None and what is wrong with the pointer)."""
+        try:
+            text = self.store.current_path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return None, "CURRENT missing"
+        except OSError as exc:
+            return None, f"CURRENT unreadable ({exc.strerror or exc})"
+        return (text, "") if text else (None, "CURRENT empty")
 
     def _fall_back_to_model(self) -> None:
         """No valid snapshot: serve live from the newest trained model in the store, if any."""
@@ -358,7 +380,8 @@ class Engine:
         info: dict[str, Any] = {"mode": self.mode, "ready": snap is not None and not live_only,
                                 "snapshot": None if snap is None or live_only else snap.id,
                                 "live_only_model": snap.manifest["model_version"] if live_only else None,
-                                "error": self.last_reload_error, "cache_entries": len(self._cache)}
+                                "current": self._pointer, "error": self.last_reload_error,
+                                "refused": self.counts["reload_failures"], "cache_entries": len(self._cache)}
         if snap is not None:
             info["age_s"] = round(self.clock() - snap.created_at, 3)
             info["fresh"] = info["age_s"] <= self.max_age_s

@@ -17,9 +17,12 @@ def _ok(schema: str, description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _id_param(name: str, where: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": where, "required": True, "description": description,
-            "schema": {"type": "integer", "format": "int64", "minimum": 0}}
+            "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX}}
 
 
 def _model_param(inp) -> dict[str, Any]:
@@ -59,15 +62,23 @@ def _model_paths(specs, errors, ok) -> dict[str, Any]:
 
 
 def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
-    """The document; ``models``: the registered models' specs (each gets its own predict path)."""
+    """The document for these limits; every status a route can answer is listed on that route.
+    ``models``: the registered models' specs (each gets its own predict path)."""
     k = {"name": "k", "in": "query", "required": True,
          "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
          "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
     inm = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
            "description": "An ETag from an earlier precomputed answer; 304 if unchanged"}
-    errors = {"400": _problem("Malformed request: the detail says what is wrong"),
-              "404": _problem("Unknown user or item"), "405": _problem("Only GET is allowed"),
-              "414": _problem("URL too long"), "503": _problem("No snapshot or model loaded yet")}
+    items = {"name": "items", "in": "query", "required": True, "style": "form", "explode": False,
+             "description": f"Comma-separated ids of the items just viewed: 1 to {session_max_items}, no duplicates",
+             "schema": {"type": "array", "minItems": 1, "maxItems": session_max_items, "uniqueItems": True,
+                        "items": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX}}}
+    errors = {"400": _problem("Malformed request (a parameter missing, repeated, unknown or out of range): "
+                              "the detail says which"),
+              "404": _problem("Unknown user or item"), "405": _problem("Only GET is allowed (see Allow)"),
+              "414": _problem("URL longer than serving.max_url_bytes"),
+              "503": _problem("No snapshot or model loaded yet")}
+    lookup_errors = ("400", "404", "405", "414", "503")
     provenance = {
         "source": {"type": "string", "enum": ["precomputed", "cache", "live"]},
         "snapshot": {"type": "string", "description": "id of the snapshot (and model) that answered"},
@@ -77,10 +88,17 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
     scored = {"type": "array", "items": {"type": "object", "required": ["item_id", "score"], "properties": {
         "item_id": {"type": "integer"}, "score": {"type": "number"}}}}
 
-    def get(summary, op_id, params, schema, extra_errors=("400", "404", "405", "414", "503")):
+    def get(summary, op_id, params, schema, codes=lookup_errors, etag=True):
+        responses = {"200": _ok(schema, summary)}
+        if etag:  # only precomputed answers carry an ETag to revalidate against
+            responses["304"] = {"description": "Not modified (If-None-Match matched the ETag)"}
         return {"get": {"summary": summary, "operationId": op_id, "parameters": params,
-                        "responses": {"200": _ok(schema, summary), "304": {"description": "Not modified"},
-                                      **{c: errors[c] for c in extra_errors}}}}
+                        "responses": {**responses, **{c: errors[c] for c in codes}}}}
+
+    def plain(summary, op_id, responses):
+        # no query parameters are read here; only the method and the URL's length are refused
+        return {"get": {"summary": summary, "operationId": op_id, "parameters": [],
+                        "responses": {**responses, "405": errors["405"], "414": errors["414"]}}}
 
     return {
         "openapi": "3.0.3",
@@ -100,32 +118,29 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                 "Prediction"),
             "/v1/recommendations": get(
                 "Session recommendations from items just viewed (always live, then cached)", "sessionRecommendations",
-                [{"name": "items", "in": "query", "required": True,
-                  "description": f"Comma-separated item ids, 1 to {session_max_items}, no duplicates, all known",
-                  "schema": {"type": "string", "pattern": r"^\d+(,\d+)*$"}}, k], "SessionRecommendations"),
-            "/v1/models": get("The registered models: name, version, inputs, output", "models", [], "Models",
-                              extra_errors=("400", "405", "503")),
+                [items, k], "SessionRecommendations", etag=False),
+            "/v1/models": get("The registered models: name, version, inputs, output (400 for any query parameter)",
+                              "models", [], "Models", codes=("400", "405", "414", "503"), etag=False),
             "/v1/models/{name}": get("One registered model", "model",
                                      [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
-                                     "Model", extra_errors=("400", "404", "405", "503")),
+                                     "Model", codes=("400", "404", "405", "414", "503"), etag=False),
             "/v1/models/{name}/predict": get(
                 "A registered model's prediction; its inputs are the query parameters (see the model's own path "
                 "below, or GET /v1/models)", "predict",
                 [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}], "ModelPrediction"),
             **_model_paths(models, errors, _ok),
-            "/v1/snapshot": get("The live snapshot's manifest", "snapshot", [], "Snapshot",
-                                extra_errors=("405", "503")),
-            "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "parameters": [],
-                                 "responses": {"200": {"description": "The process is up"}}}},
-            "/readyz": {"get": {"summary": "Readiness: a valid snapshot is loaded", "operationId": "readyz",
-                                "parameters": [], "responses": {"200": {"description": "Ready"},
-                                                                "503": {"description": "Not ready; says why"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics", "parameters": [],
-                                 "responses": {"200": {"description": "Prometheus text format",
-                                                       "content": {"text/plain": {}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "parameters": [],
-                                      "responses": {"200": {"description": "OpenAPI 3",
-                                                            "content": {"application/json": {}}}}}},
+            "/v1/snapshot": get("The live snapshot's manifest (400 for any query parameter)", "snapshot", [],
+                                "Snapshot", codes=("400", "405", "414", "503"), etag=False),
+            "/healthz": plain("Liveness", "healthz", {"200": {"description": "The process is up"}}),
+            "/readyz": plain("Readiness: a valid snapshot is loaded", "readyz", {
+                "200": {"description": "Ready; what CURRENT names, the last refusal and the refusal count",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+                "503": {"description": "Not ready; says why",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}}}),
+            "/metrics": plain("Prometheus metrics", "metrics", {"200": {"description": "Prometheus text format",
+                                                                       "content": {"text/plain": {}}}}),
+            "/openapi.json": plain("This document", "openapi", {"200": {"description": "OpenAPI 3",
+                                                                        "content": {"application/json": {}}}}),
         },
         "components": {"schemas": {
             "Problem": {"type": "object", "required": ["type", "title", "status", "detail"], "properties": {
@@ -159,5 +174,15 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                 "inputs": {"type": "object", "description": "The canonical inputs (cast, defaults filled in)"},
                 "prediction": {"description": "A number, or the class label of a classifier's predict"},
                 **provenance}},
+            "Readiness": {"type": "object", "required": ["ready", "mode"], "properties": {
+                "ready": {"type": "boolean"}, "mode": {"type": "string"},
+                "snapshot": {"type": "string", "nullable": True, "description": "the snapshot being served"},
+                "current": {"type": "string", "nullable": True, "description": "what CURRENT names (null: missing or empty)"},
+                "error": {"type": "string", "nullable": True,
+                          "description": "why the snapshot CURRENT names is not served, or what is wrong with CURRENT"},
+                "refused": {"type": "integer", "description": "snapshots this worker refused"},
+                "live_only_model": {"type": "string", "nullable": True},
+                "age_s": {"type": "number"}, "fresh": {"type": "boolean"},
+                "cache_entries": {"type": "integer"}}},
         }},
     }

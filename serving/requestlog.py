@@ -2,10 +2,14 @@
 
 One file per flush per process, written under a temporary name and renamed, never rewritten.
 Flushes on size, on interval and on close. Memory is bounded: past ``max_buffer`` rows the
-oldest are dropped and counted. A failed flush is logged and counted, never raised to a request.
+oldest are dropped and counted. A failed flush is counted, never raised to a request, and backs
+off: an unwritable or full folder costs one attempt per backoff step (doubling up to the flush
+interval) and one log line per interval, not a write and an ERROR per request. The rows wait in
+the buffer and are written once the folder takes them again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,11 +26,25 @@ from serving.store import REQUEST_LOG_SCHEMA, Store
 LOG = logging.getLogger(__name__)
 
 
+FIRST_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 10.0  # the cap when flushing on an interval is switched off (flush_interval_s = 0)
+
+
 class RequestLog:
     def __init__(self, store: Store, flush_rows: int = 10_000, flush_interval_s: float = 10.0,
-                 max_buffer: int = 200_000, clock: Callable[[], float] = time.time):
+                 max_buffer: int = 200_000, clock: Callable[[], float] = time.time,
+                 write_table: Callable[..., None] = pq.write_table,
+                 monotonic: Callable[[], float] = time.monotonic):
+        """``clock`` stamps the rows; ``monotonic`` times the backoff; ``write_table`` writes a
+        segment (pyarrow's; tests inject a failing one)."""
         self.store, self.flush_rows, self.flush_interval_s = store, flush_rows, flush_interval_s
-        self.max_buffer, self.clock = max_buffer, clock
+        self.max_buffer, self.clock, self.write_table, self.monotonic = max_buffer, clock, write_table, monotonic
+        self.max_backoff_s = flush_interval_s if flush_interval_s > 0 else MAX_BACKOFF_S
+        self._backoff_s = 0.0         # 0: healthy
+        self._retry_at = 0.0          # monotonic time before which automatic flushes are not tried
+        self._failing_since = 0.0
+        self._logged_at = 0.0
+        self._unlogged_failures = 0
         self._rows: list[tuple] = []
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -51,11 +69,16 @@ class RequestLog:
             full = len(self._rows) >= self.flush_rows
         if over > 0 and self.on_drop:
             self.on_drop(over)
-        if full:
+        if full and (not self._backoff_s or self.monotonic() >= self._retry_at):
             self.flush()
 
+    @property
+    def backing_off(self) -> bool:
+        """The last flush failed: automatic flushes wait for the backoff to pass."""
+        return self._backoff_s > 0
+
     def flush(self) -> int:
-        """Write the buffer as one new segment. Returns rows written (0 on failure or nothing to do)."""
+        """Write the buffer as one new segment now. Returns rows written (0 on failure or nothing to do)."""
         with self._flush_lock:
             with self._lock:
                 rows, self._rows = self._rows, []
@@ -64,19 +87,44 @@ class RequestLog:
             try:
                 self._write(rows)
             except Exception as exc:  # never fail a request because the log could not be written
-                self.failed_flushes += 1
-                LOG.error("request log flush of %d rows failed: %s", len(rows), exc)
-                with self._lock:  # keep them for the next try, within the bound
-                    self._rows[:0] = rows
-                    over = len(self._rows) - self.max_buffer
-                    if over > 0:
-                        del self._rows[:over]
-                        self.dropped_rows += over
-                if self.on_flush_failure:
-                    self.on_flush_failure()
+                self._failed(rows, exc)
                 return 0
             self.flushed_rows += len(rows)
+            if self._backoff_s:
+                LOG.warning("request log writable again after %.1fs: wrote %d buffered rows to %s",
+                            self.monotonic() - self._failing_since, len(rows), self.store.requests_dir)
+                self._backoff_s, self._unlogged_failures = 0.0, 0
             return len(rows)
+
+    def _failed(self, rows: list[tuple], exc: Exception) -> None:
+        """Keep the rows (within the bound), count the failure, back off, log at most once per interval."""
+        self.failed_flushes += 1
+        with self._lock:
+            self._rows[:0] = rows
+            over = len(self._rows) - self.max_buffer
+            if over > 0:
+                del self._rows[:over]
+                self.dropped_rows += over
+            buffered = len(self._rows)
+        now = self.monotonic()
+        if not self._backoff_s:
+            self._failing_since, self._logged_at, self._unlogged_failures = now, now, 0
+            self._backoff_s = min(FIRST_BACKOFF_S, self.max_backoff_s)
+            LOG.error("request log flush to %s failed: %s; keeping %d rows in memory (at most %d) and retrying "
+                      "with backoff", self.store.requests_dir, exc, buffered, self.max_buffer)
+        else:
+            self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
+            self._unlogged_failures += 1
+            if now - self._logged_at >= self.max_backoff_s:
+                LOG.error("request log still failing for %.0fs (%d more failed flushes): %s; %d rows in memory, "
+                          "%d dropped so far", now - self._failing_since, self._unlogged_failures, exc, buffered,
+                          self.dropped_rows)
+                self._logged_at, self._unlogged_failures = now, 0
+        self._retry_at = now + self._backoff_s
+        if over > 0 and self.on_drop:
+            self.on_drop(over)
+        if self.on_flush_failure:
+            self.on_flush_failure()
 
     def _write(self, rows: list[tuple]) -> None:
         cols = list(zip(*rows))
@@ -88,8 +136,13 @@ class RequestLog:
         self._seq += 1
         name = f"seg-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
         tmp = self.store.requests_dir / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.store.requests_dir / f"{name}.parquet")
+        try:
+            self.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, self.store.requests_dir / f"{name}.parquet")
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk must not fill up with half-written segments
+                tmp.unlink()
+            raise
 
     def start(self) -> None:
         """Flush every ``flush_interval_s`` from a daemon thread."""
@@ -100,7 +153,8 @@ class RequestLog:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            self.flush()
+            if not self._backoff_s or self.monotonic() >= self._retry_at:
+                self.flush()
 
     def close(self) -> None:
         self._stop.set()

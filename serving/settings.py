@@ -87,6 +87,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "schedule", "*/15 * * * *", "When `python -m batch schedule` runs the job: crontab (UTC) or 'every <N>s'",
             pattern=r"(\S+\s+){4}\S+|every\s+\d+(\.\d+)?\s*s"),
     Setting("batch", "misfire_grace_s", 300, "A run later than this past its time (e.g. after a suspend) is skipped", minimum=1),
+    Setting("batch", "sql_time_limit_ms", 30_000, "`python -m batch sql`: a query still running after this many milliseconds is interrupted", minimum=1),
+    Setting("batch", "sql_max_rows", 1000, "`python -m batch sql`: rows fetched and printed at most (the rest is never computed when it can be avoided)", minimum=1),
     # serving
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),

@@ -159,6 +159,37 @@ def write_atomic(path: Path, data: bytes, before_replace: Callable[[], None] | N
     _fsync_dir(path.parent)
 
 
+def _checked_shape(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The fields a reader relies on, with the types it relies on; returns ``files``.
+
+    A hand-edited or foreign manifest must be refused with a message, not crash the reader
+    (``files`` as a list, ``created_at`` as a number, a path leaving the snapshot)."""
+    def bad(field: str, want: str, got: Any) -> SnapshotError:
+        return SnapshotError(f"{path}: {field}: expected {want}, got {type(got).__name__} {str(got)[:60]!r}")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("files", "an object of file name -> {sha256, bytes}", files)
+    for rel, meta in files.items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise bad("files", "paths inside the snapshot", rel)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) \
+                or type(meta.get("bytes")) is not int or meta["bytes"] < 0:
+            raise bad(f"files.{rel}", "{sha256: string, bytes: non-negative integer}", meta)
+    created = manifest.get("created_at")
+    try:
+        if not isinstance(created, str):
+            raise ValueError
+        datetime.fromisoformat(created)
+    except ValueError:
+        raise bad("created_at", "an ISO 8601 timestamp string", created) from None
+    k_max = manifest.get("k_max")
+    if type(k_max) is not int or k_max < 0:
+        raise bad("k_max", "a non-negative integer", k_max)
+    return files
+
+
 class Store:
     """A store root on disk. Cheap to construct; touches nothing until asked."""
 
@@ -273,7 +304,7 @@ class Store:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise SnapshotError(f"snapshot {snapshot_id}: format_version {manifest.get('format_version')!r}, "
                                 f"expected {FORMAT_VERSION}")
-        files = manifest.get("files") or {}
+        files = _checked_shape(manifest, base / MANIFEST)
         for table in TABLES:
             if f"{table}.parquet" not in files:
                 raise SnapshotError(f"snapshot {snapshot_id}: manifest lists no {table}.parquet")

@@ -8,6 +8,7 @@ import pytest
 
 from batch.inputs import generate_sample, write_inputs
 from serving.settings import load_settings
+from serving.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 ML100K = REPO.parent / "shared" / "data" / "ml-100k"
@@ -65,4 +66,6 @@ def workspace(tmp_path, published):
     shutil.copytree(root / "inputs", tmp_path / "inputs")
     shutil.copytree(root / "store", tmp_path / "store", symlinks=True)
     settings, cfg = make_settings(tmp_path)
+    from batch.catalog import refresh_views
+    refresh_views(Store(settings["paths.store"]))  # the copied catalog's views still name the original's files
     return tmp_path, settings, cfg, result

@@ -440,7 +440,7 @@ BAD_REQUESTS = [
     ("/v1/recommendations?items=1,2,1&k=5", 400, "items has duplicate ids: 1"),
     ("/v1/recommendations?items=1,,2&k=5", 400, "each id in items is required: a non-negative integer"),
     ("/v1/recommendations?items=1,abc&k=5", 400, "each id in items must be a non-negative integer (int64), got 'abc'"),
-    ("/v1/recommendations?items=1,999999999&k=5", 400, "items not in the catalogue: 999999999"),
+    ("/v1/recommendations?items=1,999999999&k=5", 404, "items not in the catalogue: 999999999"),
     ("/v1/snapshot?x=1", 400, "unknown query parameter 'x' (allowed: none)"),
     ("/v1/items/999999999/similar?k=5", 404, "item 999999999 is not in the catalogue"),
     ("/v1/users/999999999/recommendations?k=5", 404, "user 999999999 is unknown"),

@@ -39,18 +39,39 @@ def _cli(cfg, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# The first run, stopped inside the store lock until told to go on: the overlap is certain, not timed.
+_HOLDING_RUN = """
+import sys
+from serving.store import Store
+from batch.__main__ import main
+
+take = Store.lock
+def lock_and_hold(self, *args, **kwargs):
+    lock = take(self, *args, **kwargs)
+    print("holding the lock", flush=True)
+    sys.stdin.readline()
+    return lock
+Store.lock = lock_and_hold
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_two_runs_at_once_one_publishes_the_other_exits_75(workspace):
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
     before = store.snapshot_ids()
-    # Started together; --retrain makes the winner hold the lock for seconds, the loser finds it taken.
-    procs = [_cli(cfg, "run", "--retrain"), _cli(cfg, "run", "--retrain")]
-    results = [(p.returncode, *p.communicate(timeout=300)) for p in procs]
-    results = [(p.returncode, out, err) for p, (_, out, err) in zip(procs, results)]
-    codes = sorted(r[0] for r in results)
-    assert codes == [0, EXIT_LOCKED], results
-    err_b = next(err for rc, _, err in results if rc == EXIT_LOCKED)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDING_RUN, "--config", str(cfg), "run"], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding the lock\n"
+        second = _cli(cfg, "run")
+        out_b, err_b = second.communicate(timeout=300)  # runs and ends while the first one holds the lock
+    finally:
+        out_a, err_a = holder.communicate("go on\n", timeout=300)
+    assert holder.returncode == 0, err_a
+    assert second.returncode == EXIT_LOCKED, (out_b, err_b)
     assert err_b.startswith("locked: ") and err_b.count("\n") == 1
+    assert "published snapshot" in out_a
     after = store.snapshot_ids()
     assert len(after) == len(before) + 1  # the locked run changed nothing
     statuses = [r["status"] for r in _runs(store)]
@@ -221,6 +242,6 @@ def test_observed_hit_rate_is_recorded_by_the_next_run(workspace):
     assert runs[-1]["observed_hit_rate"] == pytest.approx(0.75)
     assert runs[-1]["expected_hit_rate"] is not None
     # the trend query from the README
-    cols, rows_, _ = query(store.catalog_path, "SELECT run_id, expected_hit_rate, observed_hit_rate FROM runs "
-                                               "WHERE status = 'published' ORDER BY started_at")
+    cols, rows_, _ = query(store, "SELECT run_id, expected_hit_rate, observed_hit_rate FROM runs "
+                                  "WHERE status = 'published' ORDER BY started_at")
     assert rows_[-1][2] == pytest.approx(0.75)

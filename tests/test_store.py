@@ -41,7 +41,7 @@ def test_failed_run_is_recorded(workspace):
     with pytest.raises(InjectedCrash):
         run(settings, crash_at="manifest")
     from batch.catalog import query
-    cols, rows, _ = query(Store(settings["paths.store"]).catalog_path,
+    cols, rows, _ = query(Store(settings["paths.store"]),
                           "SELECT status, error FROM runs ORDER BY started_at DESC LIMIT 1")
     assert rows == [("failed", "InjectedCrash: injected crash at manifest")]
 
