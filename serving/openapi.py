@@ -122,12 +122,10 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
             "/v1/models": get("The registered models: name, version, inputs, output (400 for any query parameter)",
                               "models", [], "Models", codes=("400", "405", "414", "503"), etag=False),
             "/v1/models/{name}": get("One registered model", "model",
-                                     [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                     [{"name": "name", "in": "path", "required": True,
+                                       "schema": {"type": "string", "enum": [m.name for m in models] or ["rating"]}}],
                                      "Model", codes=("400", "404", "405", "414", "503"), etag=False),
-            "/v1/models/{name}/predict": get(
-                "A registered model's prediction; its inputs are the query parameters (see the model's own path "
-                "below, or GET /v1/models)", "predict",
-                [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}], "ModelPrediction"),
+            # /v1/models/<name>/predict: one path per model below, its inputs as typed query parameters
             **_model_paths(models, errors, _ok),
             "/v1/snapshot": get("The live snapshot's manifest (400 for any query parameter)", "snapshot", [],
                                 "Snapshot", codes=("400", "405", "414", "503"), etag=False),

@@ -227,8 +227,11 @@ class RatingPredictor:
     def __init__(self, bundle):
         self.bundle = bundle
         self.version = bundle.model_version
-        self.spec = ModelSpec(name=RATING, kind="rating", inputs=(Input("user_id", "int", min=0),
-                                                                Input("item_id", "int", min=0)),
+        # the catalogue's id ranges: what /v1/models and the OpenAPI document show a client
+        users, items = np.asarray(bundle.user_ids), np.asarray(bundle.item_ids)
+        span = lambda ids: {"min": int(ids.min()), "max": int(ids.max())} if len(ids) else {"min": 0}  # noqa: E731
+        self.spec = ModelSpec(name=RATING, kind="rating", inputs=(Input("user_id", "int", **span(users)),
+                                                                Input("item_id", "int", **span(items))),
                               version=self.version, artifact=None, grid_max_rows=0)
 
     def check(self, values: tuple) -> None:
