@@ -14,14 +14,19 @@ import functools
 import re
 import time
 from typing import Callable, Iterable
+from urllib.parse import parse_qsl
 
 from werkzeug.http import quote_etag
 
 from serving import api
 from serving.engine import PRECOMPUTED
+from serving.errors import HybridServeError
+from serving.models.base import canonical_key
+from serving.models.predictor import RATING
 
 _ID = r"([0-9]{1,19})"
 _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
+_MODEL = re.compile(r"/v1/models/([A-Za-z][A-Za-z0-9_]{0,62})/predict")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
 _JSON = ("Content-Type", "application/json")
@@ -66,7 +71,7 @@ class HitPath:
         if found is None:
             self.passed += 1
             return self.wsgi_app(environ, start_response)
-        (endpoint, head, etag, computed_at, log), remaining, now = found
+        (endpoint, head, etag, computed_at, log, _), remaining, now = found
         data = head + api.render_age(computed_at, now)
         headers = [_JSON, ("Content-Length", str(len(data))), api.cache_control(remaining), etag]
         if self.cors_headers is not None:
@@ -95,25 +100,27 @@ class HitPath:
         except _NotAHit:
             return None
         now = self.engine.clock()
-        remaining = self.engine.max_age_s - (now - hit[3])  # as Engine._fresh decides, on every request
+        remaining = hit[5] - (now - hit[3])  # as Engine._fresh decides, on every request
         if remaining <= 0:
             return None  # too old to serve: Flask's route computes it live and counts it stale
         return hit, remaining, now
 
     def _render(self, sid: str, path: str, query: str) -> tuple:
-        """(endpoint, JSON head, ETag header, computed_at, log row) of the hit at path?query, rendered
-        from snapshot ``sid``; raises _NotAHit for anything else."""
+        """(endpoint, JSON head, ETag header, computed_at, log row, max age) of the hit at path?query,
+        rendered from snapshot ``sid``; raises _NotAHit for anything else. The max age is the engine's,
+        or a registered model's own ``max_age_s``."""
         found = self._answer(path, query)
         if found is None or found[3].snapshot != sid:  # not a hit, or a swap in between: not kept
             raise _NotAHit
-        endpoint, body, etag, ans, log = found
-        return endpoint, api.render_head(body, ans), ("ETag", quote_etag(etag)), ans.computed_at, log
+        endpoint, body, etag, ans, log, max_age = found
+        return endpoint, api.render_head(body, ans), ("ETag", quote_etag(etag)), ans.computed_at, log, max_age
 
     def _answer(self, path: str, query: str):
-        """(endpoint, body, etag, answer, log row) for a plain precomputed hit; None for anything else."""
+        """(endpoint, body, etag, answer, log row, max age) for a plain precomputed hit; None for anything else."""
         route = _PATH.fullmatch(path)
         if route is None:
-            return None
+            model = _MODEL.fullmatch(path)
+            return None if model is None else self._model_hit(model.group(1), query)
         item, user = route.group(1), route.group(2)
         if item is not None or user is not None:
             k = _K.fullmatch(query)
@@ -128,9 +135,9 @@ class HitPath:
                 return None
             if item is not None:
                 return (endpoint, api.list_body("item_id", key, k, ans), api.etag_of(ans, "similar", f"{key}.{k}"),
-                        ans, (endpoint, key, None, k))
+                        ans, (endpoint, key, None, k), self.engine.max_age_s)
             return (endpoint, api.list_body("user_id", key, k, ans), api.etag_of(ans, "recs", f"{key}.{k}"),
-                    ans, (endpoint, None, key, k))
+                    ans, (endpoint, None, key, k), self.engine.max_age_s)
         pair = _PAIR.fullmatch(query)
         if pair is None:
             return None
@@ -141,8 +148,28 @@ class HitPath:
         ans = self.engine.peek("prediction", uid, iid)
         if ans is None:
             return None
+        served = self.engine.snapshot.models.get(RATING)
+        max_age = self.engine.max_age(served) if served is not None else self.engine.max_age_s
         return ("prediction", api.prediction_body(uid, iid, ans), api.etag_of(ans, "pred", f"{uid}.{iid}"),
-                ans, ("prediction", iid, uid, 1))
+                ans, api.model_log(RATING, (uid, iid), canonical_key((uid, iid))), max_age)
+
+    def _model_hit(self, name: str, query: str):
+        """A registered model's precomputed prediction, parsed and keyed by the same functions as the view."""
+        snap = self.engine.snapshot
+        served = snap.models.get(name) if snap is not None else None
+        if served is None:
+            return None
+        spec = served.spec
+        try:
+            values = spec.parse_query(parse_qsl(query, keep_blank_values=True, errors="replace"))
+        except HybridServeError:
+            return None
+        key = canonical_key(values)
+        ans = self.engine.peek_model(name, values, key)
+        if ans is None:
+            return None
+        return ("prediction" if name == RATING else "model", api.model_body(name, spec.input_names, values, ans),
+                api.model_etag(ans, name, key), ans, api.model_log(name, values, key), self.engine.max_age(served))
 
 
 def cors_headers_for(app, options: dict) -> Callable[[str | None], tuple]:

@@ -59,9 +59,10 @@ class RequestLog:
         self.on_drop: Callable[[int], None] | None = None
 
     def append(self, endpoint: str, item_id: int | None, user_id: int | None, k: int | None, source: str,
-               status: int, latency_us: int) -> None:
-        """Record one served request (cheap: a tuple into a bounded deque)."""
-        row = (self.clock(), endpoint, item_id, user_id, k, source, status, latency_us)
+               status: int, latency_us: int, model: str | None = None, input: str | None = None) -> None:
+        """Record one served request (cheap: a tuple into a bounded deque). ``model`` and ``input``
+        (its canonical key) for a model's prediction."""
+        row = (self.clock(), endpoint, item_id, user_id, k, source, status, latency_us, model, input)
         with self._lock:
             over = int(len(self._rows) == self._rows.maxlen)  # the deque drops its oldest row itself
             self._rows.append(row)

@@ -94,6 +94,20 @@ def test_summary_reports_recommender_quality(tmp_path):
     assert "| 0 of 50 | 0 | yes |" in text
 
 
+def test_models_benchmark_small(tmp_path):
+    """The registered-model benchmark end to end on a tiny sample, with the Python load generator."""
+    import bench_models
+    r = bench_models.run(items=600, users=200, interactions=6000, seconds=0.5, loadgen="python",
+                         workdir=tmp_path / "work", out_dir=tmp_path, rounds=1, live_n=80, grid_steps=11)
+    saved = json.loads((tmp_path / "models.json").read_text())
+    assert saved["model"] == "demand" and saved["loadgen"] == "python"
+    for key in ("model_16", "similar_16"):
+        assert r[key]["requests_per_s"] > 0 and r[key]["non_2xx"] == 0, key
+    assert r["model_live_1"]["requests"] > 0 and r["model_live_1"]["non_2xx"] == 0
+    assert r["live"]["live_answers_equal_to_predict"] == r["live"]["requests"] == 30
+    assert r["grid"]["grid_rows"] == 18 * 7 * 11 and r["grid"]["grid_vs_model_predict"] > 0
+
+
 def test_server_benchmark_small(tmp_path, workspace):
     """The server benchmark end to end on a tiny catalogue, granian only (nginx, Redis and the former
     gunicorn worker come with make bench), Python load generator: slow clients stall nothing."""

@@ -110,7 +110,8 @@ def prepare_modes_store(items, users, interactions, requests, exponent, workdir:
         ranks = {}
     yesterday = make_trace(item_ids, users_all, requests * 5, exponent=exponent, seed=100, shown=shown, **ranks)
     rows = request_log_rows(yesterday, datetime.now(timezone.utc) - timedelta(hours=1))
-    pq.write_table(pa.Table.from_pandas(rows[REQUEST_LOG_SCHEMA.names], schema=REQUEST_LOG_SCHEMA,
+    rows = rows.reindex(columns=REQUEST_LOG_SCHEMA.names)  # columns the trace has no use for (model, input): null
+    pq.write_table(pa.Table.from_pandas(rows, schema=REQUEST_LOG_SCHEMA,
                                         preserve_index=False), store.requests_dir / "yesterday.parquet")
     result = run_batch(settings)
     today = make_trace(item_ids, users_all, requests, exponent=exponent, seed=101, shown=shown, **ranks)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
+import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_server  # noqa: E402
@@ -79,6 +80,16 @@ def summary(results_dir: Path = RESULTS) -> str:
         if "ceiling_vs_live_only_rps" in m:
             rows.append(f"| modes ({what}): ceiling, every request a snapshot hit, vs live-only req/s | "
                         f"{m['ceiling_vs_live_only_rps']:.1f}x | (the most any hit rate can give) | - |")
+    md = load("models")
+    if md:
+        lv, g = md["live"], md["grid"]
+        rows += [_row("models: precomputed model prediction vs precomputed similar items, req/s at 16",
+                      f"{md['model_vs_similar_rps']:.2f}x", ">= 0.9x", md["model_vs_similar_rps"] >= 0.9),
+                 _row("models: live answer above the model's own one-row predict (p50)",
+                      f"+{lv['live_overhead_ms']:.3f} ms (the predict itself: "
+                      f"{lv['model_predict_one_row_p50_ms']:.1f} ms)", "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
+                 _row(f"models: grid precompute vs the model's batch predict ({g['grid_rows']:,} rows)",
+                      f"{g['grid_vs_model_predict']:.2f}x", ">= 0.8x", g["grid_vs_model_predict"] >= 0.8)]
     v = load("server")
     if v:
         def spread(key):
@@ -144,7 +155,7 @@ def main(quick: bool = False, only: str = "") -> None:
         for name in only.split(","):
             {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run, "quality": bench_quality.run}[name]()
+             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run}[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -156,6 +167,8 @@ def main(quick: bool = False, only: str = "") -> None:
                         rounds=2)
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
         bench_quality.run(out_dir=out, folds=2)
+        bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
+                         out_dir=out, live_n=300, grid_steps=101)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -166,12 +179,13 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_snapshot.run()
     bench_quality.run()
+    bench_models.run()
     print(summary())
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality, models")
     a = ap.parse_args()
     main(a.quick, a.only)
