@@ -49,18 +49,27 @@ def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
 @click.option("--if-missing", is_flag=True, help="Do nothing when the sample exists already.")
 @click.pass_obj
 def generate_sample_cmd(obj: _Ctx, out: str | None, if_missing: bool) -> None:
-    """Write the seeded sample (users, items, interactions) as Parquet."""
-    from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs
+    """Write the seeded sample (users, items, interactions) as Parquet, and its demand model."""
+    from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, write_inputs
+    from batch.sample_models import DEMAND_FILE, ensure_sample_models, write_demand_model
     s = obj.settings
     folder = Path(out or s["paths.inputs"])
     if if_missing and (folder / INTERACTIONS).is_file() and (folder / ITEMS).is_file():
         click.echo(f"sample exists in {folder}")
+        inputs = load_inputs(folder, s["train.rating_min"], s["train.rating_max"])
+        for path in ensure_sample_models(s, inputs.interactions, inputs.items, s["sample.seed"]):
+            click.echo(f"wrote the demand model to {path}")
         return
     inter, items = generate_sample(s["sample.users"], s["sample.items"], s["sample.interactions"],
                                    s["sample.genres"], s["sample.days"], s["sample.seed"])
     write_inputs(folder, inter, items)
     click.echo(f"wrote {len(inter):,} interactions, {len(items):,} items, "
                f"{inter['user_id'].nunique():,} users to {folder}")
+    written = ensure_sample_models(s, inter, items, s["sample.seed"])
+    if not (folder / DEMAND_FILE).is_file():  # beside the sample even when no config registers it
+        written.append(write_demand_model(folder, inter, items, s["sample.seed"]))
+    for path in written:
+        click.echo(f"wrote the demand model (registered in config/default.toml) to {path}")
 
 
 @cli.command("import-movielens")

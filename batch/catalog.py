@@ -176,6 +176,7 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
                 f"CREATE OR REPLACE VIEW all_{table} AS SELECT regexp_extract(filename, {_sql_str(_SNAPSHOT_ID)}, 1) "
                 f"AS snapshot, * EXCLUDE (filename) FROM read_parquet({_sql_str(store.table_glob(table))}, "
                 f"filename = true) WHERE regexp_matches(filename, {_sql_str(_SNAPSHOT_ID)})")
+    _model_views(con, store, retained)
     con.execute(f"CREATE OR REPLACE VIEW requests AS SELECT * FROM read_parquet("
                 f"{_sql_str(store.requests_glob())}, union_by_name = true)")
     rows = [(s["id"], s.get("created_at"), s.get("model_version"), json.dumps(s.get("rows", {})), s["current"],
@@ -184,6 +185,27 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
                 "row_counts JSON, is_current BOOLEAN, parent VARCHAR)")
     if rows:
         con.executemany("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+
+def _model_views(con: duckdb.DuckDBPyConnection, store: Store, retained: list[str]) -> None:
+    """predictions_<model> (current snapshot) and all_predictions_<model> (every retained one); views
+    of models no longer in any retained snapshot are dropped."""
+    from batch.models import catalog_views
+    manifests = {}
+    for sid in retained:
+        try:
+            manifests[sid] = store.read_manifest(sid)
+        except Exception:  # a damaged manifest: its snapshot has no model views
+            continue
+    views = catalog_views(store, manifests)
+    wanted = {name for name, _ in views}
+    for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal AND "
+                               "(view_name LIKE 'predictions\\_%' ESCAPE '\\' OR "
+                               "view_name LIKE 'all\\_predictions\\_%' ESCAPE '\\')").fetchall():
+        if name not in wanted:
+            con.execute(f'DROP VIEW "{name}"')
+    for name, sql in views:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
 
 def refresh_views(store: Store) -> bool:

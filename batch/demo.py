@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from werkzeug.datastructures import Headers
 
 from batch import catalog
-from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs
+from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, write_inputs
+from batch.sample_models import ensure_sample_models
 from batch.job import run
 from batch.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, shown_items, summarise
 from serving.model import ModelBundle
@@ -148,6 +149,62 @@ def _table(title: str, df) -> str:
     return "\n".join(lines)
 
 
+def _model_query(spec, overrides: dict) -> str:
+    """A query for ``spec``: each input's first value (or its default, or its minimum), with overrides."""
+    from urllib.parse import urlencode
+    params = {}
+    for inp in spec.inputs:
+        if inp.name in overrides:
+            params[inp.name] = overrides[inp.name]
+        elif inp.values is not None:
+            params[inp.name] = inp.values[0]
+        elif not inp.required:
+            continue
+        elif inp.min is not None:
+            params[inp.name] = inp.min
+        else:
+            return ""
+    text = {k: ("true" if v is True else "false" if v is False else v) for k, v in params.items()}
+    return f"/v1/models/{spec.name}/predict?{urlencode(text)}"
+
+
+def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple:
+    """The first registered model: its grid precomputed; a miss answered live, then from the cache.
+    Returns ((path of the miss, its answer) or None with no model, model requests made)."""
+    spec = next((s for s in settings.models if s.name in (manifest.get("models") or {})), None)
+    if spec is None:  # nothing to show (and nothing printed: the README shows a run without models)
+        return None, 0
+    status, _, body = http_get(base + "/v1/models")
+    listed = [f"{m['name']} {m['version']}" for m in json.loads(body)["models"]]
+    sel = manifest["models"][spec.name]["selection"]
+    echo(f"   registered models (GET /v1/models): {', '.join(listed)}; {spec.name}: "
+         f"{manifest['models'][spec.name]['rows']} rows precomputed ({sel['grid_rows']} from the grid)")
+    hit = _model_query(spec, {})
+    # a value of an open optional input (e.g. a discount) is not in the grid: a miss
+    open_inp = next((i for i in spec.inputs if i.values is None and i.type == "float"), None)
+    if not hit or open_inp is None:
+        return None, 0
+    lo, hi = open_inp.min or 0.0, open_inp.max if open_inp.max is not None else (open_inp.min or 0.0) + 1.0
+    miss = _model_query(spec, {open_inp.name: round(lo + (hi - lo) * 0.37, 3)})
+    sources = []
+    for path in (hit, miss, miss, miss):
+        status, _, body = http_get(base + path)
+        answer = json.loads(body)
+        sources.append(f"{answer.get('source', status)} {answer.get('prediction', '')}")
+    echo(f"   GET {hit}\n     -> {sources[0]}")
+    echo(f"   GET {miss}  (3 times)\n     -> " + ", then ".join(sources[1:3]) + " (the request log keeps the miss)")
+    return (miss, json.loads(http_get(base + miss)[2])), 5
+
+
+def _models_after(base: str, miss: tuple, manifest: dict, echo) -> None:
+    path, before = miss
+    answer = json.loads(http_get(base + path)[2])
+    name = before["model"]
+    echo(f"   GET {path} after the second run\n     -> {answer['source']} {answer['prediction']} "
+         f"(snapshot {answer['snapshot']}: {manifest['models'][name]['selection']['from_log']} "
+         f"{name} input(s) taken from the request log)")
+
+
 def demo_store(settings: Settings) -> Path:
     """The demo's own store beside ``paths.store`` (``data/store`` -> ``data/store-demo``)."""
     store = Path(settings["paths.store"])
@@ -194,6 +251,9 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
     # between keys asked equally often by which worker answered first -- and so the numbers shown.
     settings = settings.replace(paths__store=str(store.root), batch__decay_half_life_hours=0.0)
     echo(f"inputs {inputs} ({'generated now' if made else 'there already'}), demo store {store.root} (emptied first)")
+    inputs_now = load_inputs(inputs, settings["train.rating_min"], settings["train.rating_max"])
+    for path in ensure_sample_models(settings, inputs_now.interactions, inputs_now.items, settings["sample.seed"]):
+        echo(f"trained the sample's demand model into {path}")
     first = run(settings)
     echo(f"1. batch run: snapshot {first.snapshot_id}, rows {first.manifest['row_counts']}, "
          f"expected hit rate {first.manifest['popularity']['expected_hit_rate']:.3f}")
@@ -208,7 +268,8 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
         before = replay(server.base, make_trace(bundle_items, users, requests, seed=1, shown=shown), concurrency)
         echo(_table(f"3. replayed {requests} GET requests (Zipf 1.1 over all endpoints), {concurrency} at a time:",
                     before))
-        logged = _wait_for_log_rows(store, len(before))
+        miss, asked = _models_before(server.base, settings, first.manifest, echo)
+        logged = _wait_for_log_rows(store, len(before) + asked)
         second = run(settings)
         echo(f"4. batch run again, now from the request log ({logged} rows): snapshot {second.snapshot_id}, "
              f"rows {second.manifest['row_counts']}, expected hit rate "
@@ -221,6 +282,8 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
         for ep in sorted(b):
             echo(f"     {ep:<14}{b[ep]:.3f} -> {a.get(ep, 0.0):.3f}")
         echo("   (sessions are always computed live)")
+        if miss is not None:
+            _models_after(server.base, miss, second.manifest, echo)
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "
            "FROM requests GROUP BY ALL ORDER BY endpoint, source")
     cols, rows, _ = catalog.query(store, sql)

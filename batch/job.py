@@ -24,6 +24,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from batch import catalog, popularity
+from batch import models as registered_models
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
 from batch.train import train_and_evaluate, training_key
@@ -374,6 +375,8 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         with stages("train"):
             bundle, model_folder, evaluation, trained = obtain_model(store, inputs, settings, retrain)
         record.update(model_version=bundle.model_version, retrained=trained)
+        with stages("models"):  # registered models: a bad artifact or schema stops the run here
+            prepared = registered_models.prepare(settings, store, started)
         checkpoint("select")
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
@@ -408,6 +411,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                 writer.write_table(name, table)
             writer.write_arrays(arrays)
             writer.link_model(model_folder)
+            models_manifest = registered_models.write(writer.tmp, prepared, bundle, tables["predictions"].num_rows)
             live = store.current_id()
             live_rows = store.read_manifest(live).get("row_counts") if live else None
             manifest = {
@@ -415,11 +419,13 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                 "inputs_fingerprint": inputs.fingerprint, "inputs": str(inputs.folder),
                 "settings": settings.as_dict(), "evaluation": evaluation, "popularity": sel.report,
                 "k_max": k_max, "run_id": run_id, "retrained": trained,
-                "observed_hit_rate_since_previous": record["observed_hit_rate"],
+                "observed_hit_rate_since_previous": record["observed_hit_rate"], "models": models_manifest,
             }
             with stages("validate"):
                 # On the complete, unpublished folder, with the bundle read back from disk.
                 manifest["validation"] = validate(writer.model_dir, tables, settings, live_rows, force)
+                manifest["validation"]["models"] = registered_models.validate(
+                    writer.tmp, prepared, settings["batch.validate_sample"], settings["train.seed"])
             checkpoint("CURRENT moves")  # the last point at which a stop leaves no trace
             manifest = writer.publish(manifest)
             writer = None

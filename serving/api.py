@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import re
 import time
@@ -17,7 +18,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import quote_etag
 
 from serving.engine import PRECOMPUTED, Answer
-from serving.errors import BadRequest, NotFound, Unavailable
+from serving.models.base import canonical_key
+from serving.models.predictor import RATING
+from serving.errors import BadRequest, ModelFailed, NotFound, Unavailable
 
 bp = Blueprint("api", __name__)
 
@@ -117,22 +120,36 @@ def etag_of(ans: Answer, tag: str, key: str) -> str | None:
 
 def render(body: dict[str, Any], ans: Answer, now: float) -> bytes:
     """The JSON of an answer: the endpoint's fields, then where it came from and how old it is."""
-    body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at),
-                age_s=round(ans.age_s(now), 3))
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return render_head(body, ans) + render_age(ans.computed_at, now)
+
+
+def render_head(body: dict[str, Any], ans: Answer) -> bytes:
+    """All of an answer's JSON but its last field, age_s: the part that does not change with time
+    (the hit path keeps it for a precomputed answer; ``render_age`` completes it)."""
+    body.update(source=ans.source, snapshot=ans.snapshot, computed_at=_iso(ans.computed_at))
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)[:-1]  # without the closing brace
+
+
+def render_age(computed_at: float, now: float) -> bytes:
+    """The last field of an answer's JSON (orjson's own spelling of the number) and the closing brace."""
+    return b',"age_s":' + orjson.dumps(round(max(0.0, now - computed_at), 3)) + b"}"
+
+
+def cache_control(fresh_for_s: float) -> tuple[str, str]:
+    return ("Cache-Control", f"public, max-age={max(0, int(math.floor(fresh_for_s)))}")
 
 
 def answer_headers(ans: Answer, etag: str | None) -> list[tuple[str, str]]:
     """Cache-Control for the answer's remaining freshness, and its ETag when it has one."""
-    headers = [("Cache-Control", f"public, max-age={max(0, int(math.floor(ans.fresh_for_s)))}")]
+    headers = [cache_control(ans.fresh_for_s)]
     if etag is not None:
         headers.append(("ETag", quote_etag(etag)))
     return headers
 
 
-def _answer(svc, ans: Answer, tag: str, key: str, body: dict[str, Any]) -> Response:
+def _answer(svc, ans: Answer, tag: str, key: str, body: dict[str, Any], etag: str | None = None) -> Response:
     _state().source = ans.source
-    etag = etag_of(ans, tag, key)
+    etag = etag or etag_of(ans, tag, key)
     if etag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(etag):
         return Response(status=304, headers=answer_headers(ans, etag))
     return Response(render(body, ans, svc.engine.clock()), mimetype="application/json",
@@ -151,6 +168,27 @@ def list_body(id_name: str, key: int, k: int, ans: Answer) -> dict[str, Any]:
 
 def prediction_body(uid: int, iid: int, ans: Answer) -> dict[str, Any]:
     return {"user_id": uid, "item_id": iid, "prediction": round(float(ans.value), 6)}
+
+
+def model_body(name: str, input_names: tuple[str, ...], values: tuple, ans: Answer) -> dict[str, Any]:
+    """A registered model's prediction: the model, its version, the canonical inputs, the prediction."""
+    return {"model": name, "model_version": ans.model_version, "inputs": dict(zip(input_names, values)),
+            "prediction": ans.value}
+
+
+def model_log(name: str, values: tuple, key: str) -> tuple:
+    """The request-log row of a model's prediction; the rating model's also fills user_id and item_id
+    (as /v1/predictions does), so both routes count as the same traffic."""
+    if name == RATING:
+        return ("prediction", values[1], values[0], 1, name, key)
+    return ("model", None, None, None, name, key)
+
+
+def model_etag(ans: Answer, name: str, key: str) -> str | None:
+    """The ETag of a precomputed model answer (a digest: the canonical key has quotes in it)."""
+    if ans.source != PRECOMPUTED:
+        return None
+    return f"{ans.snapshot}.m.{name}.{hashlib.blake2b(key.encode(), digest_size=10).hexdigest()}"
 
 
 def _begin(endpoint: str) -> _State:
@@ -193,9 +231,56 @@ def prediction():
     params = _params(("user_id", "item_id"))
     uid = parse_id("user_id", params.get("user_id"))
     iid = parse_id("item_id", params.get("item_id"))
-    st.log = ("prediction", iid, uid, 1)
+    st.log = model_log(RATING, (uid, iid), canonical_key((uid, iid)))
     ans = svc.engine.prediction(uid, iid)
     return _answer(svc, ans, "pred", f"{uid}.{iid}", prediction_body(uid, iid, ans))
+
+
+@bp.get("/v1/models")
+def models():
+    """The registered models: name, version, inputs (with their types and domains), output."""
+    _begin("models")
+    _params(())
+    snap = services().engine.snapshot
+    if snap is None:
+        raise Unavailable(services().engine.last_reload_error or "no snapshot loaded")
+    return _json({"models": [describe(served) for _, served in sorted(snap.models.items())]})
+
+
+@bp.get("/v1/models/<name>")
+def model(name: str):
+    """One registered model."""
+    _begin("models")
+    _params(())
+    return _json(describe(services().engine.served(name)[1]))
+
+
+def describe(served) -> dict[str, Any]:
+    spec = served.spec
+    out = {"name": spec.name, "version": served.version, "kind": spec.kind,
+           "inputs": [i.describe() for i in spec.inputs], "output": spec.output,
+           "max_age_s": services().engine.max_age(served), "precomputed": served.precomputed_rows(),
+           "predict": f"/v1/models/{spec.name}/predict"}
+    if spec.output_class is not None:
+        out["class"] = spec.output_class
+    return out
+
+
+@bp.get("/v1/models/<name>/predict")
+def model_predict(name: str):
+    """A registered model's prediction for the inputs in the query string."""
+    st, svc = _begin("model"), services()
+    _, served = svc.engine.served(name)
+    spec = served.spec
+    if name == RATING:
+        st.endpoint = "prediction"
+    pairs = parse_qsl(request.environ.get("QUERY_STRING", ""), keep_blank_values=True, errors="replace")
+    values = spec.parse_query(pairs)
+    key = canonical_key(values)
+    st.log = model_log(name, values, key)
+    ans = svc.engine.predict(name, values)
+    return _answer(svc, ans, "", key, model_body(name, spec.input_names, values, ans),
+                   etag=model_etag(ans, name, key))
 
 
 @bp.get("/v1/recommendations")
@@ -250,11 +335,13 @@ def openapi():
     """The OpenAPI 3 document."""
     from serving.openapi import document
     s = services().settings
-    return _json(document(s["serving.k_limit"], s["serving.session_max_items"]))
+    snap = services().engine.snapshot
+    specs = [m.spec for _, m in sorted(snap.models.items())] if snap is not None else []
+    return _json(document(s["serving.k_limit"], s["serving.session_max_items"], specs))
 
 
 # --- errors, metrics and the request log, in one place -----------------------------------
-_STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503}
+_STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503, ModelFailed: 503}
 
 
 def problem(status: int, detail: str) -> Response:
@@ -314,5 +401,4 @@ def record(svc, endpoint: str, source: str, status: int, elapsed_s: float, log: 
     """Count a request in the metrics and, for a lookup, append it to the request log."""
     svc.metrics.observe(endpoint, source, status, elapsed_s)
     if log is not None:
-        ep, item_id, user_id, k = log
-        svc.requestlog.append(ep, item_id, user_id, k, source, status, int(elapsed_s * 1e6))
+        svc.requestlog.append(*log[:4], source, status, int(elapsed_s * 1e6), *log[4:])

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable
 
 import faiss
@@ -17,8 +17,11 @@ import numpy as np
 from cachetools import TTLCache
 from threadpoolctl import threadpool_limits
 
-from serving.errors import NotFound, SnapshotError, Unavailable
+from serving.errors import HybridServeError, ModelFailed, NotFound, SnapshotError, Unavailable
 from serving.model import ModelBundle
+from serving.models import Served
+from serving.models.base import canonical_key
+from serving.models.predictor import RATING
 from serving.snapshot import LoadedSnapshot
 from serving.store import Store
 
@@ -52,6 +55,7 @@ class Answer:
     scores: np.ndarray | None = None
     value: float | None = None         # for a prediction
     fresh_for_s: float = 0.0           # how long this answer may still be served (Cache-Control)
+    model_version: str | None = None   # for a prediction: the version of the model that made it
 
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.computed_at)
@@ -92,6 +96,7 @@ class Engine:
         self.on_reload_failure: Callable[[str], None] | None = None
         self.on_stale: Callable[[str], None] | None = None
         self.on_live: Callable[[str, float], None] | None = None
+        self.on_model_error: Callable[[str], None] | None = None
 
     # --- snapshots --------------------------------------------------------------
     @property
@@ -197,20 +202,64 @@ class Engine:
         return self._live(snap, ("recs", user_id, k), lambda: _first(snap.bundle.recommend(np.array([uidx]), k)))
 
     def prediction(self, user_id: int, item_id: int) -> Answer:
+        """The built-in rating model's prediction (``/v1/predictions``): one registered model among others."""
+        return self.predict(RATING, (user_id, item_id))
+
+    def served(self, name: str) -> tuple[LoadedSnapshot, Served]:
+        """The live snapshot and its model ``name``; NotFound names the models there are."""
         snap = self._require()
-        uidx = snap.bundle.user_index_one(user_id)
-        if uidx < 0:
-            raise NotFound(f"user {user_id} is unknown")
-        iidx = snap.bundle.item_index_one(item_id)
-        if iidx < 0:
-            raise NotFound(f"item {item_id} is not in the catalogue")
-        value = snap.prediction(uidx, iidx) if self.use_precomputed else None
-        if value is not None:
-            hit = self._fresh(snap, "prediction", value=value)
-            if hit is not None:
-                return hit
-        return self._live(snap, ("pred", user_id, item_id),
-                          lambda: (None, None, float(snap.bundle.predict(np.array([uidx]), np.array([iidx]))[0])))
+        served = snap.models.get(name)
+        if served is None:
+            raise NotFound(f"no model {name!r} (models: {', '.join(sorted(snap.models))})")
+        return snap, served
+
+    def predict(self, name: str, values: tuple) -> Answer:
+        """Model ``name``'s prediction for one canonical input tuple (``ModelSpec.parse_query``):
+        precomputed while fresh, else cached, else live through the model's vectorised answer.
+        A model that raises gives ModelFailed (503) and is counted; other models keep serving."""
+        snap, served = self.served(name)
+        served.model.check(values)
+        key = canonical_key(values)
+        max_age = self.max_age(served)
+        kind = "prediction" if name == RATING else "model"
+        if self.use_precomputed:
+            value = served.lookup(key, values)
+            if value is not None:
+                hit = self._fresh(snap, kind, value=value, model_version=served.version, max_age=max_age)
+                if hit is not None:
+                    return hit
+        try:
+            ans = self._live(snap, ("pred" if name == RATING else "model", name, served.version, key),
+                             lambda: (None, None, served.answer_one(values)), ttl=max_age)
+        except HybridServeError:
+            raise
+        except Exception as exc:  # the model's own failure: this model is unavailable, not the server
+            self.counts["model_errors"] += 1
+            LOG.exception("model %s failed on %s", name, key)
+            if self.on_model_error:
+                self.on_model_error(name)
+            raise ModelFailed(f"model {name!r} failed to predict ({type(exc).__name__}); "
+                              "the error has been logged") from None
+        return replace(ans, model_version=served.version)
+
+    def peek_model(self, name: str, values: tuple, key: str | None = None) -> Answer | None:
+        """The snapshot's fresh prediction of model ``name`` for a canonical tuple, or None (never
+        computes, never counts: the fast path's question)."""
+        snap = self._snap
+        if snap is None or not self.use_precomputed:
+            return None
+        served = snap.models.get(name)
+        if served is None:
+            return None
+        value = served.lookup(canonical_key(values) if key is None else key, values)
+        if value is None:
+            return None
+        return self._fresh(snap, "model", count=False, value=value, model_version=served.version,
+                           max_age=self.max_age(served))
+
+    def max_age(self, served: Served) -> float:
+        own = served.spec.max_age_s
+        return self.max_age_s if own is None else own
 
     def session(self, item_ids: tuple[int, ...], k: int) -> Answer:
         """Session recommendations: always live (then cached)."""
@@ -233,9 +282,7 @@ class Engine:
             return None
         bundle = snap.bundle
         if endpoint == "prediction":
-            uidx, iidx = bundle.user_index_one(key), bundle.item_index_one(arg)
-            value = snap.prediction(uidx, iidx) if uidx >= 0 and iidx >= 0 else None
-            return None if value is None else self._fresh(snap, endpoint, count=False, value=value)
+            return self.peek_model(RATING, (key, arg))
         if arg > snap.k_max:
             return None
         if endpoint == "similar_items":
@@ -254,10 +301,11 @@ class Engine:
             return None
         return self._fresh(snap, kind, ids=found[0], scores=found[1])
 
-    def _fresh(self, snap, kind, count: bool = True, **payload) -> Answer | None:
-        """The precomputed answer while the snapshot is younger than max_age_s; else None (counted
-        as stale unless ``count`` is False: peek leaves that to the full route)."""
-        remaining = self.max_age_s - (self.clock() - snap.created_at)
+    def _fresh(self, snap, kind, count: bool = True, max_age: float | None = None, **payload) -> Answer | None:
+        """The precomputed answer while the snapshot is younger than max_age_s (or a model's own
+        ``max_age``); else None (counted as stale unless ``count`` is False: peek leaves that to the
+        full route)."""
+        remaining = (self.max_age_s if max_age is None else max_age) - (self.clock() - snap.created_at)
         if remaining <= 0:
             if count:
                 self.counts["stale"] += 1
@@ -266,30 +314,33 @@ class Engine:
             return None
         return Answer(PRECOMPUTED, snap.id, snap.created_at, fresh_for_s=remaining, **payload)
 
-    def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple]) -> Answer:
-        """Cached live result, else compute once however many identical requests are waiting."""
+    def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple],
+              ttl: float | None = None) -> Answer:
+        """Cached live result, else compute once however many identical requests are waiting.
+        ``ttl``: a shorter life for this answer in the cache than cache_ttl_s (a model's freshness bound)."""
         full_key = (snap.id,) + key
+        ttl = self.cache_ttl_s if ttl is None else min(ttl, self.cache_ttl_s)
         one_thread_per_pool()
         if not self.use_cache:
             cpu0 = time.thread_time()
             ids, scores, value = compute()
             self._count_live(key[0], time.thread_time() - cpu0)
-            return self._answer(snap, LIVE, _Live(self.clock(), ids, scores, value))
+            return self._answer(snap, LIVE, _Live(self.clock(), ids, scores, value), ttl)
         while True:
             with self._lock:
-                cached = self._cache.get(full_key)
+                cached = self._cached(full_key, ttl)
                 if cached is not None:
-                    return self._answer(snap, CACHE, cached)
+                    return self._answer(snap, CACHE, cached, ttl)
                 event = self._inflight.get(full_key)
                 if event is None:
                     event = self._inflight[full_key] = threading.Event()
                     break
             event.wait()  # someone else is computing it: take theirs from the cache
             with self._lock:
-                cached = self._cache.get(full_key)
+                cached = self._cached(full_key, ttl)
             if cached is not None:
                 self.counts["coalesced"] += 1
-                return self._answer(snap, CACHE, cached)
+                return self._answer(snap, CACHE, cached, ttl)
             # their computation failed or the entry expired at once: loop and compute ourselves
         try:
             cpu0 = time.thread_time()
@@ -302,7 +353,15 @@ class Engine:
             with self._lock:
                 self._inflight.pop(full_key, None)
             event.set()
-        return self._answer(snap, LIVE, result)
+        return self._answer(snap, LIVE, result, ttl)
+
+    def _cached(self, full_key: tuple, ttl: float) -> _Live | None:
+        """The cache entry while younger than ``ttl`` (call with the lock held)."""
+        cached = self._cache.get(full_key)
+        if cached is not None and ttl < self.cache_ttl_s and self.clock() - cached.computed_at >= ttl:
+            del self._cache[full_key]
+            return None
+        return cached
 
     def _count_live(self, kind: str, cpu_s: float) -> None:
         self.counts["live_computations"] += 1
@@ -310,8 +369,8 @@ class Engine:
         if self.on_live:
             self.on_live(kind, cpu_s)
 
-    def _answer(self, snap, source, live: _Live) -> Answer:
-        remaining = self.cache_ttl_s - (self.clock() - live.computed_at)
+    def _answer(self, snap, source, live: _Live, ttl: float | None = None) -> Answer:
+        remaining = (self.cache_ttl_s if ttl is None else ttl) - (self.clock() - live.computed_at)
         return Answer(source, snap.id, live.computed_at, live.ids, live.scores, live.value,
                       fresh_for_s=max(0.0, remaining))
 

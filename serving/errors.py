@@ -45,3 +45,7 @@ class BadRequest(HybridServeError):
 
 class Unavailable(HybridServeError):
     """Nothing loaded to answer from yet (HTTP 503)."""
+
+
+class ModelFailed(Unavailable):
+    """A registered model raised while predicting (HTTP 503 naming the model; other models keep serving)."""

@@ -14,16 +14,29 @@ import functools
 import re
 import time
 from typing import Callable, Iterable
+from urllib.parse import parse_qsl
+
+from werkzeug.http import quote_etag
 
 from serving import api
+from serving.engine import PRECOMPUTED
+from serving.errors import HybridServeError
+from serving.models.base import canonical_key
+from serving.models.predictor import RATING
 
 _ID = r"([0-9]{1,19})"
 _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|predictions)")
+_MODEL = re.compile(r"/v1/models/([A-Za-z][A-Za-z0-9_]{0,62})/predict")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
+_JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
                   "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
+
+
+class _NotAHit(Exception):
+    """Raised inside the rendered-hit cache for a request Flask must answer (so nothing is cached)."""
 
 
 class HitPath:
@@ -31,6 +44,12 @@ class HitPath:
 
     ``cors_headers(origin)``: the CORS response headers for a request's Origin (None when absent),
     or None when the app has no CORS. ``answered`` / ``passed`` count requests each way.
+
+    A precomputed answer never changes within a snapshot but for its age, so the first hit on a URL
+    renders everything else once -- the JSON up to ``age_s``, the ETag, the request-log row -- and
+    keeps it in an LRU of ``serving.hit_cache_entries`` URLs (cleared when a new snapshot is
+    swapped in; misses are never kept). Every hit still checks its snapshot's freshness, completes
+    the JSON with its own age and Cache-Control, counts its metrics and writes its log row.
     """
 
     def __init__(self, wsgi_app: Callable, services, cors_headers: Callable[[str | None], tuple] | None):
@@ -40,6 +59,11 @@ class HitPath:
         self.max_url = services.settings["serving.max_url_bytes"]
         self.cors_headers = cors_headers
         self.answered = self.passed = 0
+        entries = services.settings["serving.hit_cache_entries"]
+        # functools.lru_cache: a C LRU, thread-safe, that does not keep what the function raises.
+        self._rendered = functools.lru_cache(maxsize=entries)(self._render) if entries else self._render
+        self._cache_clear = getattr(self._rendered, "cache_clear", None)
+        self._sid: str | None = None
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         t0 = time.perf_counter()
@@ -47,27 +71,56 @@ class HitPath:
         if found is None:
             self.passed += 1
             return self.wsgi_app(environ, start_response)
-        endpoint, body, etag, ans, log = found
-        data = api.render(body, ans, self.engine.clock())
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-        headers += api.answer_headers(ans, etag)
+        (endpoint, head, etag, computed_at, log, _), remaining, now = found
+        data = head + api.render_age(computed_at, now)
+        headers = [_JSON, ("Content-Length", str(len(data))), api.cache_control(remaining), etag]
         if self.cors_headers is not None:
             headers += self.cors_headers(environ.get("HTTP_ORIGIN"))
         start_response("200 OK", headers)
         self.answered += 1
-        api.record(self.svc, endpoint, ans.source, 200, time.perf_counter() - t0, log)
+        api.record(self.svc, endpoint, PRECOMPUTED, 200, time.perf_counter() - t0, log)
         return [data]
 
     def _hit(self, environ: dict):
-        """(endpoint, body, etag, answer, log row) for a plain precomputed hit; None for anything else."""
+        """(rendered hit, freshness left, now) for a plain precomputed hit; None for anything else."""
         if environ.get("REQUEST_METHOD") != "GET" or any(h in environ for h in _FLASK_HEADERS):
             return None
         path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
         if len(path) + len(query) > self.max_url:
             return None
+        snap = self.engine.snapshot
+        if snap is None:
+            return None
+        if snap.id != self._sid:  # a new snapshot: the old one's renderings go (they hold no snapshot)
+            if self._cache_clear is not None:
+                self._cache_clear()
+            self._sid = snap.id
+        try:
+            hit = self._rendered(snap.id, path, query)
+        except _NotAHit:
+            return None
+        now = self.engine.clock()
+        remaining = hit[5] - (now - hit[3])  # as Engine._fresh decides, on every request
+        if remaining <= 0:
+            return None  # too old to serve: Flask's route computes it live and counts it stale
+        return hit, remaining, now
+
+    def _render(self, sid: str, path: str, query: str) -> tuple:
+        """(endpoint, JSON head, ETag header, computed_at, log row, max age) of the hit at path?query,
+        rendered from snapshot ``sid``; raises _NotAHit for anything else. The max age is the engine's,
+        or a registered model's own ``max_age_s``."""
+        found = self._answer(path, query)
+        if found is None or found[3].snapshot != sid:  # not a hit, or a swap in between: not kept
+            raise _NotAHit
+        endpoint, body, etag, ans, log, max_age = found
+        return endpoint, api.render_head(body, ans), ("ETag", quote_etag(etag)), ans.computed_at, log, max_age
+
+    def _answer(self, path: str, query: str):
+        """(endpoint, body, etag, answer, log row, max age) for a plain precomputed hit; None for anything else."""
         route = _PATH.fullmatch(path)
         if route is None:
-            return None
+            model = _MODEL.fullmatch(path)
+            return None if model is None else self._model_hit(model.group(1), query)
         item, user = route.group(1), route.group(2)
         if item is not None or user is not None:
             k = _K.fullmatch(query)
@@ -82,9 +135,9 @@ class HitPath:
                 return None
             if item is not None:
                 return (endpoint, api.list_body("item_id", key, k, ans), api.etag_of(ans, "similar", f"{key}.{k}"),
-                        ans, (endpoint, key, None, k))
+                        ans, (endpoint, key, None, k), self.engine.max_age_s)
             return (endpoint, api.list_body("user_id", key, k, ans), api.etag_of(ans, "recs", f"{key}.{k}"),
-                    ans, (endpoint, None, key, k))
+                    ans, (endpoint, None, key, k), self.engine.max_age_s)
         pair = _PAIR.fullmatch(query)
         if pair is None:
             return None
@@ -95,8 +148,28 @@ class HitPath:
         ans = self.engine.peek("prediction", uid, iid)
         if ans is None:
             return None
+        served = self.engine.snapshot.models.get(RATING)
+        max_age = self.engine.max_age(served) if served is not None else self.engine.max_age_s
         return ("prediction", api.prediction_body(uid, iid, ans), api.etag_of(ans, "pred", f"{uid}.{iid}"),
-                ans, ("prediction", iid, uid, 1))
+                ans, api.model_log(RATING, (uid, iid), canonical_key((uid, iid))), max_age)
+
+    def _model_hit(self, name: str, query: str):
+        """A registered model's precomputed prediction, parsed and keyed by the same functions as the view."""
+        snap = self.engine.snapshot
+        served = snap.models.get(name) if snap is not None else None
+        if served is None:
+            return None
+        spec = served.spec
+        try:
+            values = spec.parse_query(parse_qsl(query, keep_blank_values=True, errors="replace"))
+        except HybridServeError:
+            return None
+        key = canonical_key(values)
+        ans = self.engine.peek_model(name, values, key)
+        if ans is None:
+            return None
+        return ("prediction" if name == RATING else "model", api.model_body(name, spec.input_names, values, ans),
+                api.model_etag(ans, name, key), ans, api.model_log(name, values, key), self.engine.max_age(served))
 
 
 def cors_headers_for(app, options: dict) -> Callable[[str | None], tuple]:

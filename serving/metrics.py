@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LOOKUPS = ("similar_items", "user_recs", "prediction", "session")
+LOOKUPS = ("similar_items", "user_recs", "prediction", "session", "model")
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -33,6 +33,8 @@ class Metrics:
                                     ["endpoint"], registry=r)
         self.stale = Counter("hybridserve_stale_precomputed", "Precomputed answers too old to serve (computed live)",
                              ["endpoint"], registry=r)
+        self.model_errors = Counter("hybridserve_model_errors", "Live predictions a registered model failed (503)",
+                                    ["model"], registry=r)
         self.reload_failures = Counter("hybridserve_snapshot_reload_failures", "Snapshots refused at reload",
                                        registry=r)
         self.reloads = Counter("hybridserve_snapshot_reloads", "Snapshots swapped in", registry=r)

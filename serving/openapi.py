@@ -25,8 +25,45 @@ def _id_param(name: str, where: str, description: str) -> dict[str, Any]:
             "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX}}
 
 
-def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
-    """The document for these limits; every status a route can answer is listed on that route."""
+def _model_param(inp) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": {"int": "integer", "float": "number", "string": "string",
+                                       "bool": "boolean"}[inp.type]}
+    if inp.type == "int":
+        schema["format"] = "int64"
+    if inp.values is not None:
+        schema["enum"] = list(inp.values)
+    if inp.min is not None:
+        schema["minimum"] = inp.min
+    if inp.max is not None:
+        schema["maximum"] = inp.max
+    if not inp.required:
+        schema["default"] = inp.default
+    return {"name": inp.name, "in": "query", "required": inp.required, "schema": schema,
+            "description": f"{inp.type} input of the model" + ("" if inp.required else " (optional)")}
+
+
+def _model_paths(specs, errors, ok) -> dict[str, Any]:
+    """One path per registered model: its inputs are that operation's query parameters."""
+    paths = {}
+    for spec in specs:
+        paths[f"/v1/models/{spec.name}/predict"] = {"get": {
+            "summary": f"Prediction of model {spec.name!r}"
+                       + (f" (probability of class {spec.output_class!r})" if spec.output_class is not None else ""),
+            "operationId": f"predict_{spec.name}",
+            "parameters": [_model_param(i) for i in spec.inputs],
+            "responses": {"200": ok("ModelPrediction", "The prediction, with its model version and provenance"),
+                          "304": {"description": "Not modified"},
+                          "400": _problem("An unknown, repeated, missing, mistyped or out-of-domain input: the "
+                                          "detail names it and what was expected"),
+                          "404": errors["404"], "405": errors["405"], "414": errors["414"],
+                          "503": _problem("No snapshot loaded, or the model failed to predict (the detail "
+                                          "names it)")}}}
+    return paths
+
+
+def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
+    """The document for these limits; every status a route can answer is listed on that route.
+    ``models``: the registered models' specs (each gets its own predict path)."""
     k = {"name": "k", "in": "query", "required": True,
          "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
          "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
@@ -82,6 +119,14 @@ def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
             "/v1/recommendations": get(
                 "Session recommendations from items just viewed (always live, then cached)", "sessionRecommendations",
                 [items, k], "SessionRecommendations", etag=False),
+            "/v1/models": get("The registered models: name, version, inputs, output (400 for any query parameter)",
+                              "models", [], "Models", codes=("400", "405", "414", "503"), etag=False),
+            "/v1/models/{name}": get("One registered model", "model",
+                                     [{"name": "name", "in": "path", "required": True,
+                                       "schema": {"type": "string", "enum": [m.name for m in models] or ["rating"]}}],
+                                     "Model", codes=("400", "404", "405", "414", "503"), etag=False),
+            # /v1/models/<name>/predict: one path per model below, its inputs as typed query parameters
+            **_model_paths(models, errors, _ok),
             "/v1/snapshot": get("The live snapshot's manifest (400 for any query parameter)", "snapshot", [],
                                 "Snapshot", codes=("400", "405", "414", "503"), etag=False),
             "/healthz": plain("Liveness", "healthz", {"200": {"description": "The process is up"}}),
@@ -110,6 +155,23 @@ def document(k_limit: int, session_max_items: int) -> dict[str, Any]:
                 "viewed": {"type": "array", "items": {"type": "integer"}}, "k": {"type": "integer"},
                 "items": scored, **provenance}},
             "Snapshot": {"type": "object", "description": "The manifest plus age_s"},
+            "Models": {"type": "object", "properties": {"models": {"type": "array", "items": {
+                "type": "object", "required": ["name", "version", "inputs"], "properties": {
+                    "name": {"type": "string"}, "version": {"type": "string"}, "kind": {"type": "string"},
+                    "output": {"type": "string"}, "class": {}, "max_age_s": {"type": "number"},
+                    "precomputed": {"type": "integer"}, "predict": {"type": "string"},
+                    "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "type", "required"],
+                                                          "properties": {
+                        "name": {"type": "string"}, "type": {"type": "string", "enum": ["int", "float", "string",
+                                                                                        "bool"]},
+                        "required": {"type": "boolean"}, "values": {"type": "array"}, "min": {"type": "number"},
+                        "max": {"type": "number"}, "default": {}}}}}}}}},
+            "Model": {"type": "object", "description": "One entry of Models.models"},
+            "ModelPrediction": {"type": "object", "properties": {
+                "model": {"type": "string"}, "model_version": {"type": "string"},
+                "inputs": {"type": "object", "description": "The canonical inputs (cast, defaults filled in)"},
+                "prediction": {"description": "A number, or the class label of a classifier's predict"},
+                **provenance}},
             "Readiness": {"type": "object", "required": ["ready", "mode"], "properties": {
                 "ready": {"type": "boolean"}, "mode": {"type": "string"},
                 "snapshot": {"type": "string", "nullable": True, "description": "the snapshot being served"},

@@ -136,17 +136,62 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "log_max_buffer", 200_000, "Request-log rows kept in memory at most (older are dropped and counted)", minimum=1),
     Setting("serving", "max_url_bytes", 2048, "Longer request URLs get 414", minimum=64),
     Setting("serving", "fast_path", True, "Answer plain precomputed hits below Flask's routing (same bytes and headers, a fraction of the CPU); false sends every request through Flask"),
+    Setting("serving", "hit_cache_entries", 10000, "Hit-path URLs whose rendered answer each worker keeps (about 1 KB each; only the age and Cache-Control are redone per request); 0 renders every hit", minimum=0),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
+
+# The models config/default.toml registers besides the built-in rating model (docs/models.md):
+# a demand model trained on the generated sample by `python -m batch generate-sample`.
+DEFAULT_MODELS_TOML = """
+# Registered models (docs/models.md). Each [models.<name>] table: an artifact (skops by default;
+# joblib or an MLflow folder only with trusted = true), its inputs, output, version, freshness.
+# Served at GET /v1/models/<name>/predict?<input>=<value>&...; listed at GET /v1/models.
+[models.demand]
+# Daily interactions per genre and weekday, with an optional discount (made by generate-sample)
+artifact = "data/sample/demand.skops"
+format = "skops"
+# skops refuses types it does not trust by default; this file is made by generate-sample, so its
+# gradient-boosting trees are trusted here by name (never list types you have not reviewed)
+trusted_types = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+output = "predict"
+version = "demand-1"
+# a demand forecast may be served for a day before it is computed again
+max_age_s = 86400.0
+# the genre x weekday grid (18 x 7 rows) is precomputed whole; discounts asked for come from the request log
+grid_max_rows = 100_000
+
+[[models.demand.inputs]]
+name = "genre"
+type = "string"
+values = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+          "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+[[models.demand.inputs]]
+name = "weekday"
+type = "int"
+min = 0
+max = 6
+
+[[models.demand.inputs]]
+name = "discount"
+type = "float"
+required = false
+default = 0.0
+min = 0.0
+max = 0.5
+"""
 
 
 class Settings:
     """Read-only view of resolved settings: ``settings["batch.k_max"]`` or ``settings.batch.k_max``."""
 
-    def __init__(self, values: dict[str, Any], source: str = "<defaults>"):
+    def __init__(self, values: dict[str, Any], source: str = "<defaults>", models: tuple = ()):
         self._values = dict(values)
         self.source = source
+        # Registered models ([models.<name>] tables), serving.models.base.ModelSpec each. Only the
+        # config file lists them: there are no default models to merge with.
+        self.models = tuple(models)
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -171,7 +216,11 @@ class Settings:
         for dunder, value in overrides.items():
             key = dunder.replace("__", ".", 1)
             values[key] = _check(_lookup(key, "<override>"), value, "<override>")
-        return Settings(values, self.source)
+        return Settings(values, self.source, self.models)
+
+    def with_models(self, models) -> "Settings":
+        """A copy registering ``models`` (ModelSpec each) instead."""
+        return Settings(self._values, self.source, tuple(models))
 
 
 class _Section:
@@ -229,6 +278,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
     values = {s.key: s.default for s in SETTINGS}
     path = path or env.get(ENV_FILE) or None
     source = "<defaults>"
+    models: tuple = ()
     if path is not None:
         source = str(path)
         try:
@@ -239,6 +289,10 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
         for section, table in data.items():
+            if section == "models":
+                from serving.models.base import parse_models
+                models = parse_models(table, source)
+                continue
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: {section}: expected a [{section}] table")
             for name, value in table.items():
@@ -255,7 +309,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
                                              [v.removeprefix(ENV_PREFIX) for v in (*by_var, *ENV_NOT_SETTINGS)], n=1)
             raise ConfigError(f"{var}: unknown setting"
                               + (f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""))
-    return Settings(values, source)
+    return Settings(values, source, models)
 
 
 def env_var(setting: Setting) -> str:
@@ -276,7 +330,7 @@ def render_default_toml() -> str:
             section = s.section
         lines.append(f"# {s.help}")
         lines.append(f"{s.name} = {_toml_value(s.default)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + DEFAULT_MODELS_TOML
 
 
 def _toml_value(value: Any) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from serving.errors import SnapshotError
 from serving.model import ModelBundle
+from serving.models import load_models, rating_model
 from serving.store import Store
 
 LOG = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class LoadedSnapshot:
         self.k_max = int(manifest["k_max"])
         self.created_at = datetime.fromisoformat(manifest["created_at"]).timestamp()
         self.loaded_in_s = loaded_in_s
+        self.models = rating_model(self)  # name -> Served; registered models are added by load()
 
     @classmethod
     def load(cls, store: Store, snapshot_id: str, checksums: bool = True) -> "LoadedSnapshot":
@@ -95,13 +97,15 @@ class LoadedSnapshot:
         try:
             bundle = ModelBundle.load(store.model_dir(snapshot_id))
             a = store.read_arrays(snapshot_id, ARRAY_NAMES)
-        except Exception as exc:  # a damaged bundle of any kind refuses the snapshot
+            models = load_models(store.snapshot_dir(snapshot_id), manifest)
+        except Exception as exc:  # a damaged bundle or model of any kind refuses the snapshot
             raise SnapshotError(f"snapshot {snapshot_id}: does not load: {exc}") from exc
         if len(a["similar_row"]) != bundle.n_items or len(a["recs_row"]) != bundle.n_users:
             raise SnapshotError(f"snapshot {snapshot_id}: serving arrays do not match the model bundle")
         snap = cls(snapshot_id, manifest, bundle, Precomputed(a["similar_row"], a["similar_ids"], a["similar_scores"]),
                    Precomputed(a["recs_row"], a["recs_ids"], a["recs_scores"]), a["pred_keys"], a["pred_values"],
                    time.perf_counter() - t0)
+        snap.models.update(models)
         LOG.info("loaded snapshot %s in %.2fs (%d similar, %d recs, %d predictions)", snapshot_id,
                  snap.loaded_in_s, len(snap.similar.ids), len(snap.recs.ids), len(snap.pred_values))
         return snap

@@ -62,6 +62,10 @@ REQUEST_LOG_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("status", pa.int16()),
     ("latency_us", pa.int64()),
+    # registered models (GET /v1/models/<name>/predict, and /v1/predictions as model 'rating'): the model's
+    # name and the canonical input (serving.models.base.canonical_key); null for other endpoints
+    ("model", pa.string()),
+    ("input", pa.string()),
 ])
 
 _ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}$")

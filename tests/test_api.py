@@ -274,9 +274,11 @@ def test_snapshot_health_ready_metrics_openapi(env):
     spec = client.get("/openapi.json").json
     assert spec["openapi"].startswith("3.")
     routes = {r.rule.replace("<", "{").replace(">", "}") for r in app.url_map.iter_rules() if r.endpoint != "static"}
-    assert routes == set(spec["paths"])
+    per_model = {p for p in spec["paths"] if p.startswith("/v1/models/") and "{" not in p}  # one per model
+    assert per_model == {"/v1/models/rating/predict"}
+    assert routes == (set(spec["paths"]) - per_model) | {"/v1/models/{name}/predict"}
     for path, ops in spec["paths"].items():
-        if path.startswith("/v1/") and path != "/v1/snapshot":
+        if path.startswith("/v1/") and path not in ("/v1/snapshot", "/v1/models"):
             assert {"400", "404", "405"} <= set(ops["get"]["responses"])
 
 
@@ -336,6 +338,14 @@ def test_request_log_memory_is_bounded(env):
     for i in range(25):
         log.append("similar_items", i, None, 5, "live", 200, 10)
     assert len(log) == 10 and log.dropped_rows == 15
+    assert [r[2] for r in log._rows] == list(range(15, 25))  # the newest kept, in order
+    log.max_buffer = 1000  # raised: what is buffered stays
+    for i in range(25, 1016):
+        log.append("similar_items", i, None, 5, "live", 200, 10)
+    assert len(log) == 1000 and log.dropped_rows == 16
+    assert [r[2] for r in log._rows] == list(range(16, 1016))
+    log.max_buffer = 3  # lowered: the newest three stay (dropping them uncounted: a setting change, not load)
+    assert [r[2] for r in log._rows] == [1013, 1014, 1015]
 
 
 def test_hot_reload_under_concurrent_requests(env):

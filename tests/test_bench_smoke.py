@@ -44,6 +44,8 @@ def test_serving_modes_benchmark_small(tmp_path):
     for m in r["modes"].values():  # each mode replayed twice, reported by a round it ran
         assert len(m["rounds_requests_per_s"]) == 2 and m["requests_per_s"] in m["rounds_requests_per_s"]
     assert len(r["hybrid_vs_live_only_rps_per_round"]) == 2
+    assert len(r["hybrid_vs_live_only_cpu_per_round"]) == 2 and r["ceiling_vs_live_only_cpu"] >= 0
+    assert all(m["cpu_us_per_request"] >= 0 and len(m["rounds_cpu_us_per_request"]) == 2 for m in r["modes"].values())
     for mode, m in r["modes"].items():
         assert m["answered"] == 400 and m["errors"] == 0, mode
         assert m["requests_per_s"] > 0 and m["app_latency_ms"]["p50"] <= m["app_latency_ms"]["p99"]
@@ -92,6 +94,20 @@ def test_summary_reports_recommender_quality(tmp_path):
     assert "| 0 of 50 | 0 | yes |" in text
 
 
+def test_models_benchmark_small(tmp_path):
+    """The registered-model benchmark end to end on a tiny sample, with the Python load generator."""
+    import bench_models
+    r = bench_models.run(items=600, users=200, interactions=6000, seconds=0.5, loadgen="python",
+                         workdir=tmp_path / "work", out_dir=tmp_path, rounds=1, live_n=80, grid_steps=11)
+    saved = json.loads((tmp_path / "models.json").read_text())
+    assert saved["model"] == "demand" and saved["loadgen"] == "python"
+    for key in ("model_16", "similar_16"):
+        assert r[key]["requests_per_s"] > 0 and r[key]["non_2xx"] == 0, key
+    assert r["model_live_1"]["requests"] > 0 and r["model_live_1"]["non_2xx"] == 0
+    assert r["live"]["live_answers_equal_to_predict"] == r["live"]["requests"] == 30
+    assert r["grid"]["grid_rows"] == 18 * 7 * 11 and r["grid"]["grid_vs_model_predict"] > 0
+
+
 def test_server_benchmark_small(tmp_path, workspace):
     """The server benchmark end to end on a tiny catalogue, granian only (nginx, Redis and the former
     gunicorn worker come with make bench), Python load generator: slow clients stall nothing."""
@@ -102,6 +118,46 @@ def test_server_benchmark_small(tmp_path, workspace):
     assert saved["servers"] == ["granian"] and saved["paths"] == 50 and saved["body_bytes_median"] > 100
     for key in ("at_16", "at_1"):
         assert r["granian"][key]["requests"] > 0 and r["granian"][key]["non_2xx"] == 0
+        assert r["granian"][key]["cpu_us_per_request"] >= 0
     slow = r["slow_clients"]["granian"]
     assert slow["at_16"]["requests"] > 0 and r["slow_clients_granian_failed"] == 0
     assert slow["trickling_dropped_by_server"] == 0  # 0.5 s runs: well inside the header timeout
+
+
+def test_cpu_per_request_counts_the_whole_process_tree(tmp_path):
+    """bench/cpu.py finds a server's descendants and counts their CPU time (not the wall time)."""
+    import subprocess
+    import sys
+    import time
+
+    from cpu import cpu_s, measured, tree
+
+    go = tmp_path / "go"
+    burn = (f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "t = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(60)\n")
+    # a parent that sleeps, a child that burns 0.4 s of CPU when told, then sleeps
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {burn!r}])\ntime.sleep(60)\n"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = tree(parent.pid)
+        assert pids[0] == parent.pid and len(pids) == 2
+        before = cpu_s(pids)
+        assert before < 0.3  # two idle interpreters
+
+        def load():  # what a load generator would do; the CPU burnt meanwhile is the server tree's
+            go.touch()
+            while cpu_s(pids) - before < 0.4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return {"requests": 4}
+
+        res = measured(load, [parent.pid])()
+        assert 0.35 <= res["server_cpu_s"] < 1.5
+        assert res["requests"] == 4 and res["cpu_us_per_request"] == res["server_cpu_s"] / 4 * 1e6
+        assert cpu_s([2 ** 22 + 12345]) == 0.0  # a pid that does not exist counts nothing
+    finally:
+        for pid in reversed(tree(parent.pid)):
+            subprocess.run(["kill", str(pid)], check=False)
+        parent.wait(10)

@@ -113,3 +113,64 @@ def test_head_and_other_methods_are_flasks(pair):
         assert (got.status_code, sorted(got.headers.items()), got.data) == \
                (want.status_code, sorted(want.headers.items()), want.data)
     assert fast.wsgi_app.answered == 0
+
+
+def test_a_kept_hit_still_ages_and_equals_the_flask_views(pair):
+    """The second request on a URL takes the rendered hit; its age_s and Cache-Control still move."""
+    fast, slow, clock, store, sid = pair
+    url = _hits(store, sid)[2]
+    created = fast.extensions["hybridserve"].engine.snapshot.created_at
+    for step in (0.0, 0.2504, 1234.5678, 1.0):
+        clock.advance(step)
+        got, want = _response(fast.test_client(), url), _response(slow.test_client(), url)
+        assert got == want
+        body = fast.test_client().get(url).json
+        assert body["age_s"] == round(clock() - created, 3)
+    info = fast.wsgi_app._rendered.cache_info()
+    assert (info.misses, info.currsize) == (1, 1) and info.hits == 7
+    assert fast.wsgi_app.answered == 8
+
+
+def test_only_hits_are_kept_and_the_limit_holds(pair, workspace):
+    fast, slow, clock, store, sid = pair
+    hits = _hits(store, sid)
+    for url in _others(store, sid):
+        fast.test_client().get(url)
+    assert fast.wsgi_app._rendered.cache_info().currsize == 0  # misses, stale, errors: never kept
+    for url in hits:
+        fast.test_client().get(url)
+    assert fast.wsgi_app._rendered.cache_info().currsize == len(set(hits))
+    settings = fast.extensions["hybridserve"].settings
+    for entries in (0, 3):
+        app = create_app(settings.replace(serving__hit_cache_entries=entries), clock=clock, background=False)
+        try:
+            for url in hits + hits:
+                assert _response(app.test_client(), url) == _response(slow.test_client(), url), (entries, url)
+            assert app.wsgi_app.answered == 2 * len(hits)
+            if entries:
+                assert app.wsgi_app._rendered.cache_info().currsize == entries
+            else:
+                assert not hasattr(app.wsgi_app._rendered, "cache_info")
+        finally:
+            app.extensions["hybridserve"].close()
+
+
+def test_a_new_snapshot_replaces_the_kept_hits(pair):
+    from batch.job import run
+
+    fast, slow, clock, store, sid = pair
+    url = _hits(store, sid)[0]
+    assert fast.test_client().get(url).json["snapshot"] == sid
+    second = run(fast.extensions["hybridserve"].settings)
+    assert second.snapshot_id != sid
+    for app in (fast, slow):
+        assert app.extensions["hybridserve"].engine.reload() is True
+    clock.advance(1.0)
+    new_urls = _hits(store, second.snapshot_id)
+    for u in [url] + new_urls:
+        got, want = _response(fast.test_client(), u), _response(slow.test_client(), u)
+        assert got == want, u
+    assert fast.test_client().get(new_urls[0]).json["snapshot"] == second.snapshot_id
+    # the first snapshot's renderings went at the swap; what is kept now is the second's only
+    kept = fast.wsgi_app._rendered.cache_info().currsize
+    assert kept == len({u for u in [url] + new_urls if fast.test_client().get(u).json["source"] == "precomputed"})

@@ -42,7 +42,8 @@ def prepare(items: int, users: int, interactions: int, workdir: Path | None = No
                    f"[sample]\nusers = {users}\nitems = {items}\ninteractions = {interactions}\n"
                    f"[train]\ndim = {dim}\n"
                    # the benchmark measures serving; keep the request log out of the loop
-                   f"[serving]\nlog_flush_interval_s = 0.0\nlog_flush_rows = 1000000\n")
+                   # and every row kept: past log_max_buffer the log would drop rows instead
+                   f"[serving]\nlog_flush_interval_s = 0.0\nlog_flush_rows = 5000000\nlog_max_buffer = 5000000\n")
     settings = load_settings(cfg, env={})
     if not (workdir / "inputs" / INTERACTIONS).is_file():
         print(f"generating {users:,} users x {items:,} items x {interactions:,} interactions ...", file=sys.stderr)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 from bench_api import WORK, _median_run, prepare  # noqa: E402
 from batch.demo import ApiServer, free_port, http_get  # noqa: E402
 from common import write_result  # noqa: E402
+from cpu import measured  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.store import Store  # noqa: E402
@@ -226,6 +227,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
         servers: tuple[str, ...] = SERVERS, n_paths: int = 1000, config: Path | None = None) -> dict:
     """``config``: serve that config's store instead of preparing one of the given size."""
     measure = LOADGENS[loadgen]
+    load_start = list(os.getloadavg())
     if config is not None:
         cfg, settings = Path(config), load_settings(config, env={})
         store = Store(settings["paths.store"])
@@ -264,12 +266,17 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
             same = json.loads(body) | {"age_s": 0} == json.loads(bodies[paths[0]]) | {"age_s": 0}
             if status != 200 or not same:
                 raise RuntimeError(f"{name} answered {status} {body[:200]!r}")
+        # CPU seconds per answered request of each design's processes (the server's main process and
+        # workers; for FastAPI also the Redis it reads): a view of the cost the machine's load moves less.
+        roots = {name: [srv.proc.pid] for name, srv in started.items()}
+        if redis_proc is not None and "fastapi_redis" in roots:
+            roots["fastapi_redis"].append(redis_proc.proc.pid)
         runs: dict[str, dict[str, list]] = {n: {"at_16": [], "at_1": []} for n in started}
         for _ in range(rounds):
             for name, srv in started.items():
-                runs[name]["at_16"].append(measure(srv.base, paths, 16, seconds))
+                runs[name]["at_16"].append(measured(measure, roots[name])(srv.base, paths, 16, seconds))
             for name, srv in started.items():
-                runs[name]["at_1"].append(measure(srv.base, paths, 1, seconds))
+                runs[name]["at_1"].append(measured(measure, roots[name])(srv.base, paths, 1, seconds))
         for name in started:
             result[name] = {k: _median_run(v) for k, v in runs[name].items()}
         # Slow clients, against granian and (for comparison) the loop worker it replaces.
@@ -287,14 +294,20 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
 
     # The machine is shared: its load moves between rounds more than between the servers of one round.
     # So a ratio is the median of the per-round ratios (each round measures the servers back to back).
-    g = [x["requests_per_s"] for x in result["granian"]["at_16"]["runs"]]
+    # Beside each req/s ratio, the same comparison by CPU per request (the other design's CPU per
+    # request over granian's): what the req/s ratio would be if both had the machine's cores to
+    # themselves, and much less moved by the other work on a shared machine.
+    g = result["granian"]["at_16"]["runs"]
     ratios = {}
-    for name, key in (("nginx", "granian_vs_nginx_rps"), ("fastapi_redis", "granian_vs_fastapi_redis_rps"),
-                      ("gunicorn_loop", "granian_vs_gunicorn_loop_rps")):
+    for name, key in (("nginx", "granian_vs_nginx"), ("fastapi_redis", "granian_vs_fastapi_redis"),
+                      ("gunicorn_loop", "granian_vs_gunicorn_loop")):
         if name in result:
-            per_round = [a / b["requests_per_s"] for a, b in zip(g, result[name]["at_16"]["runs"])]
-            ratios[key] = float(np.median(per_round))
-            result[key + "_per_round"] = per_round
+            other = result[name]["at_16"]["runs"]
+            for unit, per_round in (("rps", [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(g, other)]),
+                                    ("cpu", [b["cpu_us_per_request"] / a["cpu_us_per_request"]
+                                             for a, b in zip(g, other)])):
+                ratios[f"{key}_{unit}"] = float(np.median(per_round))
+                result[f"{key}_{unit}_per_round"] = per_round
     if "gunicorn_loop" in result:
         ratios["granian_p99_1_ms"] = result["granian"]["at_1"]["p99_ms"]
         ratios["gunicorn_loop_p99_1_ms"] = result["gunicorn_loop"]["at_1"]["p99_ms"]
@@ -302,20 +315,24 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     slow = result["slow_clients"]["granian"]["at_16"]
     result["slow_clients_granian_p99_ms"] = slow["p99_ms"]
     result["slow_clients_granian_failed"] = slow["non_2xx"] + slow["socket_errors"]
+    result["load_average"] = {"end": list(os.getloadavg()), "start": load_start}
     result["targets"] = {"granian_vs_nginx_rps": ">= 0.4 (aim 0.5)", "granian_vs_fastapi_redis_rps": ">= 10",
                          "granian_p99_1_ms": "<= gunicorn_loop_p99_1_ms",
                          "slow_clients_granian_p99_ms": "< 50", "slow_clients_granian_failed": "== 0"}
-    print(f"{'server (' + str(workers) + ' workers)':34}{'req/s @16':>12}{'p99 ms @16':>12}{'p50 ms @1':>12}"
-          f"{'p99 ms @1':>12}")
+    print(f"{'server (' + str(workers) + ' workers)':34}{'req/s @16':>12}{'CPU us/req':>12}{'p99 ms @16':>12}"
+          f"{'p50 ms @1':>12}{'p99 ms @1':>12}")
     for name in started:
         a, b = result[name]["at_16"], result[name]["at_1"]
-        print(f"{name:34}{a['requests_per_s']:12.0f}{a['p99_ms']:12.3f}{b['p50_ms']:12.3f}{b['p99_ms']:12.3f}")
+        print(f"{name:34}{a['requests_per_s']:12.0f}{a['cpu_us_per_request']:12.1f}{a['p99_ms']:12.3f}"
+              f"{b['p50_ms']:12.3f}{b['p99_ms']:12.3f}")
     for name, s in result["slow_clients"].items():
         a = s["at_16"]
         print(f"{name + ', 50 trickling + 50 half-sent':34}{a['requests_per_s']:12.0f}{a['p99_ms']:12.3f}"
               f"{s['at_1']['p50_ms']:12.3f}{s['at_1']['p99_ms']:12.3f}  failed/reset: "
               f"{a['non_2xx'] + a['socket_errors'] + s['at_1']['non_2xx'] + s['at_1']['socket_errors']}")
-    print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "  (ratios: medians of per-round ratios)")
+    print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "  (ratios: medians of per-round ratios; "
+          "_cpu: the other's CPU per request over granian's)")
+    print("load average at start %.1f, at end %.1f" % (load_start[0], os.getloadavg()[0]))
     write_result("server", result, out_dir)
     return result
 

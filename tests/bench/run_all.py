@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
+import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_server  # noqa: E402
@@ -63,8 +64,15 @@ def summary(results_dir: Path = RESULTS) -> str:
                 + ("interactions" if m.get("request_popularity_order", "random") == "interactions" else "nothing"))
         per_round = m.get("hybrid_vs_live_only_rps_per_round", [])
         spread = f" (rounds {min(per_round):.1f}-{max(per_round):.1f}x)" if len(per_round) > 1 else ""
+        if "hybrid_vs_live_only_cpu" in m:  # the load-robust view beside it; met when both views show it
+            c = m["hybrid_vs_live_only_cpu_per_round"]
+            spread += (f"; by CPU per request {m['hybrid_vs_live_only_cpu']:.1f}x"
+                       + (f" (rounds {min(c):.1f}-{max(c):.1f}x)" if len(c) > 1 else ""))
+        # issue 14 set 6x (aim 8x) on the main trace; its variants keep the earlier 5x
+        goal, goal_text = (6, ">= 6x (aim 8x)") if name == "serving_modes" else (5, ">= 5x")
         rows += [_row(f"modes ({what}): hybrid vs live-only req/s, median of {m.get('rounds', 1)} rounds",
-                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", ">= 5x", m["hybrid_vs_live_only_rps"] >= 5),
+                      f"{m['hybrid_vs_live_only_rps']:.1f}x{spread}", goal_text,
+                      m["hybrid_vs_live_only_rps"] >= goal and m.get("hybrid_vs_live_only_cpu", goal) >= goal),
                  _row(f"modes ({what}): first 1,000 requests after deploy from the snapshot",
                       f"{h['first_1000_from_snapshot']:.3f} (ttl-cache "
                       f"{m['modes']['ttl-cache']['first_1000_from_snapshot']:.3f})", ">= 0.9",
@@ -72,19 +80,37 @@ def summary(results_dir: Path = RESULTS) -> str:
         if "ceiling_vs_live_only_rps" in m:
             rows.append(f"| modes ({what}): ceiling, every request a snapshot hit, vs live-only req/s | "
                         f"{m['ceiling_vs_live_only_rps']:.1f}x | (the most any hit rate can give) | - |")
+    md = load("models")
+    if md:
+        lv, g = md["live"], md["grid"]
+        rows += [_row("models: precomputed model prediction vs precomputed similar items, req/s at 16",
+                      f"{md['model_vs_similar_rps']:.2f}x", ">= 0.9x", md["model_vs_similar_rps"] >= 0.9),
+                 _row("models: live answer above the model's own one-row predict (p50)",
+                      f"+{lv['live_overhead_ms']:.3f} ms (the predict itself: "
+                      f"{lv['model_predict_one_row_p50_ms']:.1f} ms)", "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
+                 _row(f"models: grid precompute vs the model's batch predict ({g['grid_rows']:,} rows)",
+                      f"{g['grid_vs_model_predict']:.2f}x", ">= 0.8x", g["grid_vs_model_predict"] >= 0.8)]
     v = load("server")
     if v:
         def spread(key):
             rounds_ = v.get(key + "_per_round", [])
-            return f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
+            out = f" (rounds {min(rounds_):.2f}-{max(rounds_):.2f}x)" if len(rounds_) > 1 else ""
+            cpu = key.replace("_rps", "_cpu")
+            if cpu in v:  # the load-robust view beside it; a target is met when both views show it
+                c = v[cpu + "_per_round"]
+                out += f"; by CPU per request {v[cpu]:.2f}x (rounds {min(c):.2f}-{max(c):.2f}x)"
+            return out
+
+        def both(key, goal):  # met only when req/s and, where measured, CPU per request both show it
+            return v[key + "_rps"] >= goal and v.get(key + "_cpu", goal) >= goal
         if "granian_vs_nginx_rps" in v:
             rows.append(_row(f"server: granian hits vs nginx serving the same bytes statically, req/s at 16 "
                              f"({v['granian']['at_16']['requests_per_s']:,.0f} vs {v['nginx']['at_16']['requests_per_s']:,.0f})",
-                             f"{v['granian_vs_nginx_rps']:.2f}x" + spread("granian_vs_nginx_rps"), ">= 0.4x (aim 0.5x)", v["granian_vs_nginx_rps"] >= 0.4))
+                             f"{v['granian_vs_nginx_rps']:.2f}x" + spread("granian_vs_nginx_rps"), ">= 0.4x (aim 0.5x)", both("granian_vs_nginx", 0.4)))
         if "granian_vs_fastapi_redis_rps" in v:
             rows.append(_row(f"server: granian hits vs FastAPI + uvicorn + Redis cache, req/s at 16 "
                              f"({v['fastapi_redis']['at_16']['requests_per_s']:,.0f})",
-                             f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", v["granian_vs_fastapi_redis_rps"] >= 10))
+                             f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", both("granian_vs_fastapi_redis", 10)))
         if "granian_vs_gunicorn_loop_rps" in v:
             rows += [_row(f"server: granian hits vs the former gunicorn loop worker, req/s at 16 "
                           f"({v['gunicorn_loop']['at_16']['requests_per_s']:,.0f})",
@@ -129,7 +155,7 @@ def main(quick: bool = False, only: str = "") -> None:
         for name in only.split(","):
             {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run, "quality": bench_quality.run}[name]()
+             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run}[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -141,6 +167,8 @@ def main(quick: bool = False, only: str = "") -> None:
                         rounds=2)
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
         bench_quality.run(out_dir=out, folds=2)
+        bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
+                         out_dir=out, live_n=300, grid_steps=101)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -151,12 +179,13 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_snapshot.run()
     bench_quality.run()
+    bench_models.run()
     print(summary())
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality, models")
     a = ap.parse_args()
     main(a.quick, a.only)
