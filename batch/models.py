@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.popularity import cover
+from batch.popularity import cover, decay_weight_sql
 from serving.errors import InputError, ValidationFailed
 from serving.models import MODELS_DIR, Served, read_table
 from serving.models.base import (DTYPES, Input, ModelSpec, canonical_key, canonical_key_array, canonical_keys,
@@ -79,10 +79,7 @@ def read_model_log(store: Store, now: datetime, half_life_hours: float = 0.0) ->
     older ones weighing less when a half-life is set."""
     if not store.requests_dir.is_dir() or not any(store.requests_dir.rglob("*.parquet")):
         return {}
-    weight = "1.0"
-    if half_life_hours > 0:
-        weight = (f"pow(0.5, greatest(0, epoch(TIMESTAMPTZ '{now.isoformat()}') - epoch(ts)) "
-                  f"/ 3600.0 / {float(half_life_hours)})")
+    weight = decay_weight_sql(now, half_life_hours)
     con = duckdb.connect()
     try:
         frame = con.execute(

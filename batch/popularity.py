@@ -162,6 +162,14 @@ def coverage_curve(weights: np.ndarray) -> np.ndarray:
     return np.cumsum(w) / w.sum() if w.sum() > 0 else np.zeros(len(w))
 
 
+def decay_weight_sql(now: datetime, half_life_hours: float) -> str:
+    """The SQL weight of a request-log row: 1, or halved per ``half_life_hours`` of age at ``now``."""
+    if half_life_hours <= 0:
+        return "1.0"
+    return (f"pow(0.5, greatest(0, epoch(TIMESTAMPTZ '{now.isoformat()}') - epoch(ts)) "
+            f"/ 3600.0 / {float(half_life_hours)})")
+
+
 def read_request_counts(store: Store, now: datetime, half_life_hours: float = 0.0) -> pd.DataFrame:
     """Request-log traffic per (endpoint, user_id, item_id): requests ``n``, and their ``weight``,
     less for older ones when a half-life is set.
@@ -170,10 +178,7 @@ def read_request_counts(store: Store, now: datetime, half_life_hours: float = 0.
     """
     if not store.requests_dir.is_dir():
         return pd.DataFrame(columns=["endpoint", "user_id", "item_id", "n", "weight"])
-    weight = "1.0"
-    if half_life_hours > 0:
-        weight = (f"pow(0.5, greatest(0, epoch(TIMESTAMPTZ '{now.isoformat()}') - epoch(ts)) "
-                  f"/ 3600.0 / {float(half_life_hours)})")
+    weight = decay_weight_sql(now, half_life_hours)
     con = duckdb.connect()
     try:
         return con.execute(
