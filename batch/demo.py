@@ -281,7 +281,7 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
         b, a = hit_rates_by_endpoint(before), hit_rates_by_endpoint(after)
         for ep in sorted(b):
             echo(f"     {ep:<14}{b[ep]:.3f} -> {a.get(ep, 0.0):.3f}")
-        echo("   (sessions are always computed live)")
+        echo("   (a session comes from the snapshot when its items' similar-item lists prove the answer)")
         if miss is not None:
             _models_after(server.base, miss, second.manifest, echo)
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "

@@ -296,6 +296,14 @@ def select(interactions: pd.DataFrame, log: pd.DataFrame, known_items: np.ndarra
         return np.sort(chosen)
 
     items = choose("items", ENDPOINT_ITEMS, "item_id", known_items, settings["batch.max_items"])
+    if settings["batch.similar_all_items"] and len(known_items) <= settings["batch.max_items"]:
+        # The whole catalogue: every similar-items request and every session's lists are in the snapshot.
+        items = np.unique(np.asarray(known_items, dtype=np.int64))
+        rep = report["items"]
+        totals["hit"] += rep["traffic"] - rep["in_sample_hit_rate"] * rep["traffic"]
+        totals["held_out_hit"] += rep["traffic"] - rep["expected_hit_rate"] * rep["traffic"]
+        rep.update(chosen=int(len(items)), whole_catalogue=True, in_sample_hit_rate=1.0 if rep["traffic"] else 0.0,
+                   expected_hit_rate=1.0 if rep["traffic"] else 0.0)
     users = choose("users", ENDPOINT_USERS, "user_id", known_users, settings["batch.max_users"])
 
     pairs = held_out_pairs = None

@@ -148,7 +148,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def hit_rate(df: pd.DataFrame) -> float:
-    """Share of answered requests served from the snapshot (sessions, always live, included)."""
+    """Share of answered requests served from the snapshot (sessions included)."""
     ok = df[df["status"] == 200]
     return float((ok["source"] == "precomputed").mean()) if len(ok) else 0.0
 

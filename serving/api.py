@@ -285,14 +285,24 @@ def model_predict(name: str):
 
 @bp.get("/v1/recommendations")
 def session_recommendations():
-    """Recommendations from the items a visitor just viewed (always live, then cached)."""
+    """Recommendations from the items a visitor just viewed (from the snapshot's lists when they
+    prove the answer, else live, then cached)."""
     st, svc = _begin("session"), services()
     params = _params(("items", "k"))
     items = parse_items(svc, params.get("items"))
     k = parse_k(svc, params.get("k"))
     st.log = ("session", None, None, k)
     ans = svc.engine.session(items, k)  # an unknown id: 404, as on every endpoint (a well-formed list)
-    return _answer(svc, ans, "session", "", {"viewed": list(items), "k": k, "items": _scored(ans)})
+    return _answer(svc, ans, "session", session_key(items, k), session_body(items, k, ans))
+
+
+def session_key(items: tuple[int, ...], k: int) -> str:
+    """The ETag key of a session answer: the body lists the items in the order asked."""
+    return f"{'-'.join(map(str, items))}.{k}"
+
+
+def session_body(items: tuple[int, ...], k: int, ans: Answer) -> dict[str, Any]:
+    return {"viewed": list(items), "k": k, "items": _scored(ans)}
 
 
 @bp.get("/v1/snapshot")

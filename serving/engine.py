@@ -262,14 +262,41 @@ class Engine:
         return self.max_age_s if own is None else own
 
     def session(self, item_ids: tuple[int, ...], k: int) -> Answer:
-        """Session recommendations: always live (then cached)."""
+        """Session recommendations: from the snapshot when its similar-item lists of the viewed items
+        prove the answer (see ModelBundle.session_from_lists), else live (then cached)."""
         snap = self._require()
         iidx = snap.bundle.item_index(np.array(item_ids))
         unknown = [i for i, x in zip(item_ids, iidx) if x < 0]
         if unknown:
             raise NotFound(f"items not in the catalogue: {', '.join(map(str, unknown))}")
+        found = self._session_lists(snap, iidx, k)
+        if found is not None:
+            hit = self._fresh(snap, "session", ids=found[0], scores=found[1])
+            if hit is not None:
+                return hit
         return self._live(snap, ("session", tuple(sorted(item_ids)), k),
                           lambda: _first(snap.bundle.recommend_for_items([iidx], k)))
+
+    def peek_session(self, item_ids: tuple[int, ...], k: int) -> Answer | None:
+        """The snapshot's fresh session answer, or None (never computes live, never counts)."""
+        snap = self._snap
+        if snap is None:
+            return None
+        iidx = snap.bundle.item_index(np.array(item_ids))
+        if (iidx < 0).any():
+            return None
+        found = self._session_lists(snap, iidx, k)
+        return None if found is None else self._fresh(snap, "session", count=False, ids=found[0], scores=found[1])
+
+    def _session_lists(self, snap: LoadedSnapshot, iidx: np.ndarray, k: int) -> tuple | None:
+        """A session answer from the snapshot's lists of its items, when each has one and they prove it."""
+        if not self.use_precomputed:
+            return None
+        rows = snap.similar.row[iidx]
+        if (rows < 0).any():
+            return None
+        bundle = snap.bundle
+        return bundle.session_from_lists(iidx, bundle.item_index(snap.similar.ids[rows]), snap.similar.scores[rows], k)
 
     def peek(self, endpoint: str, key: int, arg: int) -> Answer | None:
         """The snapshot's fresh answer, or None; never computes, never counts (the hit path's question:

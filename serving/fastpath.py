@@ -29,6 +29,7 @@ _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|pre
 _MODEL = re.compile(r"/v1/models/([A-Za-z][A-Za-z0-9_]{0,62})/predict")
 _K = re.compile(rf"k={_ID}")
 _PAIR = re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}")
+_SESSION = re.compile(r"items=([0-9]{1,19}(?:,[0-9]{1,19})*)&k=([0-9]{1,19})")
 _JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
@@ -56,6 +57,7 @@ class HitPath:
         self.wsgi_app, self.svc = wsgi_app, services
         self.engine = services.engine
         self.k_limit = services.settings["serving.k_limit"]
+        self.session_max = services.settings["serving.session_max_items"]
         self.max_url = services.settings["serving.max_url_bytes"]
         self.cors_headers = cors_headers
         self.answered = self.passed = 0
@@ -95,10 +97,15 @@ class HitPath:
             if self._cache_clear is not None:
                 self._cache_clear()
             self._sid = snap.id
-        try:
-            hit = self._rendered(snap.id, path, query)
-        except _NotAHit:
-            return None
+        if path == "/v1/recommendations":  # sessions are seldom asked twice: rendered each time, never kept
+            hit = self._session(snap.id, query)
+            if hit is None:
+                return None
+        else:
+            try:
+                hit = self._rendered(snap.id, path, query)
+            except _NotAHit:
+                return None
         now = self.engine.clock()
         remaining = hit[5] - (now - hit[3])  # as Engine._fresh decides, on every request
         if remaining <= 0:
@@ -152,6 +159,23 @@ class HitPath:
         max_age = self.engine.max_age(served) if served is not None else self.engine.max_age_s
         return ("prediction", api.prediction_body(uid, iid, ans), api.etag_of(ans, "pred", f"{uid}.{iid}"),
                 ans, api.model_log(RATING, (uid, iid), canonical_key((uid, iid))), max_age)
+
+    def _session(self, sid: str, query: str):
+        """A session answer the snapshot's lists prove (Engine.peek_session), rendered as _render does;
+        None for anything else, an unusual query among it (Flask parses and answers that)."""
+        m = _SESSION.fullmatch(query)
+        if m is None:
+            return None
+        items, k = tuple(int(i) for i in m.group(1).split(",")), int(m.group(2))
+        if (len(items) > self.session_max or len(set(items)) != len(items) or max(items) > api.INT64_MAX
+                or not 1 <= k <= self.k_limit):
+            return None
+        ans = self.engine.peek_session(items, k)
+        if ans is None or ans.snapshot != sid:
+            return None
+        etag = api.etag_of(ans, "session", api.session_key(items, k))
+        return ("session", api.render_head(api.session_body(items, k, ans), ans), ("ETag", quote_etag(etag)),
+                ans.computed_at, ("session", None, None, k), self.engine.max_age_s)
 
     def _model_hit(self, name: str, query: str):
         """A registered model's precomputed prediction, parsed and keyed by the same functions as the view."""

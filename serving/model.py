@@ -88,6 +88,7 @@ class ModelBundle:
         # Similar items only among items with enough support: a FAISS selector over the groups
         # (groups never mix eligible and ineligible items), so the cut is exact inside the search.
         eligible = self.item_support[self._group_rep] >= self.min_support
+        self._n_eligible = int(self._group_size[eligible].sum())  # items a similar list can hold
         self._similar_params = None
         if not eligible.all():
             self._bitmap = np.packbits(eligible, bitorder="little")  # the selector reads this memory
@@ -201,7 +202,8 @@ class ModelBundle:
 
     def recommend_for_items(self, item_lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Session recommendations: the session is folded in exactly as a user's history is (see
-        fold_in), then searched like a user, the given items excluded.
+        fold_in), then searched like a user among the items similar items come from (at least
+        meta["min_support"] interactions), the given items excluded.
 
         item_lists: n arrays of item indices -> (ids (n, k) int64, scores (n, k) float32).
         """
@@ -210,12 +212,60 @@ class ModelBundle:
         flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
         q = fold_in(self.item_vecs, indptr, flat, self.metric)
         longest = max((len(lst) for lst in lists), default=0)
-        idx, scores = self._candidates(q, k + longest, k + longest)
+        idx, scores = self._candidates(q, k + longest, k + longest, params=self._similar_params)
         given = np.full((len(lists), max(longest, 1)), -2, dtype=np.int64)
         for r, lst in enumerate(lists):
             given[r, :len(lst)] = lst
         drop = (idx[:, :, None] == given[:, None, :]).any(axis=2)
         return self._finish(idx, scores, drop, k)
+
+    def session_from_lists(self, given: np.ndarray, neighbours: np.ndarray, list_scores: np.ndarray,
+                           k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """A session's recommendations assembled from its items' similar-item lists, or None when the
+        lists cannot prove them (Fagin's threshold algorithm).
+
+        given (m,) item indices; neighbours (m, D) item indices of each one's similar items (-1
+        padded) with their scores (m, D), all lists equally deep, as similar_items(given, D) returns
+        them. The session's score of an item is its inner product with the folded-in query, a
+        positive multiple c of the sum of the given vectors; so an item in none of the lists scores
+        at most c * (the sum of each list's last score). Every listed item is scored exactly as the
+        search scores it; when the k-th best beats that bound the top k are exactly the search's
+        (with an exact index; with an approximate one, as exact as the lists). A list shorter than
+        D holds every item there is, and then nothing is unlisted.
+
+        -> (ids (k',) int64, scores (k',) float32) with k' <= k, as recommend_for_items gives them.
+        """
+        given = np.asarray(given, dtype=np.int64)
+        neighbours = np.asarray(neighbours, dtype=np.int64)
+        list_scores = np.asarray(list_scores, dtype=np.float32)
+        m, depth = neighbours.shape
+        if m == 0 or depth == 0 or m != len(given):
+            return None
+        lengths = (neighbours >= 0).sum(axis=1)
+        own = (self.item_support[given] >= self.min_support).astype(np.int64)  # a list leaves out its item
+        complete = lengths == self._n_eligible - own
+        if not complete.any() and (lengths < depth).any():
+            return None  # a short list that is not the whole catalogue: nothing to bound with
+        raw = fold_in(self.item_vecs, np.array([0, m], dtype=np.int64), given, "ip")
+        norm = float(np.linalg.norm(raw))
+        if norm == 0.0:
+            return None
+        q, scale = (normalise(raw), 1.0 / norm) if self.metric == "cosine" else (raw, 1.0)  # as fold_in
+        cand = np.unique(neighbours[neighbours >= 0])
+        cand = cand[~(cand[:, None] == given[None, :]).any(axis=1)]
+        if len(cand) == 0:
+            return None
+        scores = np.einsum("kd,knd->kn", q, self.item_vecs[cand][None])[0]
+        order = np.lexsort((cand, -scores))[:k]
+        ids, top = cand[order], scores[order]
+        if not complete.any():
+            last = list_scores[np.arange(m), lengths - 1].astype(np.float64)
+            bound = scale * float(last.sum())
+            # strictly above, with room for float32 rounding in the lists' and these scores
+            margin = 1e-5 * (abs(bound) + abs(float(top[-1]))) + 1e-6
+            if len(ids) < k or not float(top[-1]) > bound + margin:
+                return None
+        return self.item_ids[ids].astype(np.int64), top
 
     # --- helpers ----------------------------------------------------------------
     def _candidates(self, q: np.ndarray, depth: int, cap: int, params=None) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +339,9 @@ class ModelBundle:
     def load(cls, folder: Path, mmap: bool = True) -> "ModelBundle":
         """Load a saved bundle; arrays are memory-mapped so worker processes share pages."""
         folder = Path(folder)
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
+        # plain ndarray views of the maps: indexing a np.memmap costs microseconds of subclass bookkeeping
+        arrays = {name: np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None))
+                  for name in _ARRAYS}
         meta = json.loads((folder / _META_FILE).read_text())
         index = read_index(folder / _INDEX_FILE, meta.get("index", ""), mmap)
         set_search_params(index, meta)
@@ -370,6 +422,9 @@ def fold_in(item_vecs: np.ndarray, indptr: np.ndarray, items: np.ndarray, metric
     (n, d) float32. Inner product: the sum of the history's vectors (PureSVD's x_u V); cosine: their
     normalised mean. User vectors and session queries both come from here."""
     n = len(indptr) - 1
+    if n == 1 and len(items):  # one history (a session on the request path): no sparse matrix to build
+        q = np.add.reduce(np.asarray(item_vecs)[np.asarray(items, np.int64)], axis=0, dtype=np.float32)[None]
+        return normalise(q) if metric == "cosine" else q
     x = sparse.csr_matrix((np.ones(len(items), dtype=np.float32), np.asarray(items, np.int64),
                            np.asarray(indptr, np.int64)), shape=(n, item_vecs.shape[0]))
     q = np.asarray(x @ np.asarray(item_vecs, dtype=np.float32), dtype=np.float32)

@@ -117,7 +117,7 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                 [_id_param("user_id", "query", "User id"), _id_param("item_id", "query", "Item id"), inm],
                 "Prediction"),
             "/v1/recommendations": get(
-                "Session recommendations from items just viewed (always live, then cached)", "sessionRecommendations",
+                "Session recommendations from items just viewed (from the snapshot when the items' similar-item lists prove them, else live, then cached)", "sessionRecommendations",
                 [items, k], "SessionRecommendations", etag=False),
             "/v1/models": get("The registered models: name, version, inputs, output (400 for any query parameter)",
                               "models", [], "Models", codes=("400", "405", "414", "503"), etag=False),

@@ -87,6 +87,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "k_max", 50, "Entries kept per precomputed list; any k <= k_max is a slice", minimum=1, maximum=1000),
     Setting("batch", "coverage", 0.95, "Share of traffic the precomputed keys should cover", minimum=0.0, maximum=1.0),
     Setting("batch", "max_items", 200_000, "Most items to precompute similar items for", minimum=0),
+    Setting("batch", "similar_all_items", True, "Similar items for every item of a catalogue of at most max_items, not "
+            "only the popular ones (a list per item: linear in the catalogue); sessions of any items are then answered "
+            "from the snapshot when the lists prove it (docs/recommender.md)"),
     Setting("batch", "max_users", 200_000, "Most users to precompute recommendations for", minimum=0),
     Setting("batch", "max_pairs", 1_000_000, "Most (user, item) pairs to precompute predictions for", minimum=0),
     Setting("batch", "pairs_per_user", 10, "Before any request log: predictions for each popular user's top-N recommended items", minimum=0),

@@ -17,7 +17,9 @@ SMALL = {
     "sample": {"users": 300, "items": 400, "interactions": 12_000, "genres": 6, "days": 60, "seed": 7},
     "train": {"dim": 16, "rating_dim": 8, "eval_users": 200},
     "batch": {"k_max": 20, "batch_size": 64, "keep": 3, "validate_sample": 50,
-              "pairs_per_user": 5, "threads": 1},
+              "pairs_per_user": 5, "threads": 1,
+              # the popular items only, so tests have items without lists (test_job covers the default)
+              "similar_all_items": False},
 }
 
 

@@ -161,7 +161,10 @@ def test_user_recs_and_predictions(env):
 
 def test_session_recommendations_live_then_cached(env):
     client, app, clock, store, first, _, _ = env
-    items = _table(store, first.snapshot_id, "items")["item_id"].iloc[:3].tolist()
+    listed = set(_table(store, first.snapshot_id, "similar_items")["item_id"])
+    # items the snapshot has no similar-item lists for: the session is computed live
+    items = [i for i in _table(store, first.snapshot_id, "items")["item_id"] if i not in listed][:3]
+    assert len(items) == 3
     q = ",".join(map(str, items))
     a = client.get(f"/v1/recommendations?items={q}&k=8").json
     assert a["source"] == "live" and a["viewed"] == items and len(a["items"]) == 8
@@ -176,8 +179,40 @@ def test_session_recommendations_live_then_cached(env):
     q = vecs[bundle.item_index(items)].sum(axis=0)
     sims = vecs @ q
     sims[bundle.item_index(items)] = -np.inf
+    sims[bundle.item_support < bundle.min_support] = -np.inf  # as similar items: enough support only
     want = bundle.item_ids[np.lexsort((np.arange(len(sims)), -sims))[:8]]
     assert [x["item_id"] for x in a["items"]] == want.tolist()
+
+
+def test_session_of_precomputed_items_comes_from_the_snapshot(env, workspace):
+    """Sessions of listed items: answered from the snapshot's lists, equal to the live search and to
+    brute force; those the lists cannot prove go live."""
+    client, app, clock, store, first, _, settings = env
+    live = create_app(settings.replace(serving__mode="live-only"), clock=clock, background=False)
+    bundle = app.extensions["hybridserve"].engine.snapshot.bundle
+    vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
+    listed = _table(store, first.snapshot_id, "similar_items")["item_id"].to_numpy()
+    rng = np.random.default_rng(3)
+    sources = []
+    for _ in range(40):
+        items = rng.choice(listed[:60], size=int(rng.integers(1, 5)), replace=False).tolist()
+        k = int(rng.choice([1, 5, 10, 40]))
+        url = f"/v1/recommendations?items={','.join(map(str, items))}&k={k}"
+        a, b = client.get(url).json, live.test_client().get(url).json
+        sources.append(a["source"])
+        assert b["source"] == "live" and a["source"] in ("precomputed", "live"), url
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]], url
+        np.testing.assert_allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=2e-6)
+        sims = vecs @ vecs[bundle.item_index(items)].sum(axis=0)
+        sims[bundle.item_index(items)] = -np.inf
+        sims[bundle.item_support < bundle.min_support] = -np.inf
+        want = bundle.item_ids[np.lexsort((np.arange(len(sims)), -sims))[:k]]
+        assert [x["item_id"] for x in a["items"]] == want.tolist(), url
+        if a["source"] == "precomputed":  # the snapshot's answer, as old as the snapshot
+            assert a["snapshot"] == first.snapshot_id
+            assert pd.Timestamp(a["computed_at"]) == pd.Timestamp(first.manifest["created_at"]).floor("ms")
+    live.extensions["hybridserve"].close()
+    assert sources.count("precomputed") >= 10, sources  # the lists prove many sessions of listed items
 
 
 def test_live_answers_equal_precomputed_ones(env, workspace):

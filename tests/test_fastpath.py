@@ -36,6 +36,10 @@ def _hits(store, sid) -> list[str]:
     for u, i in zip(preds["user_id"].iloc[:3], preds["item_id"].iloc[:3]):
         urls += [f"/v1/predictions?user_id={u}&item_id={i}", f"/v1/predictions?item_id={i}&user_id={u}"]
     hot = int(sim["item_id"].iloc[0])
+    # sessions of precomputed items whose lists prove the answer (checked in the test that uses them)
+    a, b = (int(i) for i in sim["item_id"].iloc[:2])
+    urls += [f"/v1/recommendations?items={a}&k=5", f"/v1/recommendations?items={a},{b}&k=5",
+             f"/v1/recommendations?items={b},{a}&k=3"]
     return urls + [f"/v1/items/{hot}/similar?k=05", f"/v1/items/0{hot}/similar?k=5"]  # leading zeros: same key
 
 
@@ -46,7 +50,9 @@ def _others(store, sid) -> list[str]:
     k_max = len(sim["neighbor_ids"].iloc[0])
     cold = int(next(i for i in _table(store, sid, "items")["item_id"] if i not in set(sim["item_id"])))
     return [f"/v1/items/{cold}/similar?k=5", f"/v1/items/{hot}/similar?k={k_max + 1}",
-            f"/v1/items/{hot}/similar?k=%35", f"/v1/items/{hot}/similar/?k=5", f"/v1/items/{hot}/similar?k=5&", f"/v1/recommendations?items={hot}&k=5",
+            f"/v1/items/{hot}/similar?k=%35", f"/v1/items/{hot}/similar/?k=5", f"/v1/items/{hot}/similar?k=5&",
+            f"/v1/recommendations?items={hot},{cold}&k=5", f"/v1/recommendations?k=5&items={hot}",
+            f"/v1/recommendations?items={hot},{hot}&k=5", f"/v1/recommendations?items={hot}%2C{cold}&k=5",
             "/v1/items/99999999999999999999/similar?k=5", "/v1/snapshot", "/healthz"] + [u for u, _, _ in BAD_REQUESTS]
 
 
@@ -60,6 +66,11 @@ def test_every_response_equals_the_flask_views(pair, origin):
     fast, slow, clock, store, sid = pair
     headers = {"Origin": origin} if origin else {}
     hits, others = _hits(store, sid), _others(store, sid)
+    engine = fast.extensions["hybridserve"].engine
+    sessions = [u for u in hits if u.startswith("/v1/recommendations")]
+    for url in sessions:  # the lists prove these answers (Engine.peek_session), so they are hits
+        items, k = url.split("items=")[1].split("&k=")
+        assert engine.peek_session(tuple(map(int, items.split(","))), int(k)) is not None, url
     for url in hits + others:
         got, want = _response(fast.test_client(), url, headers), _response(slow.test_client(), url, headers)
         assert got == want, url
@@ -139,7 +150,10 @@ def test_only_hits_are_kept_and_the_limit_holds(pair, workspace):
     assert fast.wsgi_app._rendered.cache_info().currsize == 0  # misses, stale, errors: never kept
     for url in hits:
         fast.test_client().get(url)
-    assert fast.wsgi_app._rendered.cache_info().currsize == len(set(hits))
+    # sessions are rendered each time, never kept (seldom asked twice, they would push out the hits)
+    kept = {u for u in hits if not u.startswith("/v1/recommendations")}
+    assert len(kept) < len(set(hits))
+    assert fast.wsgi_app._rendered.cache_info().currsize == len(kept)
     settings = fast.extensions["hybridserve"].settings
     for entries in (0, 3):
         app = create_app(settings.replace(serving__hit_cache_entries=entries), clock=clock, background=False)
@@ -173,4 +187,5 @@ def test_a_new_snapshot_replaces_the_kept_hits(pair):
     assert fast.test_client().get(new_urls[0]).json["snapshot"] == second.snapshot_id
     # the first snapshot's renderings went at the swap; what is kept now is the second's only
     kept = fast.wsgi_app._rendered.cache_info().currsize
-    assert kept == len({u for u in [url] + new_urls if fast.test_client().get(u).json["source"] == "precomputed"})
+    assert kept == len({u for u in [url] + new_urls if fast.test_client().get(u).json["source"] == "precomputed"
+                        and not u.startswith("/v1/recommendations")})  # sessions are never kept

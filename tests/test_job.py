@@ -149,3 +149,39 @@ def test_second_run_reuses_model_and_keeps_parent(workspace):
     third = run(settings, retrain=True)
     assert third.manifest["retrained"] is True
     assert third.manifest["model_version"] != first.manifest["model_version"]
+
+
+def test_whole_catalogue_of_similar_items_and_sessions_from_it(workspace):
+    """The default: similar items for every catalogue item (up to batch.max_items); a session of any
+    items is then answered from the snapshot, equal to the live search. Above max_items: the popular
+    items only, as before."""
+    from serving.app import create_app
+
+    root, settings, _, first = workspace
+    settings = settings.replace(batch__similar_all_items=True, batch__k_max=50)
+    whole = run(settings)
+    store = Store(settings["paths.store"])
+    items = store.read_table(whole.snapshot_id, "items").to_pandas()["item_id"]
+    listed = store.read_table(whole.snapshot_id, "similar_items").to_pandas()["item_id"]
+    assert first.manifest["row_counts"]["similar_items"] < len(items)  # the popular ones only
+    assert sorted(listed) == sorted(items)
+    rep = whole.manifest["popularity"]["items"]
+    assert rep["whole_catalogue"] is True and rep["chosen"] == len(items) and rep["expected_hit_rate"] == 1.0
+    app = create_app(settings, background=False)
+    live = create_app(settings.replace(serving__mode="live-only"), background=False)
+    try:
+        rng = np.random.default_rng(11)
+        sources = []
+        for _ in range(30):  # sessions of any items, popular or not
+            viewed = rng.choice(items.to_numpy(), size=int(rng.integers(2, 5)), replace=False)
+            url = f"/v1/recommendations?items={','.join(map(str, viewed))}&k=5"
+            a, b = app.test_client().get(url).json, live.test_client().get(url).json
+            sources.append(a["source"])
+            assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]], url
+        assert sources.count("precomputed") >= 15, sources
+    finally:
+        app.extensions["hybridserve"].close()
+        live.extensions["hybridserve"].close()
+    capped = run(settings.replace(batch__max_items=len(items) - 1), force=True)
+    assert capped.manifest["row_counts"]["similar_items"] < len(items)
+    assert "whole_catalogue" not in capped.manifest["popularity"]["items"]

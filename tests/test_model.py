@@ -216,3 +216,99 @@ def test_ann_recall_counts_tied_answers_and_catches_a_poor_index():
     bundle.search = lambda q, k, params=None: (None, rng.choice(bundle.n_groups, (len(q), k)))
     assert ann_recall(bundle, zero, 10) == 1.0
     assert ann_recall(bundle, other, 10) < 0.2
+
+
+def _lists(bundle, given, depth):
+    ids, scores = bundle.similar_items(np.asarray(given), depth)
+    return bundle.item_index(ids), scores
+
+
+def test_sessions_from_similar_lists_equal_the_search_or_are_refused():
+    """Ties, rare items left out, sessions of 1-5 items, k up to beyond the lists' depth: every
+    answer the lists give equals the exact search's; the rest are refused (None), never wrong."""
+    bundle = _tied_bundle(n_items=3000, distinct=300, d=8, seed=2)
+    rng = np.random.default_rng(7)
+    given_from = np.flatnonzero(bundle.item_support >= 0)
+    answered = refused = 0
+    for _ in range(300):
+        given = rng.choice(given_from, size=int(rng.integers(1, 6)), replace=False)
+        k = int(rng.choice([1, 3, 10, 25, 60]))
+        neighbours, scores = _lists(bundle, given, 50)
+        found = bundle.session_from_lists(given, neighbours, scores, k)
+        ids, want_scores = bundle.recommend_for_items([given], k)
+        valid = ids[0] >= 0
+        if found is None:
+            refused += 1
+            continue
+        answered += 1
+        np.testing.assert_array_equal(found[0], ids[0][valid])
+        np.testing.assert_array_equal(found[1], want_scores[0][valid])
+    assert answered > 50 and refused > 0, (answered, refused)
+
+
+def test_session_lists_refuse_an_item_they_cannot_see():
+    """The best item for a two-item session is in neither item's list (it is second best to each):
+    the bound catches it and the lists refuse; the search finds it."""
+    d = 3
+    e1, e2 = np.eye(d, dtype=np.float32)[:2]
+    rng = np.random.default_rng(0)
+    near1 = e1 + rng.normal(scale=1e-3, size=(20, d)).astype(np.float32)
+    near2 = e2 + rng.normal(scale=1e-3, size=(20, d)).astype(np.float32)
+    both = (0.8 * (e1 + e2))[None]
+    vecs = np.vstack([e1[None], e2[None], near1, near2, both]).astype(np.float32)
+    ids = np.arange(len(vecs), dtype=np.int64)
+
+    def flat(g):
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(g)
+        return index, {"index": "Flat", "search_params": {}}
+    bundle = ModelBundle.from_vectors(ids, vecs, flat, item_support=np.full(len(vecs), 10))
+    given = np.array([0, 1])
+    neighbours, scores = _lists(bundle, given, 10)
+    assert len(vecs) - 1 not in set(neighbours.ravel())  # the lists do not hold it
+    assert bundle.session_from_lists(given, neighbours, scores, 1) is None
+    assert bundle.recommend_for_items([given], 1)[0][0, 0] == len(vecs) - 1
+    # with lists deep enough to hold every item, the same session is answered, and exactly
+    neighbours, scores = _lists(bundle, given, len(vecs))
+    found = bundle.session_from_lists(given, neighbours, scores, 3)
+    np.testing.assert_array_equal(found[0], bundle.recommend_for_items([given], 3)[0][0])
+
+
+def test_sessions_from_lists_under_cosine():
+    rng = np.random.default_rng(5)
+    vecs = rng.normal(size=(2000, 12)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    def flat(g):
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(g)
+        return index, {"index": "Flat", "search_params": {}}
+    bundle = ModelBundle.from_vectors(np.arange(2000, dtype=np.int64), vecs, flat,
+                                      item_support=rng.integers(0, 20, 2000), meta={"metric": "cosine", "min_support": 2})
+    answered = 0
+    for _ in range(100):
+        given = rng.choice(2000, size=int(rng.integers(1, 4)), replace=False)
+        neighbours, scores = _lists(bundle, given, 50)
+        found = bundle.session_from_lists(given, neighbours, scores, 5)
+        if found is not None:
+            answered += 1
+            ids, want = bundle.recommend_for_items([given], 5)
+            np.testing.assert_array_equal(found[0], ids[0])
+            np.testing.assert_allclose(found[1], want[0], rtol=1e-6)
+            assert (bundle.item_support[bundle.item_index(found[0])] >= 2).all()
+    assert answered > 30, answered
+
+
+def test_fold_in_of_one_history_equals_the_sparse_product():
+    """One history (a session) skips the sparse matrix: the same float32 sums, bit for bit."""
+    rng = np.random.default_rng(9)
+    vecs = rng.normal(size=(500, 24)).astype(np.float32)
+    for m in (1, 2, 5, 40):
+        items = rng.choice(500, size=m, replace=False)
+        both = np.concatenate([items, items])  # the same history twice: the sparse path for n = 2
+        many = fold_in(vecs, np.array([0, m, 2 * m]), both, "ip")
+        for metric in ("ip", "cosine"):
+            one = fold_in(vecs, np.array([0, m]), items, metric)
+            want = fold_in(vecs, np.array([0, m, 2 * m]), both, metric)[:1]
+            np.testing.assert_array_equal(one, want)
+        np.testing.assert_array_equal(many[0], many[1])

@@ -181,7 +181,8 @@ def test_predictions_estimate_counts_the_top_recommendation_pairs():
         pass
 
     settings = S({"batch.coverage": 1.0, "batch.window_days": 30, "batch.max_items": 100, "batch.max_users": 100,
-                  "batch.max_pairs": 100, "batch.pairs_per_user": 1})
+                  "batch.max_pairs": 100, "batch.pairs_per_user": 1,
+                  "batch.similar_all_items": False})
     sel = select(inter, log, np.arange(20), np.arange(5), settings)
     before = sel.report["pairs"]["expected_hit_rate"]
     chosen_a, keys, w_b = sel.held_out_pairs

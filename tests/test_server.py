@@ -97,7 +97,8 @@ def test_endpoints_metrics_across_workers_and_the_listen_address(shared):
     assert status == 200 and json.loads(body)["source"] == "precomputed"
     status, headers, body = get(f"{base}/v1/items/abc/similar?k=5")
     assert status == 400 and headers["Content-Type"] == "application/problem+json"
-    status, _, body = get(f"{base}/v1/recommendations?items=1,2&k=4")
+    unlisted = [i for i in store.read_table(sid, "items").to_pandas()["item_id"] if i not in set(sim.item_id)][:2]
+    status, _, body = get(f"{base}/v1/recommendations?items={unlisted[0]},{unlisted[1]}&k=4")  # no lists: live
     assert status == 200 and json.loads(body)["source"] in ("live", "cache")
     assert json.loads(get(f"{base}/v1/snapshot")[2])["id"] == sid
     # Each request on a new connection: SO_REUSEPORT spreads them over both workers, and /metrics

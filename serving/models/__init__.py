@@ -56,8 +56,8 @@ class ServedRating(Served):
 
     def lookup(self, key: str, values: tuple) -> Any:
         b = self.model.bundle
-        uidx, iidx = b.user_index(np.array([values[0]]))[0], b.item_index(np.array([values[1]]))[0]
-        return None if uidx < 0 or iidx < 0 else self._snap().prediction(int(uidx), int(iidx))
+        uidx, iidx = b.user_index_one(values[0]), b.item_index_one(values[1])  # the scalar form: a hit's lookup
+        return None if uidx < 0 or iidx < 0 else self._snap().prediction(uidx, iidx)
 
     def precomputed_rows(self) -> int:
         return len(self._snap().pred_values)

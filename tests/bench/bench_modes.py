@@ -166,6 +166,8 @@ def _mode_stats(log: pd.DataFrame, client: dict, metrics: str, n_trace: int) -> 
         "app_latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
         "per_source": per_source,
         "hit_rate": float((log["source"] == "precomputed").mean()),
+        "per_endpoint": {ep: {src: int(n) for src, n in g["source"].value_counts().items()}
+                         for ep, g in log.groupby("endpoint")},
         "no_live_compute_rate": float(log["source"].isin(["precomputed", "cache"]).mean()),
         "first_1000_from_snapshot": float((first["source"] == "precomputed").mean()),
         "first_1000_without_live_compute": float(first["source"].isin(["precomputed", "cache"]).mean()),
@@ -219,6 +221,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
         result["modes"][mode]["rounds_cpu_us_per_request"] = [run_[0]["cpu_us_per_request"] for run_ in runs[mode]]
     # The ceiling of that ratio on this stack: the hybrid server answering only the trace's requests it
     # served from the snapshot (every request a hit), against the live-only replay of the whole trace.
+    # Sessions are left out: the request log does not keep a session's items.
     hits = _paths(logs["hybrid"][logs["hybrid"]["source"] == "precomputed"])
     with ApiServer(cfg, env={"HYBRIDSERVE_SERVING_MODE": "hybrid"}) as server:
         all_hits = measured(measure, [server.proc.pid])(server.base, hits, concurrency, ceiling_seconds)
