@@ -842,13 +842,24 @@ def test_one_row_frames_of_other_types_or_none_are_fresh_frames(registered):
 
 
 def test_one_row_frames_past_the_per_thread_bound_and_in_another_column_order(registered):
-    """An open string input with more values than a thread keeps frames for; a model fit with its
-    columns in another order than the schema's."""
+    """An open string input with more values than a thread keeps frames for; an int input with too
+    many values to pick a kept frame; a model fit with its columns in another order than the schema's."""
     from sklearn.compose import ColumnTransformer
+
+    from serving.models.predictor import SklearnPredictor
     p, _ = _predictor(registered, "price")
     many = [f"product-{i}" for i in range(400)]
     for values in _rows(p.spec, 600, np.random.default_rng(4), products=many):
         _assert_same_frame(p.frame_one(values), p.frame(_fresh_columns(values)))
+    # demand with a weekday of 1,000 values: too many to keep a frame each, so it is set in the kept frame
+    from dataclasses import replace
+    d, est = _predictor(registered, "demand")
+    wide = SklearnPredictor(replace(d.spec, inputs=(d.spec.inputs[0], replace(d.spec.inputs[1], max=999),
+                                                    d.spec.inputs[2])), est)
+    assert [k for k, _ in wide._row_set] == [1, 2] and [k for k, _ in d._row_set] == [2]
+    for values in _rows(wide.spec, 200, np.random.default_rng(8)):
+        _assert_same_frame(wide.frame_one(values), wide.frame(_fresh_columns(values)))
+        assert wide.answer_one(values) == est.predict(_by_hand(est, wide.spec, values))[0]
     X = pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0], "product": ["anvil", "rocket", "anvil", "magnet"]})
     reordered = Pipeline([("enc", ColumnTransformer([("p", OneHotEncoder(), ["product"])], remainder="passthrough")),
                           ("reg", LinearRegression())]).fit(X, [3.0, 56.0, 9.0, 12.0])

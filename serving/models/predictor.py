@@ -153,11 +153,15 @@ class SklearnPredictor:
             if spec.output_class not in classes:
                 raise ValueError(f"class {spec.output_class!r} is not one of the model's classes {classes}")
             self._class_pos = classes.index(spec.output_class)
-        # one-row frames: the string columns' values pick a reused frame, the other columns are set in it
+        # one-row frames: the string columns' values pick a reused frame, the other columns are set in it;
+        # when the few values of the finite non-string inputs fit in a thread's frames too, they pick it as well
         if self.feature_names is not None:
-            kinds = [spec.inputs[j].type == "string" for j in self._order]
-            self._row_key = [j for j, is_str in zip(self._order, kinds) if is_str]
-            self._row_set = [(k, j) for k, (j, is_str) in enumerate(zip(self._order, kinds)) if not is_str]
+            sizes = [_few_values(spec.inputs[j]) for j in self._order]
+            strings = [spec.inputs[j].type == "string" for j in self._order]
+            product = int(np.prod([n for n, is_str in zip(sizes, strings) if not is_str and n]))
+            keyed = [is_str or (n is not None and product <= _ROW_FRAMES_PER_THREAD) for n, is_str in zip(sizes, strings)]
+            self._row_key = [j for j, is_key in zip(self._order, keyed) if is_key]
+            self._row_set = [(k, j) for k, (j, is_key) in enumerate(zip(self._order, keyed)) if not is_key]
         self._local = threading.local()
 
     def schema_problems(self) -> list[tuple[str, str]]:
@@ -204,9 +208,10 @@ class SklearnPredictor:
     def frame_one(self, values: Sequence[Any]) -> Any:
         """``frame`` of one canonical row, equal to it in columns, dtypes, index and values, built a
         third as fast: a fresh DataFrame costs ~160 us with pandas 3, and an open string column alone
-        ~75 us to set. Each thread keeps, per (value types, string values), the frame ``frame`` built
-        for the first such row, sets the other columns in place (``DataFrame.iat``) and hands out a
-        shallow copy, which copy-on-write keeps apart from the kept frame."""
+        ~75 us to set. Each thread keeps, per (value types, values of the string inputs and of the
+        few-valued ones), the frame ``frame`` built for the first such row, sets the other columns in
+        place (``DataFrame.iat``, ~10 us each) and hands out a shallow copy, which copy-on-write keeps
+        apart from the kept frame."""
         if self.feature_names is None:
             return self.frame([_column_of(v) for v in values])
         types = tuple(map(type, values))
@@ -250,6 +255,17 @@ class SklearnPredictor:
 
     def files(self) -> list[str]:
         return [self.spec.artifact or ""]
+
+
+def _few_values(inp: Input) -> int | None:
+    """How many values a non-string input can take, when that is a short, known list; else None."""
+    if inp.values is not None:
+        return len(inp.values) + (not inp.required)
+    if inp.type == "bool":
+        return 3
+    if inp.type == "int" and inp.min is not None and inp.max is not None and inp.max - inp.min < 1000:
+        return int(inp.max - inp.min) + 2
+    return None
 
 
 def _column_of(value: Any) -> np.ndarray:
