@@ -226,7 +226,8 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 300_000, s
     lv = result["live"]
     print(f"live answer: +{lv['live_overhead_ms']:.3f} ms above the model's own predict in the same call "
           f"(target <= 0.2; p99 +{lv['live_overhead_p99_ms']:.3f}); medians side by side {lv['engine_live_p50_ms']:.3f} "
-          f"ms vs {lv['model_predict_one_row_p50_ms']:.3f} ms; not the target: {lv['live_overhead_above_frame_and_predict_ms']:+.3f} "
+          f"ms vs {lv['model_predict_one_row_p50_ms']:.3f} ms; not the target: "
+          f"{lv['live_overhead_above_frame_and_predict_ms']:+.3f} "
           f"ms above building the one-row DataFrame by hand ({lv['by_hand_frame_p50_ms']:.3f} ms) and predicting")
     g = result["grid"]
     print(f"grid precompute {g['job_rows_per_s']:,.0f} rows/s vs the model's batch predict "
