@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     engine.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
     engine.on_reload_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
-    engine.on_live = lambda kind, cpu_s: metrics.live_seconds.labels(kind).inc(cpu_s)
+    engine.on_live = metrics.live
     engine.on_model_error = lambda name: metrics.model_errors.labels(name).inc()
     requestlog = RequestLog(store, settings["serving.log_flush_rows"], settings["serving.log_flush_interval_s"],
                             settings["serving.log_max_buffer"], clock=clock)

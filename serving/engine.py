@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import faiss
@@ -86,7 +86,7 @@ class Engine:
         self._snap: LoadedSnapshot | None = None
         self._cache: TTLCache = TTLCache(maxsize=cache_size, ttl=cache_ttl_s, timer=clock)
         self._lock = threading.Lock()
-        self._inflight: dict[Hashable, threading.Event] = {}
+        self._inflight: dict[Hashable, threading.Event | None] = {}
         self._reload_lock = threading.Lock()
         self.counts: Counter = Counter()
         self.last_reload_error: str | None = None
@@ -229,8 +229,9 @@ class Engine:
                 if hit is not None:
                     return hit
         try:
-            ans = self._live(snap, ("pred" if name == RATING else "model", name, served.version, key),
-                             lambda: (None, None, served.answer_one(values)), ttl=max_age)
+            return self._live(snap, ("pred" if name == RATING else "model", name, served.version, key),
+                              lambda: (None, None, served.answer_one(values)), ttl=max_age,
+                              model_version=served.version)
         except HybridServeError:
             raise
         except Exception as exc:  # the model's own failure: this model is unavailable, not the server
@@ -240,7 +241,6 @@ class Engine:
                 self.on_model_error(name)
             raise ModelFailed(f"model {name!r} failed to predict ({type(exc).__name__}); "
                               "the error has been logged") from None
-        return replace(ans, model_version=served.version)
 
     def peek_model(self, name: str, values: tuple, key: str | None = None) -> Answer | None:
         """The snapshot's fresh prediction of model ``name`` for a canonical tuple, or None (never
@@ -342,7 +342,7 @@ class Engine:
         return Answer(PRECOMPUTED, snap.id, snap.created_at, fresh_for_s=remaining, **payload)
 
     def _live(self, snap: LoadedSnapshot, key: tuple, compute: Callable[[], tuple],
-              ttl: float | None = None) -> Answer:
+              ttl: float | None = None, model_version: str | None = None) -> Answer:
         """Cached live result, else compute once however many identical requests are waiting.
         ``ttl``: a shorter life for this answer in the cache than cache_ttl_s (a model's freshness bound)."""
         full_key = (snap.id,) + key
@@ -352,22 +352,25 @@ class Engine:
             cpu0 = time.thread_time()
             ids, scores, value = compute()
             self._count_live(key[0], time.thread_time() - cpu0)
-            return self._answer(snap, LIVE, _Live(self.clock(), ids, scores, value), ttl)
+            return self._answer(snap, LIVE, _Live(self.clock(), ids, scores, value), ttl, model_version)
         while True:
             with self._lock:
                 cached = self._cached(full_key, ttl)
                 if cached is not None:
-                    return self._answer(snap, CACHE, cached, ttl)
-                event = self._inflight.get(full_key)
+                    return self._answer(snap, CACHE, cached, ttl, model_version)
+                if full_key not in self._inflight:
+                    # computing, nobody waiting yet: the first waiter makes the Event (most misses have none)
+                    self._inflight[full_key] = None
+                    break
+                event = self._inflight[full_key]
                 if event is None:
                     event = self._inflight[full_key] = threading.Event()
-                    break
             event.wait()  # someone else is computing it: take theirs from the cache
             with self._lock:
                 cached = self._cached(full_key, ttl)
             if cached is not None:
                 self.counts["coalesced"] += 1
-                return self._answer(snap, CACHE, cached, ttl)
+                return self._answer(snap, CACHE, cached, ttl, model_version)
             # their computation failed or the entry expired at once: loop and compute ourselves
         try:
             cpu0 = time.thread_time()
@@ -378,9 +381,10 @@ class Engine:
                 self._cache[full_key] = result
         finally:
             with self._lock:
-                self._inflight.pop(full_key, None)
-            event.set()
-        return self._answer(snap, LIVE, result, ttl)
+                event = self._inflight.pop(full_key, None)
+            if event is not None:
+                event.set()
+        return self._answer(snap, LIVE, result, ttl, model_version)
 
     def _cached(self, full_key: tuple, ttl: float) -> _Live | None:
         """The cache entry while younger than ``ttl`` (call with the lock held)."""
@@ -396,10 +400,11 @@ class Engine:
         if self.on_live:
             self.on_live(kind, cpu_s)
 
-    def _answer(self, snap, source, live: _Live, ttl: float | None = None) -> Answer:
+    def _answer(self, snap, source, live: _Live, ttl: float | None = None,
+                model_version: str | None = None) -> Answer:
         remaining = (self.cache_ttl_s if ttl is None else ttl) - (self.clock() - live.computed_at)
         return Answer(source, snap.id, live.computed_at, live.ids, live.scores, live.value,
-                      fresh_for_s=max(0.0, remaining))
+                      fresh_for_s=max(0.0, remaining), model_version=model_version)
 
     def status(self) -> dict[str, Any]:
         snap = self._snap

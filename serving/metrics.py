@@ -46,7 +46,7 @@ class Metrics:
         # One sample per worker process (pid label in multiprocess mode): what gc.freeze() hid at start.
         self.gc_frozen = Gauge("hybridserve_gc_frozen_objects", "Start-up objects frozen out of the garbage "
                                "collector's sight in this worker", registry=r, multiprocess_mode="all")
-        self._children: dict[tuple, tuple] = {}
+        self._children: dict = {}  # (endpoint, source, status) or a live kind -> children
         self.requestlog_dropped = Counter("hybridserve_requestlog_dropped_rows",
                                           "Request-log rows dropped to bound memory", registry=r)
 
@@ -59,6 +59,13 @@ class Metrics:
                                                self.latency.labels(endpoint, source))
         children[0].inc()
         children[1].observe(seconds)
+
+    def live(self, kind: str, cpu_s: float) -> None:
+        """Add one live computation's thread CPU time (the labelled child cached, as in ``observe``)."""
+        child = self._children.get(kind)
+        if child is None:
+            child = self._children[kind] = self.live_seconds.labels(kind)
+        child.inc(cpu_s)
 
     def render(self) -> bytes:
         if multiprocess():

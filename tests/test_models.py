@@ -422,15 +422,18 @@ def test_concurrent_misses_are_computed_once(api):
     app, client, clock, settings, first, est = api
     served = app.extensions["hybridserve"].engine.snapshot.models["demand"]
     calls = []
-    original = served.model.answer
     gate = threading.Event()
 
-    def slow(cols):
-        calls.append(1)
-        gate.wait(5)
-        return original(cols)
+    class Slow:  # the estimator itself, held up until every request is waiting
+        def __init__(self, estimator):
+            self.estimator = estimator
 
-    served.model.answer = slow
+        def predict(self, X):
+            calls.append(1)
+            gate.wait(5)
+            return self.estimator.predict(X)
+
+    served.model.estimator = Slow(served.model.estimator)
     out = []
     threads = [threading.Thread(target=lambda: out.append(
         app.test_client().get("/v1/models/demand/predict?genre=Action&weekday=2&discount=0.3").json["source"]))
@@ -443,6 +446,53 @@ def test_concurrent_misses_are_computed_once(api):
     for t in threads:
         t.join()
     assert len(calls) == 1 and sorted(out) == ["cache"] * 5 + ["live"]
+
+
+def test_a_failed_computation_lets_its_waiters_compute_and_live_cpu_is_counted(api):
+    """The first request's predict fails while a second identical one waits: the first gets a 503,
+    the second computes it itself; each live computation adds its CPU time to the model's metric."""
+    import threading
+    import time
+    app, client, clock, settings, first, est = api
+    engine = app.extensions["hybridserve"].engine
+    served = engine.snapshot.models["demand"]
+    calls, gate = [], threading.Event()
+
+    class FailsFirst:
+        feature_names_in_ = est["demand"].feature_names_in_
+
+        def predict(self, X):
+            calls.append(1)
+            if len(calls) == 1:
+                gate.wait(5)
+                raise RuntimeError("first call fails")
+            return est["demand"].predict(X)
+
+    served.model.estimator = FailsFirst()
+    q = "/v1/models/demand/predict?genre=Comedy&weekday=1&discount=0.3"
+    out = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, app.test_client().get(q)), daemon=True)
+               for i in range(2)]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.01)
+    threads[1].start()
+    time.sleep(0.3)  # the second request is waiting for the first
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "a waiter was never woken"
+    want = float(est["demand"].predict(pd.DataFrame({"genre": ["Comedy"], "weekday": [1], "discount": [0.3]}))[0])
+    assert out[0].status_code == 503 and out[1].json["source"] == "live" and out[1].json["prediction"] == want
+    assert len(calls) == 2 and client.get(q).json["source"] == "cache"
+    line = next(x for x in client.get("/metrics").text.splitlines()
+                if x.startswith('hybridserve_live_compute_seconds_total{endpoint="model"}'))
+    before = float(line.split()[-1])
+    assert before > 0
+    assert client.get(q.replace("0.3", "0.35")).json["source"] == "live"
+    line = next(x for x in client.get("/metrics").text.splitlines()
+                if x.startswith('hybridserve_live_compute_seconds_total{endpoint="model"}'))
+    assert float(line.split()[-1]) > before
 
 
 def test_rating_predictions_are_one_registered_model(api):
@@ -720,3 +770,174 @@ def test_request_log_segments_from_before_the_model_columns_still_read(tmp_path)
     assert keys == ['["rocket",6.5]'] and weights.tolist() == [2.0]
     counts = read_request_counts(store, now)
     assert counts.loc[counts["endpoint"] == "similar_items", "n"].sum() == 2
+
+
+# --- one-row frames: the live path's input equals a freshly built frame ------------------------
+def _fresh_columns(values) -> list:
+    return [np.array([v], dtype=object if v is None or isinstance(v, str) else None) for v in values]
+
+
+def _by_hand(est, spec, values) -> pd.DataFrame:
+    """The one-row frame a user would build for the model by hand, in the model's column order."""
+    row = dict(zip(spec.input_names, values))
+    return pd.DataFrame({name: [row[name]] for name in est.feature_names_in_})
+
+
+def _rows(spec, n: int, rng, products=PRODUCTS) -> list[tuple]:
+    """n canonical tuples drawn over the schema; few string values, so most rows reuse a kept frame."""
+    rows = []
+    for _ in range(n):
+        row = []
+        for inp in spec.inputs:
+            if inp.values is not None:
+                row.append(inp.values[rng.integers(len(inp.values))])
+            elif inp.type == "string":
+                row.append(products[rng.integers(len(products))])
+            elif inp.type == "int":
+                row.append(int(rng.integers(inp.min, inp.max + 1)))
+            elif inp.type == "float":
+                row.append(float(np.round(rng.uniform(inp.min or 0.0, inp.max or 10.0), 6)))
+            else:
+                row.append(bool(rng.integers(2)))
+        rows.append(spec.cast_row(row))
+    return rows
+
+
+def _predictor(registered, name: str, estimator=None):
+    from serving.models.predictor import SklearnPredictor
+    _, settings, _, _, estimators = registered
+    spec = next(s for s in settings.models if s.name == name)
+    return SklearnPredictor(spec, estimators[name] if estimator is None else estimator), estimators[name]
+
+
+def _assert_same_frame(got, want):
+    pd.testing.assert_frame_equal(got, want, check_exact=True, check_index_type=True, check_column_type=True)
+    assert list(got.dtypes) == list(want.dtypes)
+
+
+@pytest.mark.parametrize("name", ["demand", "churn", "price"])
+def test_one_row_frames_equal_fresh_frames_and_the_models_own_predict(registered, name):
+    p, est = _predictor(registered, name)
+    rows = _rows(p.spec, 150, np.random.default_rng(3))
+    handed = []
+    for values in rows:
+        got = p.frame_one(values)
+        _assert_same_frame(got, p.frame(_fresh_columns(values)))
+        want = (est.predict_proba(_by_hand(est, p.spec, values))[0, 1] if name == "churn"
+                else est.predict(_by_hand(est, p.spec, values))[0])
+        assert p.answer_one(values) == want
+        handed.append((values, got))
+    # a frame handed out earlier still holds its own row: reusing a frame never reaches one given away
+    for values, got in handed:
+        _assert_same_frame(got, p.frame(_fresh_columns(values)))
+
+
+def test_one_row_frames_of_other_types_or_none_are_fresh_frames(registered):
+    p, est = _predictor(registered, "demand")
+    p.frame_one(("Drama", 3, 0.5))  # a kept frame for Drama with an int64 and a float64 column
+    for values in [("Drama", 3, 1), ("Drama", True, 0.25), ("Drama", None, 0.25), ("Drama", 2**63, 0.25),
+                   ("Drama", 4, np.float32(0.25)), ("Drama", 5, 0.125)]:
+        _assert_same_frame(p.frame_one(values), p.frame(_fresh_columns(values)))
+    assert p.answer_one(("Drama", 5, 0.125)) == est.predict(_by_hand(est, p.spec, ("Drama", 5, 0.125)))[0]
+
+
+def test_one_row_frames_past_the_per_thread_bound_and_in_another_column_order(registered):
+    """An open string input with more values than a thread keeps frames for; an int input with too
+    many values to pick a kept frame; a model fit with its columns in another order than the schema's."""
+    from sklearn.compose import ColumnTransformer
+
+    from serving.models.predictor import SklearnPredictor
+    p, _ = _predictor(registered, "price")
+    many = [f"product-{i}" for i in range(400)]
+    for values in _rows(p.spec, 600, np.random.default_rng(4), products=many):
+        _assert_same_frame(p.frame_one(values), p.frame(_fresh_columns(values)))
+    # demand with a weekday of 1,000 values: too many to keep a frame each, so it is set in the kept frame
+    from dataclasses import replace
+    d, est = _predictor(registered, "demand")
+    wide = SklearnPredictor(replace(d.spec, inputs=(d.spec.inputs[0], replace(d.spec.inputs[1], max=999),
+                                                    d.spec.inputs[2])), est)
+    assert [k for k, _ in wide._row_set] == [1, 2] and [k for k, _ in d._row_set] == [2]
+    for values in _rows(wide.spec, 200, np.random.default_rng(8)):
+        _assert_same_frame(wide.frame_one(values), wide.frame(_fresh_columns(values)))
+        assert wide.answer_one(values) == est.predict(_by_hand(est, wide.spec, values))[0]
+    X = pd.DataFrame({"size": [1.0, 2.0, 3.0, 4.0], "product": ["anvil", "rocket", "anvil", "magnet"]})
+    reordered = Pipeline([("enc", ColumnTransformer([("p", OneHotEncoder(), ["product"])], remainder="passthrough")),
+                          ("reg", LinearRegression())]).fit(X, [3.0, 56.0, 9.0, 12.0])
+    q, _ = _predictor(registered, "price", reordered)
+    assert list(q.frame_one(("rocket", 2.5)).columns) == ["size", "product"]
+    for values in _rows(q.spec, 50, np.random.default_rng(5)):
+        _assert_same_frame(q.frame_one(values), q.frame(_fresh_columns(values)))
+        assert q.answer_one(values) == reordered.predict(_by_hand(reordered, q.spec, values))[0]
+
+
+def test_a_model_that_changes_its_input_does_not_change_the_next_rows(registered):
+    _, est = _predictor(registered, "demand")
+
+    class Meddling:  # writes into the frame it is given and adds a column, as careless user code does
+        feature_names_in_ = est.feature_names_in_
+
+        def predict(self, X):
+            y = est.predict(X)
+            X.iat[0, 0], X.iat[0, 1] = "Comedy", 6
+            X["extra"] = 1.0
+            return y
+
+    p, _ = _predictor(registered, "demand", Meddling())
+    for values in _rows(p.spec, 100, np.random.default_rng(6)):
+        _assert_same_frame(p.frame_one(values), p.frame(_fresh_columns(values)))
+        assert p.answer_one(values) == est.predict(_by_hand(est, p.spec, values))[0]
+
+
+def test_one_row_frames_from_many_threads_at_once_hold_each_threads_own_row(registered):
+    """Threads switching every microsecond, all on the same string value (so on kept frames): each
+    frame holds its own thread's row, then and after the others carried on."""
+    import sys
+    import threading
+    p, est = _predictor(registered, "demand")
+    rows = [("Drama", d % 7, round(0.0001 * (d + 1), 6)) for d in range(4 * 150)]
+    got, wrong, barrier = [], [], threading.Barrier(4)
+
+    def work(mine):
+        barrier.wait()
+        try:
+            for values in mine:
+                f = p.frame_one(values)
+                if [f.iat[0, 0], f.iat[0, 1], f.iat[0, 2]] != list(values):
+                    wrong.append((values, f.iloc[0].tolist()))
+                got.append((values, f))
+        except Exception as exc:  # a thread's failure fails the test
+            wrong.append((mine[0], repr(exc)))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(rows[t::4],)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert wrong == [] and len(got) == len(rows)
+    for values, f in got:
+        _assert_same_frame(f, p.frame(_fresh_columns(values)))
+    # (predictions stay out of the threads: scikit-learn's joblib helper, which ColumnTransformer calls,
+    # resets the process-wide warning filters per call, so concurrent predicts warn spuriously)
+    for values, f in got[::60]:
+        assert est.predict(f)[0] == est.predict(_by_hand(est, p.spec, values))[0]
+
+
+def test_a_model_fit_on_arrays_gets_the_same_array_one_row_at_a_time(registered):
+    from serving.models.predictor import SklearnPredictor
+    spec = ModelSpec("lin", inputs=parse_models({"lin": {"artifact": "x", "inputs": [
+        {"name": "a", "type": "int"}, {"name": "b", "type": "float"}, {"name": "c", "type": "bool"}]}},
+        "t.toml")[0].inputs)
+    rng = np.random.default_rng(7)
+    X = np.column_stack([rng.integers(0, 9, 50), rng.uniform(0, 1, 50), rng.integers(0, 2, 50)]).astype(float)
+    lin = LinearRegression().fit(X, X @ [1.0, 2.0, 3.0])
+    p = SklearnPredictor(spec, lin)
+    for values in [(3, 0.5, True), (8, 0.25, False), (-1, 2.0, True)]:
+        got = p.frame_one(values)
+        want = p.frame(_fresh_columns(values))
+        assert got.dtype == want.dtype == np.float64 and np.array_equal(got, want)
+        assert p.answer_one(values) == lin.predict(np.array([values], dtype=np.float64))[0]

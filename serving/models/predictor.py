@@ -9,6 +9,7 @@ import json
 import logging
 import pickle
 import shutil
+import threading
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,18 @@ import numpy as np
 import pandas as pd
 
 from serving.errors import InputError, NotFound
-from serving.models.base import Input, ModelSpec
+from serving.models.base import INT64_MAX, INT64_MIN, Input, ModelSpec
 from serving.store import sha256_file
 
 LOG = logging.getLogger(__name__)
 
 MLMODEL = "MLmodel"
+# One-row frames are reused only where pandas copies on write (always from pandas 3; an option in 2.x):
+# the estimator gets a shallow copy, so nothing it does to its input reaches the reused frame.
+_COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3 or pd.get_option("mode.copy_on_write") is True
+_ROW_FRAMES_PER_THREAD = 256
+# the canonical values' types: a value of one of them sets a kept column without changing its dtype
+_KEPT_TYPES = frozenset((str, int, float, bool))
 # MLflow column types -> ours (mlflow.types.DataType names)
 _MLFLOW_TYPES = {"long": "int", "integer": "int", "double": "float", "float": "float", "string": "string",
                  "boolean": "bool"}
@@ -146,6 +153,17 @@ class SklearnPredictor:
             if spec.output_class not in classes:
                 raise ValueError(f"class {spec.output_class!r} is not one of the model's classes {classes}")
             self._class_pos = classes.index(spec.output_class)
+        # one-row frames: the string columns' values pick a reused frame, the other columns are set in it;
+        # when the few values of the finite non-string inputs fit in a thread's frames too, they pick it as well
+        if self.feature_names is not None:
+            sizes = [_few_values(spec.inputs[j]) for j in self._order]
+            strings = [spec.inputs[j].type == "string" for j in self._order]
+            product = int(np.prod([n for n, is_str in zip(sizes, strings) if not is_str and n]))
+            keyed = [is_str or (n is not None and product <= _ROW_FRAMES_PER_THREAD)
+                     for n, is_str in zip(sizes, strings)]
+            self._row_key = [j for j, is_key in zip(self._order, keyed) if is_key]
+            self._row_set = [(k, j) for k, (j, is_key) in enumerate(zip(self._order, keyed)) if not is_key]
+        self._local = threading.local()
 
     def schema_problems(self) -> list[tuple[str, str]]:
         """(config key, problem) for each way the schema and the estimator disagree."""
@@ -188,10 +206,44 @@ class SklearnPredictor:
             return np.column_stack(cols).astype(np.float64)
         return np.column_stack([c.astype(object) for c in cols])
 
+    def frame_one(self, values: Sequence[Any]) -> Any:
+        """``frame`` of one canonical row, equal to it in columns, dtypes, index and values, built in a
+        quarter of the time: a fresh DataFrame costs ~160 us with pandas 3, and an open string column
+        alone ~75 us to set. Each thread keeps, per (value types, values of the string inputs and of the
+        few-valued ones), the frame ``frame`` built for the first such row, sets the other columns in
+        place (``DataFrame.iat``, ~10 us each) and hands out a shallow copy, which copy-on-write keeps
+        apart from the kept frame."""
+        if self.feature_names is None:
+            return self.frame([_column_of(v) for v in values])
+        types = tuple(map(type, values))
+        if not _COPY_ON_WRITE or not _KEPT_TYPES.issuperset(types) or any(
+                t is int and not INT64_MIN <= v <= INT64_MAX for t, v in zip(types, values)):
+            # None (or an int past int64) makes a column of another dtype: a fresh frame says which
+            return self.frame([_column_of(v) for v in values])
+        key = (types, tuple(values[j] for j in self._row_key))
+        frames = getattr(self._local, "frames", None)
+        if frames is None:
+            frames = self._local.frames = {}
+        kept = frames.get(key)
+        if kept is None:
+            if len(frames) >= _ROW_FRAMES_PER_THREAD:
+                frames.clear()
+            kept = frames[key] = self.frame([_column_of(v) for v in values])
+        else:
+            for k, j in self._row_set:
+                kept.iat[0, k] = values[j]
+        return kept.copy(deep=False)
+
     def answer(self, columns: Sequence[np.ndarray]) -> np.ndarray:
         """(n,) predictions (float64, or the label's own type for a non-numeric ``predict``) for n rows
         given as one array (or list) per input, in schema order."""
-        X = self.frame(columns)
+        return self._predict(self.frame(columns))
+
+    def answer_one(self, values: Sequence[Any]) -> Any:
+        """``answer`` of one canonical row (one value per input, schema order): its one prediction."""
+        return self._predict(self.frame_one(values))[0]
+
+    def _predict(self, X: Any) -> np.ndarray:
         if self._class_pos is not None:
             return np.asarray(self.estimator.predict_proba(X), dtype=np.float64)[:, self._class_pos]
         y = np.asarray(self.estimator.predict(X))
@@ -204,6 +256,22 @@ class SklearnPredictor:
 
     def files(self) -> list[str]:
         return [self.spec.artifact or ""]
+
+
+def _few_values(inp: Input) -> int | None:
+    """How many values a non-string input can take, when that is a short, known list; else None."""
+    if inp.values is not None:
+        return len(inp.values) + (not inp.required)
+    if inp.type == "bool":
+        return 3
+    if inp.type == "int" and inp.min is not None and inp.max is not None and inp.max - inp.min < 1000:
+        return int(inp.max - inp.min) + 2
+    return None
+
+
+def _column_of(value: Any) -> np.ndarray:
+    """One value as the one-row column ``Served.answer_one`` has always passed to ``answer``."""
+    return np.array([value], dtype=object if value is None or isinstance(value, str) else None)
 
 
 def _plain(inp: Input, col) -> np.ndarray:

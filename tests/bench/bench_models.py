@@ -6,7 +6,8 @@
   path for a miss (parse the query, canonical key, cache, the model's vectorised answer on one row)
   minus the time the estimator's own ``predict`` took inside that same call (so the model's noise, ms
   on a busy machine, cancels); beside it, ``estimator.predict`` on a ready one-row DataFrame,
-  interleaved, one thread, medians;
+  interleaved, one thread, medians; and, not the target, the same overhead less what calling the model
+  by hand adds to its predict (building the one-row DataFrame, timed in the same loop);
 - the batch job's grid precompute (enumerate, key, predict, build the table) against the model's own
   batch ``predict`` on the same rows (target >= 0.8x).
 
@@ -133,14 +134,14 @@ def live_overhead(settings, n: int = 2000) -> dict:
         genres = rng.choice(spec.inputs[0].values, n)
         days = rng.integers(0, 7, n)
         discounts = rng.uniform(0.0001, 0.4999, n)  # not in the grid, never repeated: every request a miss
-        frames = [pd.DataFrame({"genre": [g], "weekday": [int(d)], "discount": [float(x)]})
-                  for g, d, x in zip(genres, days, discounts)]
+        rows = [(str(g), int(d), float(x)) for g, d, x in zip(genres, days, discounts)]
+        frames = [pd.DataFrame({"genre": [g], "weekday": [d], "discount": [x]}) for g, d, x in rows]
         queries = [[("genre", str(g)), ("weekday", str(int(d))), ("discount", repr(float(x)))]
                    for g, d, x in zip(genres, days, discounts)]
         for i in range(50):  # warm-up (first calls allocate)
             estimator.predict(frames[i])
         timed = served.model.estimator = _Timed(estimator)
-        engine_s, model_s, inside_s, agree = [], [], [], 0
+        engine_s, model_s, inside_s, by_hand_frame_s, agree = [], [], [], [], 0
         for i in range(50, n):
             timed.spent = 0.0
             t0 = time.perf_counter()
@@ -150,16 +151,25 @@ def live_overhead(settings, n: int = 2000) -> dict:
             inside_s.append(timed.spent)
             want = estimator.predict(frames[i])[0]
             t2 = time.perf_counter()
+            g, d, x = rows[i]
+            pd.DataFrame({"genre": [g], "weekday": [d], "discount": [x]})  # what calling the model by hand adds
+            t3 = time.perf_counter()
             engine_s.append(t1 - t0)
             model_s.append(t2 - t1)
+            by_hand_frame_s.append(t3 - t2)
             agree += bool(ans.source == "live" and ans.value == want)
     finally:
         app.extensions["hybridserve"].close()
     e, m = float(np.median(engine_s)) * 1e3, float(np.median(model_s)) * 1e3
     above = (np.array(engine_s) - np.array(inside_s)) * 1e3
+    above_by_hand = above - np.array(by_hand_frame_s) * 1e3
     return {"requests": n - 50, "live_answers_equal_to_predict": agree, "engine_live_p50_ms": e,
             "model_predict_one_row_p50_ms": m, "live_overhead_ms": float(np.median(above)),
-            "live_overhead_p99_ms": float(np.percentile(above, 99)), "difference_of_medians_ms": e - m,
+            "live_overhead_p99_ms": float(np.percentile(above, 99)),
+            # not the target: the same overhead less what building the one-row DataFrame by hand costs
+            "by_hand_frame_p50_ms": float(np.median(by_hand_frame_s)) * 1e3,
+            "live_overhead_above_frame_and_predict_ms": float(np.median(above_by_hand)),
+            "difference_of_medians_ms": e - m,
             "engine_live_p99_ms": float(np.percentile(engine_s, 99)) * 1e3,
             "model_predict_one_row_p99_ms": float(np.percentile(model_s, 99)) * 1e3}
 
@@ -216,7 +226,9 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 300_000, s
     lv = result["live"]
     print(f"live answer: +{lv['live_overhead_ms']:.3f} ms above the model's own predict in the same call "
           f"(target <= 0.2; p99 +{lv['live_overhead_p99_ms']:.3f}); medians side by side {lv['engine_live_p50_ms']:.3f} "
-          f"ms vs {lv['model_predict_one_row_p50_ms']:.3f} ms")
+          f"ms vs {lv['model_predict_one_row_p50_ms']:.3f} ms; not the target: "
+          f"{lv['live_overhead_above_frame_and_predict_ms']:+.3f} "
+          f"ms above building the one-row DataFrame by hand ({lv['by_hand_frame_p50_ms']:.3f} ms) and predicting")
     g = result["grid"]
     print(f"grid precompute {g['job_rows_per_s']:,.0f} rows/s vs the model's batch predict "
           f"{g['model_predict_rows_per_s']:,.0f} rows/s on {g['grid_rows']:,} rows: {g['grid_vs_model_predict']:.2f}x "

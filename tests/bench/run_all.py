@@ -87,7 +87,11 @@ def summary(results_dir: Path = RESULTS) -> str:
                       f"{md['model_vs_similar_rps']:.2f}x", ">= 0.9x", md["model_vs_similar_rps"] >= 0.9),
                  _row("models: live answer above the model's own one-row predict (p50)",
                       f"+{lv['live_overhead_ms']:.3f} ms (the predict itself: "
-                      f"{lv['model_predict_one_row_p50_ms']:.1f} ms)", "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
+                      f"{lv['model_predict_one_row_p50_ms']:.1f} ms" + (
+                          f"; not the target: {lv['live_overhead_above_frame_and_predict_ms']:+.3f} ms above "
+                          "building the one-row DataFrame by hand and predicting"
+                          if "live_overhead_above_frame_and_predict_ms" in lv else "") + ")",
+                      "<= 0.2 ms", lv["live_overhead_ms"] <= 0.2),
                  _row(f"models: grid precompute vs the model's batch predict ({g['grid_rows']:,} rows)",
                       f"{g['grid_vs_model_predict']:.2f}x", ">= 0.8x", g["grid_vs_model_predict"] >= 0.8)]
     v = load("server")
