@@ -4,7 +4,9 @@
 - nginx serving those bytes as static files (the physical limit of this machine);
 - the usual prediction-cache design: FastAPI + uvicorn (2 workers) + Redis (fastapi_redis_app.py),
   every answer already cached in Redis;
-- the former production setup: gunicorn 27 with the project's own loop worker (loop_worker.py).
+- the former production setup: gunicorn 27 with the project's own loop worker (loop_worker.py);
+- granian's floor: an app that only looks the bytes up in a dict (floor_wsgi_app.py), same granian
+  settings: what granian costs per request here, whatever the app does.
 
 Each gets the same precomputed paths (wrk, 16 keep-alive connections and 1), in alternating short
 runs; medians are reported. Then slow clients: 50 connections trickling a header line every 0.5 s and
@@ -45,7 +47,7 @@ from loadgen import LOADGENS  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.store import Store  # noqa: E402
 
-SERVERS = ("granian", "nginx", "fastapi_redis", "gunicorn_loop")
+SERVERS = ("granian", "nginx", "fastapi_redis", "gunicorn_loop", "granian_floor")
 _NGINX_CONF = """
 worker_processes {workers};
 {user}
@@ -175,6 +177,19 @@ def start_loop_worker(cfg: Path, workers: int) -> Proc:
                                   "serving.app:create_app()"], base + "/readyz", base, env_clean).start()
 
 
+def start_granian_floor(root: Path, bodies: dict[str, bytes], workers: int) -> Proc:
+    root.mkdir(parents=True, exist_ok=True)
+    table = root / "floor-bodies.json"
+    table.write_text(json.dumps({path: body.decode() for path, body in bodies.items()}))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    granian = str(Path(sys.executable).parent / "granian")
+    return Proc("granian_floor", [granian, "--interface", "wsgi", "--workers", str(workers), "--runtime-threads", "1",
+                                  "--blocking-threads", "1", "--host", "127.0.0.1", "--port", str(port),
+                                  "--working-dir", str(HERE), "floor_wsgi_app:app"],
+                base + "/readyz", base, {"FLOOR_BODIES": str(table)}).start()
+
+
 class SlowClients:
     """``trickling`` connections sending one header line every ``every_s`` and ``half`` connections that
     sent half a request line, all kept open until closed."""
@@ -261,6 +276,8 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
             started["fastapi_redis"] = start_fastapi(cfg, url, workers)
         if "gunicorn_loop" in servers:
             started["gunicorn_loop"] = start_loop_worker(cfg, workers)
+        if "granian_floor" in servers:
+            started["granian_floor"] = start_granian_floor(root / "floor", bodies, workers)
         for name, srv in started.items():  # the same bytes from every server (granian's age_s moves on)
             status, _, body = http_get(srv.base + paths[0])
             same = json.loads(body) | {"age_s": 0} == json.loads(bodies[paths[0]]) | {"age_s": 0}
@@ -300,7 +317,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     g = result["granian"]["at_16"]["runs"]
     ratios = {}
     for name, key in (("nginx", "granian_vs_nginx"), ("fastapi_redis", "granian_vs_fastapi_redis"),
-                      ("gunicorn_loop", "granian_vs_gunicorn_loop")):
+                      ("gunicorn_loop", "granian_vs_gunicorn_loop"), ("granian_floor", "granian_vs_granian_floor")):
         if name in result:
             other = result[name]["at_16"]["runs"]
             for unit, per_round in (("rps", [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(g, other)]),
@@ -308,6 +325,14 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
                                              for a, b in zip(g, other)])):
                 ratios[f"{key}_{unit}"] = float(np.median(per_round))
                 result[f"{key}_{unit}_per_round"] = per_round
+    if "fastapi_redis" in result:  # the most any server here could show against FastAPI + Redis
+        f = result["fastapi_redis"]["at_16"]["runs"]
+        for name in ("nginx", "granian_floor"):
+            if name in result:
+                ratios[f"{name}_vs_fastapi_redis_rps"] = float(np.median(
+                    [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(result[name]["at_16"]["runs"], f)]))
+                ratios[f"{name}_vs_fastapi_redis_cpu"] = float(np.median(
+                    [b["cpu_us_per_request"] / a["cpu_us_per_request"] for a, b in zip(result[name]["at_16"]["runs"], f)]))
     if "gunicorn_loop" in result:
         ratios["granian_p99_1_ms"] = result["granian"]["at_1"]["p99_ms"]
         ratios["gunicorn_loop_p99_1_ms"] = result["gunicorn_loop"]["at_1"]["p99_ms"]

@@ -115,6 +115,13 @@ def summary(results_dir: Path = RESULTS) -> str:
             rows.append(_row(f"server: granian hits vs FastAPI + uvicorn + Redis cache, req/s at 16 "
                              f"({v['fastapi_redis']['at_16']['requests_per_s']:,.0f})",
                              f"{v['granian_vs_fastapi_redis_rps']:.1f}x" + spread("granian_vs_fastapi_redis_rps"), ">= 10x", both("granian_vs_fastapi_redis", 10)))
+        if "granian_floor_vs_fastapi_redis_rps" in v:  # the limits of this machine for that target
+            rows.append("| server: the most a server shows vs FastAPI + Redis here, req/s at 16: nginx static; granian "
+                        "with an app that only looks the bytes up (its floor) | "
+                        f"{v['nginx_vs_fastapi_redis_rps']:.1f}x; {v['granian_floor_vs_fastapi_redis_rps']:.1f}x "
+                        f"(by CPU per request {v['nginx_vs_fastapi_redis_cpu']:.1f}x; "
+                        f"{v['granian_floor_vs_fastapi_redis_cpu']:.1f}x); the app on granian does "
+                        f"{v['granian_vs_granian_floor_rps']:.2f}x its floor's req/s | (the limit under the 10x) | - |")
         if "granian_vs_gunicorn_loop_rps" in v:
             rows += [_row(f"server: granian hits vs the former gunicorn loop worker, req/s at 16 "
                           f"({v['gunicorn_loop']['at_16']['requests_per_s']:,.0f})",
