@@ -24,6 +24,7 @@ import logging
 import logging.config
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -118,12 +119,39 @@ def _metrics_dir() -> tuple[str, bool]:
     return path, True
 
 
+def first_stop_signal_only() -> None:
+    """Let only the first SIGINT/SIGTERM reach the handlers granian installed in this (its main)
+    process; shutdown is under way after it.
+
+    granian's handler sets a ``threading.Event``. A second signal that arrives while the first
+    handler holds that Event's lock runs the handler again on the same thread, which then waits
+    forever for a lock it holds itself: the server never exits. Two signals in a row are common:
+    GNU make passes the SIGTERM of a terminal or supervisor that stops ``make serve`` on to its
+    child, which got its own from the process group. Called from granian's startup hook, right
+    after it installed its handlers (the workers install their own)."""
+    fired: list[int] = []
+
+    def first_only(original):
+        def on_signal(signum, frame):
+            if fired:
+                return
+            fired.append(signum)
+            original(signum, frame)
+        return on_signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, first_only(handler))
+
+
 def serve(settings: Settings, target: str = APP_TARGET) -> int:
     """Run the server in this process until SIGTERM/SIGINT (every worker drains and flushes its log)."""
     host, port = settings["serving.host"], settings["serving.port"]
     check_port(host, port)
     metrics_dir, own_dir = _metrics_dir()
     server = build(settings, target)
+    server.on_startup(first_stop_signal_only)
     if own_dir:
         server.on_shutdown(lambda: shutil.rmtree(metrics_dir, ignore_errors=True))
     workers, threads = settings["serving.workers"], settings["serving.blocking_threads"]

@@ -477,3 +477,45 @@ def test_make_serve_runs_the_server(workspace):
     assert "Granian shutdown completed" in text
     assert f"listening on http://127.0.0.1:{port} (granian, 1 worker x" in text
     assert list(Store(settings["paths.store"]).requests_dir.glob("seg-*.parquet"))  # flushed on the way out
+
+
+def test_only_the_first_stop_signal_reaches_the_handler():
+    """A second SIGTERM/SIGINT arriving inside the first's handler returns at once: granian's handler
+    holds a non-reentrant lock there, and running it again on the same thread never returned."""
+    from serving.server import first_stop_signal_only
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    lock, calls, reentered = threading.Lock(), [], []
+
+    def handler(signum, frame):  # what granian's does: set an Event, i.e. take a lock
+        calls.append(signum)
+        if not lock.acquire(timeout=2):  # (granian's waits forever: here the test fails instead)
+            reentered.append(False)
+            return
+        try:
+            # a second signal delivered right here, as Python runs it: on this same thread
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            second = signal.getsignal(signal.SIGTERM)
+            done = threading.Event()
+            threading.Thread(target=lambda: (second(signal.SIGTERM, None), done.set())).start()
+            reentered.append(done.wait(5))  # the wrapper returned without asking for the lock
+        finally:
+            lock.release()
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        first_stop_signal_only()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert calls == [signal.SIGTERM] and reentered == [True]
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_two_sigterms_in_a_row_still_stop_the_server(server):
+    """What `make serve` gets when its process group is stopped: the group's SIGTERM and make's."""
+    srv = server[0]
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(60) == 0
+    assert "Granian shutdown completed" in srv.log()
