@@ -4,12 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/default.toml
 
-.PHONY: install test demo batch sample train schedule serve bench bench-server bench-tools clean
+.PHONY: install lock test demo batch sample train schedule serve bench bench-server bench-tools clean
 
-$(VENV)/.installed: pyproject.toml
+# Installs the versions in config/constraints.txt (what make test last passed with), never simply the
+# newest of the day; `make lock` moves them forward on purpose.
+PIP_INSTALL := $(PY) -m pip install -q -c config/constraints.txt
+
+$(VENV)/.installed: pyproject.toml config/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,7 +46,7 @@ serve: install
 bench-tools: install
 	@command -v wrk >/dev/null && command -v redis-server >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
 		|| { SUDO=$$(test "$$(id -u)" = 0 || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk nginx-light redis-server; }
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PIP_INSTALL) -e '.[dev,bench]'
 
 bench: bench-tools
 	$(PY) tests/bench/run_all.py
@@ -50,6 +54,19 @@ bench: bench-tools
 # Only the server comparison (granian, nginx, FastAPI + Redis, the former loop worker) and the summary.
 bench-server: bench-tools
 	$(PY) tests/bench/run_all.py --only server
+
+# Move config/constraints.txt to the newest releases pyproject.toml allows (every extra), in a
+# throwaway venv; then run make test before committing it.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e '.[dev,bench]'
+	{ sed -n '1,3p' config/constraints.txt; .lock-venv/bin/python -m pip freeze --all --exclude-editable \
+		| grep -v '^setuptools=='; } > config/constraints.txt.new
+	mv config/constraints.txt.new config/constraints.txt
+	rm -rf .lock-venv
+	rm -f $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) data/store data/store-demo data/sample

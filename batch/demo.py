@@ -186,23 +186,29 @@ def _models_before(base: str, settings: Settings, manifest: dict, echo) -> tuple
         return None, 0
     lo, hi = open_inp.min or 0.0, open_inp.max if open_inp.max is not None else (open_inp.min or 0.0) + 1.0
     miss = _model_query(spec, {open_inp.name: round(lo + (hi - lo) * 0.37, 3)})
-    sources = []
-    for path in (hit, miss, miss, miss):
-        status, _, body = http_get(base + path)
-        answer = json.loads(body)
-        sources.append(f"{answer.get('source', status)} {answer.get('prediction', '')}")
+    answers = [json.loads(http_get(base + path)[2]) for path in (hit, miss, miss, miss)]
+    sources = [f"{a.get('source', 'error')} {shown_prediction(a.get('prediction'))}" for a in answers]
     echo(f"   GET {hit}\n     -> {sources[0]}")
     echo(f"   GET {miss}  (3 times)\n     -> " + ", then ".join(sources[1:3]) + " (the request log keeps the miss)")
-    return (miss, json.loads(http_get(base + miss)[2])), 5
+    return (miss, answers[-1], answers[0]), len(answers)
 
 
-def _models_after(base: str, miss: tuple, manifest: dict, echo) -> None:
-    path, before = miss
+def shown_prediction(value) -> str:
+    """A prediction as the demo prints it: numbers to two decimals (the demo model is trained on the
+    machine that runs it, and a trained model's floats differ in their digits between CPUs)."""
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _models_after(base: str, miss: tuple, manifest: dict, echo) -> dict:
+    """The miss again, now precomputed by the second run. Returns the model's answers the demo saw
+    (the hit, the miss live, the miss precomputed), for a caller to check against the model."""
+    path, before, hit = miss
     answer = json.loads(http_get(base + path)[2])
     name = before["model"]
-    echo(f"   GET {path} after the second run\n     -> {answer['source']} {answer['prediction']} "
+    echo(f"   GET {path} after the second run\n     -> {answer['source']} {shown_prediction(answer['prediction'])} "
          f"(snapshot {answer['snapshot']}: {manifest['models'][name]['selection']['from_log']} "
          f"{name} input(s) taken from the request log)")
+    return {"hit": hit, "miss": before, "after": answer}
 
 
 def demo_store(settings: Settings) -> Path:
@@ -282,12 +288,11 @@ def demo(settings: Settings, config: Path | None, requests: int = 3000, concurre
         for ep in sorted(b):
             echo(f"     {ep:<14}{b[ep]:.3f} -> {a.get(ep, 0.0):.3f}")
         echo("   (a session comes from the snapshot when its items' similar-item lists prove the answer)")
-        if miss is not None:
-            _models_after(server.base, miss, second.manifest, echo)
+        model_answers = _models_after(server.base, miss, second.manifest, echo) if miss is not None else {}
     sql = ("SELECT endpoint, source, count(*) AS requests, round(quantile_cont(latency_us, 0.5)) AS p50_us "
            "FROM requests GROUP BY ALL ORDER BY endpoint, source")
     cols, rows, _ = catalog.query(store, sql)
     echo(f"6. SQL over the catalog (python -m batch sql \"...\"):\n   {sql}\n" + catalog.format_table(cols, rows))
     echo(f"7. server stopped; demo took {time.perf_counter() - t_start:.0f}s")
     return {"before": hit_rate(before), "after": hit_rate(after), "first": first.snapshot_id,
-            "second": second.snapshot_id, "store": store.root}
+            "second": second.snapshot_id, "store": store.root, "model_answers": model_answers}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 
 from batch.demo import demo
@@ -28,6 +29,10 @@ _MASKS = [
     # latency table by source: which worker's cache answered a repeated live request varies
     (re.compile(r"^(\s+(?:cache|live)\s+)\d+(\s+)[\d.]+(\s+)[\d.]+$"), r"\1<n>\2<ms>\3<ms>"),
     (re.compile(r"^(\s+(?:precomputed|all)\s+\d+\s+)[\d.]+(\s+)[\d.]+$"), r"\1<ms>\2<ms>"),
+    # a registered model's predictions: the demo trains it on the machine that runs it, and a trained
+    # model's floats differ between CPUs (test_demo_prints_what_the_readme_shows checks them against
+    # the model's own predict instead)
+    (re.compile(r"^(\s+-> .*)$"), lambda m: re.sub(r"-?\d+\.\d+", "<prediction>", m.group(1))),
     # the SQL table: the same split, and the time in the app
     (re.compile(r"^(\| \w+\s+\| (?:cache|live)\s+\|\s+)\d+(\s+\|\s+)[\d.]+(\s+\|)$"), r"\1<n>\2<us>\3"),
     (re.compile(r"^(\| \w+\s+\| precomputed\s+\|\s+\d+\s+\|\s+)[\d.]+(\s+\|)$"), r"\1<us>\2"),
@@ -84,6 +89,29 @@ def test_demo_prints_what_the_readme_shows(tmp_path):
     shown = [line.replace(str(tmp_path) + "/", "") for line in lines]
     assert mask(shown) == mask(readme_block()), "\n".join(shown)
     assert result["second"] != result["first"] and result["after"] >= result["before"]
+    # the masked predictions, against the demand model's own predict on the inputs the API echoed
+    answers = result["model_answers"]
+    assert answers["hit"]["source"] == answers["after"]["source"] == "precomputed"
+    assert answers["miss"]["source"] in ("live", "cache")
+    model = _demand_model(settings)
+    for name in ("hit", "miss", "after"):
+        want = float(model.predict(pd.DataFrame([answers[name]["inputs"]]))[0])
+        assert answers[name]["prediction"] == pytest.approx(want, rel=1e-9), name
+    assert answers["after"]["prediction"] == answers["miss"]["prediction"]
+
+
+def _demand_model(settings):
+    """The demand model the demo trained, loaded with the types the config trusts."""
+    import skops.io as sio
+    spec = next(s for s in settings.models if s.name == "demand")
+    return sio.load(spec.artifact, trusted=list(spec.trusted_types))
+
+
+def test_mask_hides_a_models_predictions_only():
+    line = "     -> live 103.15536978185528, then cache 103.15536978185528 (the request log keeps the miss)"
+    assert mask([line]) == mask(["     -> live 105.56, then cache 105.56 (the request log keeps the miss)"])
+    assert mask([line]) != mask([line.replace("live", "precomputed", 1)])
+    assert mask(["  hit rate (answered from the snapshot): 0.843"]) != mask(["  hit rate (answered from the snapshot): 0.844"])
     assert result["store"] == tmp_path / "data" / "store-demo"
     assert (result["store"] / ".hybridserve-demo").is_file()
 
