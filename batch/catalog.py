@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 
 from serving.errors import HybridServeError, SnapshotError
-from serving.store import TABLES, Store, write_atomic
+from serving.store import TABLES, Store
 
 LOG = logging.getLogger(__name__)
 
@@ -37,10 +37,7 @@ def _sql_str(s: str) -> str:
 def record_pending(store: Store, run: dict[str, Any]) -> Path:
     """Leave a run record for the next catalog update (used directly by a run that found the lock taken).
     Written as ``<name>.json.tmp`` then renamed: a reader sees a whole record or none."""
-    store.pending_runs_dir.mkdir(parents=True, exist_ok=True)
-    pending = store.pending_runs_dir / f"{run['run_id']}-{os.getpid()}.json"
-    write_atomic(pending, json.dumps(run, default=str).encode())
-    return pending
+    return store.write_pending(f"{run['run_id']}-{os.getpid()}.json", json.dumps(run, default=str).encode())
 
 
 def recover_pending(store: Store) -> list[str]:
@@ -166,17 +163,17 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
 
 def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     current = store.current_id()
-    retained = store.snapshot_ids()
     for table in TABLES:
         if current is not None:
             path = str(store.table_path(current, table).resolve())
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(path)})")
-        if retained:
+        paths = store.table_paths(table)  # each retained snapshot's file, in whichever format it was written
+        if paths:
+            files = "[" + ", ".join(map(_sql_str, paths)) + "]"
             con.execute(
                 f"CREATE OR REPLACE VIEW all_{table} AS SELECT regexp_extract(filename, {_sql_str(_SNAPSHOT_ID)}, 1) "
-                f"AS snapshot, * EXCLUDE (filename) FROM read_parquet({_sql_str(store.table_glob(table))}, "
-                f"filename = true) WHERE regexp_matches(filename, {_sql_str(_SNAPSHOT_ID)})")
-    _model_views(con, store, retained)
+                f"AS snapshot, * EXCLUDE (filename) FROM read_parquet({files}, filename = true)")
+    _model_views(con, store, store.snapshot_ids())
     con.execute(f"CREATE OR REPLACE VIEW requests AS SELECT * FROM read_parquet("
                 f"{_sql_str(store.requests_glob())}, union_by_name = true)")
     rows = [(s["id"], s.get("created_at"), s.get("model_version"), json.dumps(s.get("rows", {})), s["current"],

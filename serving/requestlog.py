@@ -9,7 +9,6 @@ the buffer and are written once the folder takes them again.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -83,11 +82,6 @@ class RequestLog:
         with self._lock:
             self._rows = deque(self._rows, maxlen=rows)
 
-    @property
-    def backing_off(self) -> bool:
-        """The last flush failed: automatic flushes wait for the backoff to pass."""
-        return self._backoff_s > 0
-
     def flush(self) -> int:
         """Write the buffer as one new segment now. Returns rows written (0 on failure or nothing to do)."""
         with self._flush_lock:
@@ -144,17 +138,9 @@ class RequestLog:
         table = pa.Table.from_arrays([pa.array(ts, REQUEST_LOG_SCHEMA.field("ts").type)]
                                      + [pa.array(c, f.type) for c, f in zip(cols[1:], list(REQUEST_LOG_SCHEMA)[1:])],
                                      schema=REQUEST_LOG_SCHEMA)
-        self.store.requests_dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        name = f"seg-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
-        tmp = self.store.requests_dir / f".{name}.tmp"
-        try:
-            self.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, self.store.requests_dir / f"{name}.parquet")
-        except BaseException:
-            with contextlib.suppress(OSError):  # a full disk must not fill up with half-written segments
-                tmp.unlink()
-            raise
+        name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._seq:06d}-{uuid.uuid4().hex[:6]}"
+        self.store.append_segment(table, name, self.write_table)
 
     def start(self) -> None:
         """Flush every ``flush_interval_s`` from a daemon thread."""
