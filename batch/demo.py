@@ -27,7 +27,7 @@ from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, writ
 from batch.sample_models import ensure_sample_models
 from batch.job import run
 from batch.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, shown_items, summarise
-from serving.model import ModelBundle
+from serving.models.recommender import ModelBundle
 from serving.settings import Settings
 from serving.store import Store
 
@@ -235,7 +235,7 @@ def _wait_for_log_rows(store: Store, rows: int, timeout: float = 60.0) -> int:
     """Until the workers have flushed ``rows`` request-log rows (not a guessed sleep)."""
     deadline = time.time() + timeout
     while True:
-        have = sum(pq.read_metadata(p).num_rows for p in store.requests_dir.glob("seg-*.parquet"))
+        have = sum(pq.read_metadata(p).num_rows for p in store.segments())
         if have >= rows or time.time() > deadline:
             return have
         time.sleep(0.2)

@@ -18,7 +18,7 @@ from sklearn.model_selection import KFold
 
 from batch.embeddings import Vectors
 from batch.train import fit_biases, fit_rating_model, train_bundle
-from serving.model import ModelBundle
+from serving.models.recommender import ModelBundle
 from serving.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Se
     """The batch job's check on its model: the temporal split, recall on a sample of users, RMSE on
     the held-out ratings (model against item mean)."""
     train, test = temporal_split(interactions, settings["train.holdout_share"])
-    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
-    bundle = train_bundle(train, items, settings, lohi, supplied)
+    bundle = train_bundle(train, items, settings, supplied)
     rank = ranking_report(train, test, items, settings, supplied, settings["train.eval_users"], bundle)
     known = test[test["user_id"].isin(bundle.user_ids) & test["item_id"].isin(bundle.item_ids)]
     rmse = rmse_baselines(train, known, settings) if len(known) else {}

@@ -1,6 +1,8 @@
-"""The batch job: load inputs -> train (or reuse) -> select -> precompute -> validate -> publish.
+"""The batch job: inputs -> train (or reuse) -> stage the models -> map the precompute over partitions
+of their keys -> assemble -> validate -> publish.
 
-Every answer is computed by serving.model, the same functions the API calls live.
+Every answer is computed by the model kinds of serving.models, the code the API answers with live;
+``batch.precompute`` is the one function the backend maps (``batch.backends``).
 """
 from __future__ import annotations
 
@@ -9,9 +11,7 @@ import errno
 import logging
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,18 +21,22 @@ import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from tqdm import tqdm
 
 from batch import catalog, popularity
 from batch import models as registered_models
+from batch.backends import backend as make_backend
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
+from batch.precompute import PREDICTIONS_PER_RANKED, Staged, forget, partitions, precompute_part, staged_models
 from batch.train import train_and_evaluate, training_key
-from serving.errors import Abandoned, HybridServeError, StoreLockedError, ValidationFailed
-from serving.model import ModelBundle
-from serving.snapshot import serving_arrays
+from batch.validate import validate
+from serving.errors import Abandoned, HybridServeError, InputError, StoreLockedError, ValidationFailed
+from serving.models.base import Lists, Model
+from serving.models.rating import MODEL_FILES as RATING_FILES
+from serving.models.rating import RatingModel
+from serving.models.recommender import BUNDLE_FILES, ModelBundle
 from serving.settings import Settings
-from serving.store import Store, describe_os_error, naming
+from serving.store import Store, describe_os_error, layout, naming
 
 LOG = logging.getLogger(__name__)
 
@@ -65,42 +69,51 @@ class _Stages:
 
 
 # --- model --------------------------------------------------------------------------
-def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool = False
-                 ) -> tuple[ModelBundle, Path, dict[str, Any], bool]:
-    """The trained bundle for these inputs and settings: reused from the store's model cache
-    when the training key matches, else trained. Returns (bundle, folder, evaluation, trained)."""
+@dataclass
+class Trained:
+    """The recommender and the rating model for these inputs, and the cache folder holding their files."""
+
+    bundle: ModelBundle
+    rating: RatingModel
+    folder: Path
+    evaluation: dict[str, Any]
+    retrained: bool
+
+
+def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool = False) -> Trained:
+    """The trained models for these inputs and settings: reused from the store's model cache when the
+    training key matches, else trained (and cached)."""
     supplied = supplied_vectors(inputs, settings)
     key = training_key(inputs.fingerprint + vectors_fingerprint(supplied), settings)
-    folder = store.models_dir / key
+    folder = store.trained_dir(key)
     live = store.current_id()
     if not retrain and not folder.is_dir() and live is not None:
-        # The cache was pruned, but the live snapshot may carry this very model.
+        # The cache was pruned, but the live snapshot may carry these very models.
         try:
-            live_model = store.model_dir(live)
-            if ModelBundle.read_meta(live_model).get("training_key") == key:
-                folder = live_model
+            if ModelBundle.read_meta(store.model_dir(live)).get("training_key") == key:
+                folder = store.model_dir(live).parent
         except (OSError, ValueError):
             pass
     if folder.is_dir() and not retrain:
         LOG.info("inputs unchanged: reusing model %s", key)
-        bundle = ModelBundle.load(folder)
-        return bundle, folder, bundle.meta.get("evaluation", {}), False
-    folder = store.models_dir / key
-    bundle, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings, supplied)
-    bundle.meta.update(model_version=f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", training_key=key,
-                       inputs_fingerprint=inputs.fingerprint, evaluation=evaluation)
-    tmp = store.models_dir / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
-    try:
-        with naming(tmp):
-            bundle.save(tmp)
-    except RuntimeError as exc:  # FAISS reports a failed write as a RuntimeError
-        raise _faiss_os_error(exc) or exc
-    if folder.exists():  # --retrain: replace the cached bundle (snapshots hold hard links, not this folder)
-        trash = store.models_dir / f".trash-{key}-{uuid.uuid4().hex[:6]}"
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, folder)
-    return bundle, folder, evaluation, True
+        bundle = ModelBundle.load(folder / layout.RECOMMENDER)
+        rating = RatingModel.load(folder / layout.RATING, layout.RATING, {})
+        return Trained(bundle, rating, folder, bundle.meta.get("evaluation", {}), False)
+    bundle, rating, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings, supplied)
+    version = f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    bundle.meta.update(model_version=version, training_key=key, inputs_fingerprint=inputs.fingerprint,
+                       evaluation=evaluation)
+    rating.meta["model_version"] = rating.version = version
+
+    def save(tmp: Path) -> None:
+        try:
+            with naming(tmp):
+                bundle.save(tmp / layout.RECOMMENDER)
+                rating.save(tmp / layout.RATING)
+        except RuntimeError as exc:  # FAISS reports a failed write as a RuntimeError
+            raise _faiss_os_error(exc) or exc
+
+    return Trained(bundle, rating, store.save_trained(key, save), evaluation, True)
 
 
 def supplied_vectors(inputs: Inputs, settings: Settings) -> dict[str, Vectors | None]:
@@ -141,96 +154,25 @@ def _faiss_os_error(exc: RuntimeError) -> OSError | None:
     return out
 
 
-def prune_models(store: Store, keep: int) -> list[str]:
-    """Keep the newest ``keep`` cached models (snapshots hold their own hard links, so none breaks)."""
-    if not store.models_dir.is_dir():
-        return []
-    folders = sorted((p for p in store.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
-    removed = []
-    for p in folders[keep:]:
-        trash = store.models_dir / f".trash-{p.name}-{uuid.uuid4().hex[:6]}"
-        os.replace(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        removed.append(p.name)
-    return removed
-
-
 def observed_hit_rate(store: Store, until: datetime) -> float | None:
-    """Share of lookups answered from the snapshot since the previous published run (None if no traffic)."""
+    """Share of lookups answered from the snapshot since the previous published run (None if no traffic);
+    the lookups are the endpoints /metrics' hit rate counts (layout.LOOKUP_ENDPOINTS)."""
     import duckdb
     previous = store.current_id()
     if previous is None or not store.requests_dir.is_dir():
         return None
     since = store.read_manifest(previous).get("created_at")
+    endpoints = ", ".join(f"'{e}'" for e in layout.LOOKUP_ENDPOINTS)
     con = duckdb.connect()
     try:
         hits, total = con.execute(
             "SELECT count(*) FILTER (WHERE source = 'precomputed'), count(*) FROM read_parquet(?, union_by_name = true) "
-            "WHERE status < 400 AND endpoint IN ('similar_items', 'user_recs', 'prediction', 'session') "
+            f"WHERE status < 400 AND endpoint IN ({endpoints}) "
             "AND ts >= CAST(? AS TIMESTAMPTZ) AND ts < CAST(? AS TIMESTAMPTZ)",
             [store.requests_glob(), since, until.isoformat()]).fetchall()[0]
     finally:
         con.close()
     return hits / total if total else None
-
-
-# --- precompute ---------------------------------------------------------------------
-def _batched(n: int, size: int, desc: str) -> Iterator[slice]:
-    for start in tqdm(range(0, n, size), desc=desc, unit="batch", disable=None, leave=False):
-        yield slice(start, min(n, start + size))
-
-
-def list_table(key_name: str, keys: np.ndarray, ids_name: str, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
-    """(n,) keys and (n, k) ids/scores padded with -1 -> a table with list columns (padding dropped)."""
-    valid = ids >= 0
-    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
-    return pa.table({key_name: pa.array(keys, pa.int64()),
-                     ids_name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[valid], pa.int64())),
-                     "scores": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid], pa.float32()))})
-
-
-def precompute_similar(bundle: ModelBundle, item_ids: np.ndarray, k: int, batch_size: int
-                       ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """Top-k neighbours of each item: (table, ids (n, k), scores (n, k))."""
-    iidx = bundle.item_index(item_ids)
-    ids = np.full((len(iidx), k), -1, dtype=np.int64)
-    scores = np.full((len(iidx), k), np.nan, dtype=np.float32)
-    for sl in _batched(len(iidx), batch_size, "similar items"):
-        ids[sl], scores[sl] = bundle.similar_items(iidx[sl], k)
-    return list_table("item_id", item_ids, "neighbor_ids", ids, scores), ids, scores
-
-
-def precompute_recs(bundle: ModelBundle, user_ids: np.ndarray, k: int, batch_size: int
-                    ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """Recommendations for each user: (table, ids (n, k), scores (n, k))."""
-    uidx = bundle.user_index(user_ids)
-    ids = np.full((len(uidx), k), -1, dtype=np.int64)
-    scores = np.full((len(uidx), k), np.nan, dtype=np.float32)
-    for sl in _batched(len(uidx), batch_size, "user recommendations"):
-        ids[sl], scores[sl] = bundle.recommend(uidx[sl], k)
-    return list_table("user_id", user_ids, "item_ids", ids, scores), ids, scores
-
-
-def precompute_predictions(bundle: ModelBundle, pairs: pd.DataFrame, batch_size: int) -> pa.Table:
-    uidx = bundle.user_index(pairs["user_id"].to_numpy())
-    iidx = bundle.item_index(pairs["item_id"].to_numpy())
-    pred = np.empty(len(pairs), dtype=np.float32)
-    for sl in _batched(len(pairs), batch_size * 16, "predictions"):
-        pred[sl] = bundle.predict(uidx[sl], iidx[sl])
-    return pa.table({"user_id": pa.array(pairs["user_id"].to_numpy(), pa.int64()),
-                     "item_id": pa.array(pairs["item_id"].to_numpy(), pa.int64()),
-                     "prediction": pa.array(pred, pa.float32())})
-
-
-def pairs_from_recs(user_ids: np.ndarray, rec_ids: np.ndarray, per_user: int, cap: int) -> pd.DataFrame:
-    """Before any request log: each popular user against their own top recommended items."""
-    top = rec_ids[:, :per_user]
-    users = np.repeat(user_ids, top.shape[1])
-    items = top.ravel()
-    ok = items >= 0
-    frame = pd.DataFrame({"user_id": users[ok], "item_id": items[ok]}).iloc[:cap]
-    return frame.sort_values(["user_id", "item_id"], ignore_index=True)
 
 
 def items_table(items: pd.DataFrame) -> pa.Table:
@@ -239,90 +181,112 @@ def items_table(items: pd.DataFrame) -> pa.Table:
                      "genres": pa.array([list(g) for g in items["genres"]], pa.list_(pa.string()))})
 
 
-# --- validation ---------------------------------------------------------------------
-def validate(model_folder: Path, tables: dict[str, pa.Table], settings: Settings, live_rows: dict[str, int] | None,
-             force: bool) -> dict[str, Any]:
-    """Checks on the unpublished snapshot, with the bundle loaded back from its folder.
+# --- what to precompute -----------------------------------------------------------------
+class JobPlan:
+    """What the models' ``keys`` are asked with (serving.models.base.Plan): the popularity selection,
+    the request log per model, and the tables precomputed so far in this run."""
 
-    - a sample of precomputed answers recomputed live must match;
-    - ANN recall@10 against exact search on a sample of items must reach batch.min_recall;
-    - row counts must not fall by more than batch.max_row_drop from the live snapshot (unless force).
-    Raises ValidationFailed; returns the results for the manifest.
-    """
-    bundle = ModelBundle.load(model_folder)
-    rng = np.random.default_rng(settings["train.seed"])
-    n = settings["batch.validate_sample"]
-    k_max = settings["batch.k_max"]
-    out: dict[str, Any] = {}
-    problems = []
+    def __init__(self, selection: popularity.Selection, model_log: dict, settings: Settings):
+        self.selection, self.model_log, self.settings = selection, model_log, settings
+        self.coverage, self.k_max = settings["batch.coverage"], settings["batch.k_max"]
+        self.cover = popularity.cover
+        self.tables: dict[tuple[str, str], pa.Table] = {}
 
-    def sample(table):
-        return np.sort(rng.choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+    def popular(self, what: str) -> np.ndarray:
+        if what == "pairs":
+            pairs = self.selection.pairs
+            return np.zeros((0, 2), np.int64) if pairs is None else pairs[["user_id", "item_id"]].to_numpy(np.int64)
+        return {"items": self.selection.items, "users": self.selection.users}[what]
 
-    lists = (("similar_items", "item_id", "neighbor_ids", bundle.item_index, bundle.similar_items, "similar-item"),
-             ("user_recs", "user_id", "item_ids", bundle.user_index, bundle.recommend, "user recommendation"))
-    for name, key, column, index, query, label in lists:
-        table = tables[name]
-        rows = sample(table)
-        if not len(rows):
-            continue
-        ids, _ = query(index(table.column(key).to_numpy()[rows]), k_max)
-        want = table.column(column).take(pa.array(rows)).to_pylist()
-        bad = sum(got[got >= 0].tolist() != w for got, w in zip(ids, want))
-        out[f"{name}_mismatches"] = int(bad)
-        if bad:
-            problems.append(f"{bad}/{len(rows)} {label} lists differ when recomputed live")
-    preds = tables["predictions"]
-    rows = sample(preds)
-    if len(rows):
-        u = preds.column("user_id").to_numpy()[rows]
-        i = preds.column("item_id").to_numpy()[rows]
-        got = bundle.predict(bundle.user_index(u), bundle.item_index(i))
-        bad = int((~np.isclose(got, preds.column("prediction").to_numpy()[rows], rtol=1e-5, atol=1e-5)).sum())
-        out["prediction_mismatches"] = bad
-        if bad:
-            problems.append(f"{bad}/{len(rows)} predictions differ when recomputed live")
+    def logged(self, model: str):
+        return self.model_log.get(model)
 
-    out["ann_recall_at_10"] = ann_recall(bundle, rng.choice(bundle.n_items, size=min(n, bundle.n_items),
-                                                           replace=False), 10)
-    if out["ann_recall_at_10"] < settings["batch.min_recall"]:
-        problems.append(f"ANN recall@10 {out['ann_recall_at_10']:.3f} < batch.min_recall "
-                        f"{settings['batch.min_recall']}")
-    if live_rows:
-        for table, before in live_rows.items():
-            after = tables[table].num_rows if table in tables else 0
-            if before and after < before * (1 - settings["batch.max_row_drop"]):
-                msg = f"{table} rows fell from {before} to {after} (more than batch.max_row_drop)"
-                if force:
-                    out.setdefault("forced", []).append(msg)
-                else:
-                    problems.append(msg + "; --force publishes anyway")
-    out["passed"] = not problems
-    out["problems"] = problems
-    if problems:
-        raise ValidationFailed("validation refused the snapshot: " + "; ".join(problems))
-    return out
+    def setting(self, key: str) -> Any:
+        return self.settings[key]
+
+    def answers(self, model: str, query: str) -> pa.Table | None:
+        return self.tables.get((model, query))
+
+    def add(self, what: str, keys: np.ndarray) -> None:
+        if what == "pairs":  # the held-out estimate for predictions covers these too
+            self.selection.add_pairs(pd.DataFrame(np.asarray(keys).reshape(-1, 2), columns=["user_id", "item_id"]))
+
+    def precomputed(self, model: Model, query: str, table: pa.Table) -> None:
+        """Note a query's table (another model's keys may follow its answers)."""
+        self.tables[(model.name, query)] = table
 
 
-def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
-    """Recall@k of the bundle's index against exact inner-product search over the same (one per tie
-    group) vectors, for the given query items. An answer counts as found when its exact score
-    reaches the exact k-th score: among tied scores (every candidate of a zero-vector item, an
-    item without interactions) which ids exact search keeps is arbitrary, and counting ids read
-    HNSW's 0.995 as 0.885 on the 100K-item benchmark."""
-    q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
-    groups = bundle.group_vecs()
-    k = min(k, len(groups))
-    if len(q) == 0 or k == 0:
-        return 1.0
-    _, approx = bundle.search_groups(q, k)
-    exact, _ = faiss.knn(q, groups, k, faiss.METRIC_INNER_PRODUCT)
-    approx = np.asarray(approx, np.int64)
-    got = np.einsum("nd,nkd->nk", q.astype(np.float64), groups[np.maximum(approx, 0)])
-    got[approx < 0] = -np.inf
-    # float32 rounding of a score is relative to |q| |g|, not to the score (which may cancel to ~0)
-    tol = 1e-5 * np.linalg.norm(q, axis=1, keepdims=True) * np.sqrt(np.einsum("ij,ij->i", groups, groups).max())
-    return float((got >= exact[:, -1:] - tol).sum() / exact.size)
+def _in_order(models: dict[str, Model]) -> list[str]:
+    """Model names, each after the models whose answers its keys follow (Model.needs)."""
+    done: list[str] = []
+    while len(done) < len(models):
+        ready = [n for n, m in models.items() if n not in done and all(d in done or d not in models for d in m.needs)]
+        if not ready:
+            raise ValueError(f"models need each other: {', '.join(n for n in models if n not in done)}")
+        done += ready
+    return done
+
+
+def _empty(model: Model, query: str, k_max: int) -> pa.Table:
+    """A query's table with no rows (none of its keys was popular)."""
+    if model.queries[query].ranked:
+        answers: Lists | np.ndarray = Lists(np.zeros((0, k_max), np.int64), np.zeros((0, k_max), np.float32))
+        return model.part(query, [np.zeros(0, np.int64)], answers)
+    return model.part(query, [np.zeros(0, np.int64) for _ in model.key_columns(query)], np.zeros(0))
+
+
+def _trial(model: Model, query: str, columns: list[np.ndarray], k: int | None, n: int, seed: int) -> None:
+    """The model answers a sample of its keys before all of them are mapped (a broken model stops the
+    run with one line naming it, not a traceback from a partition)."""
+    size = len(columns[0])
+    rows = np.sort(np.random.default_rng(seed).choice(size, size=min(n, size), replace=False))
+    try:
+        out = model.answer(query, [c[rows] for c in columns], k)
+    except HybridServeError:
+        raise
+    except Exception as exc:
+        raise InputError(f"model {model.name}", query, f"answering a sample of {len(rows)} keys failed: "
+                                                      f"{type(exc).__name__}: {exc}") from None
+    if len(out) != len(rows):
+        raise InputError(f"model {model.name}", query, f"answered {len(out)} values for {len(rows)} keys")
+
+
+def precompute(staged: Staged, writer, plan: JobPlan, backend, settings: Settings
+               ) -> tuple[dict[tuple[str, str], pa.Table], dict[str, dict[str, Any]]]:
+    """Every model's keys, mapped over partitions by the backend, assembled into its folder.
+    Returns each (model, query)'s table and, per model, what was chosen and stored."""
+    models = staged_models(staged)
+    k_max, size = settings["batch.k_max"], settings["batch.batch_size"]
+    reports: dict[str, dict[str, Any]] = {}
+    for name in _in_order(models):
+        m = models[name]
+        for query, q in m.queries.items():
+            columns, report = m.keys(query, plan)
+            if not columns:  # answered from other queries' answers (a session from similar lists)
+                continue
+            k = k_max if q.ranked else None
+            if len(columns[0]):
+                _trial(m, query, columns, k, settings["batch.validate_sample"], settings["train.seed"])
+            parts = list(partitions(name, query, columns, size if q.ranked else size * PREDICTIONS_PER_RANKED, k))
+            backend.map(precompute_part, staged, parts, desc=f"{name} {query}")
+            table = writer.read_parts(name, query)
+            table = _empty(m, query, k_max) if table is None else table
+            out = reports.setdefault(name, {"selection": {}, "rows": {}})
+            out["selection"].update(report)
+            out["rows"][query] = m.assemble(query, table, writer.model_folder(name), k_max)["rows"]
+            plan.precomputed(m, query, table)
+            LOG.info("model %s %s: %d precomputed", name, query, table.num_rows)
+    return plan.tables, reports
+
+
+def _entries(trained: Trained, registered: dict[str, dict[str, Any]], k_max: int) -> dict[str, dict[str, Any]]:
+    """The manifest entries of every model in the snapshot, the built-in two first."""
+    spec = trained.rating.spec
+    return {layout.RECOMMENDER: {"kind": "recommender", "version": trained.bundle.model_version, "k_max": k_max},
+            layout.RATING: {"kind": "rating", "version": trained.rating.version,
+                            "inputs": [i.describe() for i in spec.inputs], "schema_hash": spec.schema_hash(),
+                            "table": layout.table_file("predictions")},
+            **registered}
 
 
 # --- the run ------------------------------------------------------------------------
@@ -358,9 +322,10 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     record: dict[str, Any] = {"run_id": run_id, "started_at": started.isoformat(), "status": "failed",
                               "retrained": False}
     result = RunResult(run_id=run_id, status="failed")
-    writer = None
-    threads = settings["batch.threads"] or os.cpu_count() or 1
-    faiss.omp_set_num_threads(threads)
+    writer = staged = backend = None
+    faiss.omp_set_num_threads(settings["batch.threads"] or os.cpu_count() or 1)
+    k_max = settings["batch.k_max"]
+
     def checkpoint(stage: str) -> None:
         if should_stop():
             raise Abandoned(f"stop requested; abandoned before {stage}, CURRENT unchanged")
@@ -373,10 +338,16 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             inputs = load_inputs(Path(settings["paths.inputs"]), settings["train.rating_min"],
                                  settings["train.rating_max"])
         with stages("train"):
-            bundle, model_folder, evaluation, trained = obtain_model(store, inputs, settings, retrain)
-        record.update(model_version=bundle.model_version, retrained=trained)
-        with stages("models"):  # registered models: a bad artifact or schema stops the run here
-            prepared = registered_models.prepare(settings, store, started)
+            trained = obtain_model(store, inputs, settings, retrain)
+        bundle = trained.bundle
+        record.update(model_version=bundle.model_version, retrained=trained.retrained)
+        writer = store.begin(started, crash_at=crash_at)
+        with stages("models"):  # every model staged in the new snapshot; a bad artifact or schema stops here
+            writer.link_files(trained.folder / layout.RECOMMENDER, layout.RECOMMENDER, BUNDLE_FILES)
+            writer.link_files(trained.folder / layout.RATING, layout.RATING, RATING_FILES)
+            registered = registered_models.stage(writer.model_folder, settings.models)
+            entries = _entries(trained, registered, k_max)
+            staged = Staged(store.url, writer.id, entries)
         checkpoint("select")
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
@@ -384,48 +355,41 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             hint = popularity.historical_window_warning(sel.report["window"], started)
             if hint:
                 LOG.warning("%s", hint)
-        k_max, bs = settings["batch.k_max"], settings["batch.batch_size"]
+            model_log = registered_models.read_model_log(store, started, settings["batch.decay_half_life_hours"])
         checkpoint("precompute")
         with stages("precompute"):
-            tables = {}
-            tables["similar_items"], sim_ids, sim_scores = precompute_similar(bundle, sel.items, k_max, bs)
-            tables["user_recs"], rec_ids, rec_scores = precompute_recs(bundle, sel.users, k_max, bs)
-            # The pairs a frontend is likely to show (each user's top recs) plus those actually asked for.
-            pairs = pairs_from_recs(sel.users, rec_ids, settings["batch.pairs_per_user"], settings["batch.max_pairs"])
-            sel.add_pairs(pairs)
-            if sel.pairs is not None:
-                pairs = (pd.concat([sel.pairs, pairs]).drop_duplicates().iloc[:settings["batch.max_pairs"]]
-                         .sort_values(["user_id", "item_id"], ignore_index=True))
-            tables["predictions"] = precompute_predictions(bundle, pairs, bs)
+            backend = make_backend(settings)
+            tables, reports = precompute(staged, writer, JobPlan(sel, model_log, settings), backend, settings)
             record["expected_hit_rate"] = sel.report["expected_hit_rate"]
-            tables["items"] = items_table(inputs.items)
-            preds = tables["predictions"]
-            arrays = serving_arrays(bundle, sel.items, sim_ids, sim_scores, sel.users, rec_ids, rec_scores,
-                                    preds.column("user_id").to_numpy(), preds.column("item_id").to_numpy(),
-                                    preds.column("prediction").to_numpy())
         checkpoint("publish")
         with stages("publish"):
-            writer = store.begin(started, crash_at=crash_at)
+            writer.write_table("similar_items", tables[(layout.RECOMMENDER, "similar_items")])
+            writer.write_table("user_recs", tables[(layout.RECOMMENDER, "user_recs")])
+            writer.write_table("predictions", tables[(layout.RATING, "predict")])
+            writer.write_table("items", items_table(inputs.items))
             snapshot_id = writer.id
-            for name, table in tables.items():
-                writer.write_table(name, table)
-            writer.write_arrays(arrays)
-            writer.link_model(model_folder)
-            models_manifest = registered_models.write(writer.tmp, prepared, bundle, tables["predictions"].num_rows)
             live = store.current_id()
             live_rows = store.read_manifest(live).get("row_counts") if live else None
+            models_manifest = {}
+            for name, entry in entries.items():
+                if name == layout.RECOMMENDER:
+                    continue
+                done = reports.get(name, {"selection": {}, "rows": {}})
+                models_manifest[name] = {**entry, "rows": done["rows"].get("predict", 0),
+                                         **({"selection": done["selection"]} if done["selection"] else {})}
+            recommender = {**entries[layout.RECOMMENDER], "rows": reports[layout.RECOMMENDER]["rows"]}
             manifest = {
                 "created_at": started.isoformat(), "model_version": bundle.model_version,
                 "inputs_fingerprint": inputs.fingerprint, "inputs": str(inputs.folder),
-                "settings": settings.as_dict(), "evaluation": evaluation, "popularity": sel.report,
-                "k_max": k_max, "run_id": run_id, "retrained": trained,
-                "observed_hit_rate_since_previous": record["observed_hit_rate"], "models": models_manifest,
+                "settings": settings.as_dict(), "evaluation": trained.evaluation, "popularity": sel.report,
+                "k_max": k_max, "run_id": run_id, "retrained": trained.retrained,
+                "observed_hit_rate_since_previous": record["observed_hit_rate"],
+                "recommender": recommender, "models": models_manifest, "format_version": layout.FORMAT_VERSION,
             }
             with stages("validate"):
-                # On the complete, unpublished folder, with the bundle read back from disk.
-                manifest["validation"] = validate(writer.model_dir, tables, settings, live_rows, force)
-                manifest["validation"]["models"] = registered_models.validate(
-                    writer.tmp, prepared, settings["batch.validate_sample"], settings["train.seed"])
+                # On the complete, unpublished folder, with every model read back from disk.
+                manifest["validation"] = validate(writer.tmp, manifest, tables, settings, live_rows,
+                                                  writer.row_counts, force)
             checkpoint("CURRENT moves")  # the last point at which a stop leaves no trace
             manifest = writer.publish(manifest)
             writer = None
@@ -433,7 +397,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             record.update(status="published", snapshot_id=snapshot_id, row_counts=manifest["row_counts"])
             result = RunResult(run_id=run_id, status="published", snapshot_id=snapshot_id, manifest=manifest)
             for what, tidy in (("retention", lambda: store.apply_retention(settings["batch.keep"])),
-                               ("model cache pruning", lambda: prune_models(store, settings["batch.keep"]))):
+                               ("model cache pruning", lambda: store.prune_trained(settings["batch.keep"]))):
                 try:
                     tidy()
                 except OSError as exc:
@@ -456,9 +420,12 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         record["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if staged is not None:
+            forget(staged)
+        if backend is not None:
+            backend.close()
         if writer is not None:
             writer.abort()
         record.update(ended_at=now().isoformat(), stage_seconds=stages.seconds)
         result.catalog_error = catalog.record_run(store, record)
         result.catalog_updated = result.catalog_error is None
-

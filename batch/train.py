@@ -19,7 +19,10 @@ from threadpoolctl import threadpool_limits
 
 from batch.embeddings import Vectors
 from serving.errors import ConfigError, InputError
-from serving.model import ModelBundle, fold_in, mips_pad, normalise, set_search_params
+from serving.models.rating import RatingModel
+from serving.models.recommender import ModelBundle
+from serving.models.vectors import fold_in, mips_pad, normalise, set_search_params
+from serving.store.layout import RATING
 from serving.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ TRAINING_KEYS = ("train.dim", "train.popularity_damping", "train.index", "train.
 
 
 # Bump when training code changes what it produces, so cached models are not reused across it.
-TRAINING_CODE_VERSION = 5
+TRAINING_CODE_VERSION = 6
 
 
 def training_key(fingerprint: str, settings: Settings) -> str:
@@ -86,7 +89,7 @@ def build_index(vecs: np.ndarray, spec: str, settings: Settings, seed: int = 0) 
 def index_builder(settings: Settings, metric: str, seed: int = 0):
     """The ModelBundle.from_vectors builder: (G, d) group vectors -> (index, meta entries).
 
-    Inner-product vectors go to an IVF index with one padding coordinate (serving.model.mips_pad), so
+    Inner-product vectors go to an IVF index with one padding coordinate (serving.models.vectors.mips_pad), so
     k-means lists see equal-length vectors; an HNSW graph or Flat gets them as they are (padding
     cut HNSW's recall@10 from 0.995 to 0.85 on the 100K-item benchmark: the padding coordinate then
     dominates the neighbourhoods of short vectors)."""
@@ -185,7 +188,6 @@ def fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings: Settings) 
 
 
 def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                 rating_range: tuple[float, float] | None = None,
                  supplied: dict[str, Vectors | None] | None = None) -> ModelBundle:
     """Fit retrieval vectors (unless supplied), index and rating model on ``interactions``.
 
@@ -197,7 +199,6 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
     user_ids = np.unique(interactions["user_id"].to_numpy(dtype=np.int64))
     uidx = np.searchsorted(user_ids, interactions["user_id"].to_numpy(dtype=np.int64))
     iidx = np.searchsorted(item_ids, interactions["item_id"].to_numpy(dtype=np.int64))
-    ratings = interactions["rating"].to_numpy(dtype=np.float32)
     n_users, n_items = len(user_ids), len(item_ids)
 
     item_v, user_v = supplied.get("items"), supplied.get("users")
@@ -230,26 +231,41 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
         given = user_v.vecs if metric == "ip" else normalise(user_v.vecs)
         user_vecs[np.searchsorted(user_ids, user_v.ids)] = given
 
-    rating = fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings)
-    lo, hi = rating_range or (float(ratings.min()), float(ratings.max()))
     meta = {"dim": int(item_vecs.shape[1]), "metric": metric, "vectors": source,
             "user_vectors": str(user_v.path) if user_v is not None else "folded in",
-            "min_support": settings["train.similar_min_support"], "rating": rating.pop("meta"),
-            "rating_range": [lo, hi], "trained_at": datetime.now(timezone.utc).isoformat(),
-            "n_interactions": int(len(ratings))}
+            "min_support": settings["train.similar_min_support"],
+            "trained_at": datetime.now(timezone.utc).isoformat(), "n_interactions": int(len(uidx))}
     bundle = ModelBundle.from_vectors(item_ids, item_vecs, index_builder(settings, metric, seed),
                                       user_ids=user_ids, user_vecs=user_vecs,
                                       item_support=item_support, seen_indptr=seen_indptr, seen_items=seen_items,
-                                      rating=rating, meta=meta)
+                                      meta=meta)
     return bundle
 
 
+def train_rating(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                 rating_range: tuple[float, float] | None = None) -> RatingModel:
+    """The rating model (serving.models.rating) fitted on ``interactions``, over the same sorted user
+    and item ids as train_bundle's; predictions are clipped to ``rating_range`` (default: the range
+    of the ratings)."""
+    item_ids = np.sort(items["item_id"].to_numpy(dtype=np.int64))
+    user_ids = np.unique(interactions["user_id"].to_numpy(dtype=np.int64))
+    uidx = np.searchsorted(user_ids, interactions["user_id"].to_numpy(dtype=np.int64))
+    iidx = np.searchsorted(item_ids, interactions["item_id"].to_numpy(dtype=np.int64))
+    ratings = interactions["rating"].to_numpy(dtype=np.float32)
+    fit = fit_rating_model(uidx, iidx, ratings, len(user_ids), len(item_ids), settings)
+    lo, hi = rating_range or (float(ratings.min()), float(ratings.max()))
+    meta = {**fit.pop("meta"), "rating_range": [lo, hi]}
+    return RatingModel(RATING, {"user_ids": user_ids, "item_ids": item_ids, **fit}, meta)
+
+
 def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                       supplied: dict[str, Vectors | None] | None = None) -> tuple[ModelBundle, dict[str, Any]]:
-    """Evaluate on the per-user temporal hold-out (batch.evaluate), then fit the bundle that ships on
-    all interactions."""
+                       supplied: dict[str, Vectors | None] | None = None
+                       ) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
+    """Evaluate on the per-user temporal hold-out (batch.evaluate), then fit the recommender and the
+    rating model that ship on all interactions."""
     from batch.evaluate import holdout_report
     lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
     evaluation = holdout_report(interactions, items, settings, supplied)
     LOG.info("evaluation: %s", evaluation)
-    return train_bundle(interactions, items, settings, lohi, supplied), evaluation
+    return (train_bundle(interactions, items, settings, supplied), train_rating(interactions, items, settings, lohi),
+            evaluation)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
-    from serving.app import create_app
+    from serving.web.app import create_app
     app = create_app(settings)
     app.run(host=settings["serving.host"], port=args.port or settings["serving.port"], threaded=True)
     return 0

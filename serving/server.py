@@ -14,7 +14,7 @@ subclassed or patched; this module only maps ``serving.*`` settings onto granian
 * Prometheus multiprocess mode: one fresh metrics directory per server, removed at exit;
 * each worker builds the app itself (granian has no pre-fork app loading), then freezes what it
   built (``gc.freeze()``) before serving; the request log is flushed when the worker stops
-  (serving.app watches for the worker's main thread to end).
+  (serving.web.app watches for the worker's main thread to end).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def worker_app():
     out of the collector's sight a full collection stays short (0.6-7 ms instead of 80-100 ms, measured
     under gunicorn). A swapped-out snapshot is freed by reference counting (tests/test_server.py).
     """
-    from serving.app import create_app
+    from serving.web.app import create_app
 
     app = create_app(load_settings())
     gc.freeze()

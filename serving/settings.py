@@ -95,6 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "pairs_per_user", 10, "Before any request log: predictions for each popular user's top-N recommended items", minimum=0),
     Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log), in days back from "
             "the newest interaction in the inputs, not from today; 0 = all history (for historical data sets)", minimum=0),
+    Setting("batch", "backend", "local", "Where the precompute's partitions run: local (this process)", choices=("local",)),
     Setting("batch", "batch_size", 4096, "Queries per vectorised call when precomputing", minimum=1),
     Setting("batch", "keep", 5, "Snapshots retained (CURRENT and its predecessor are always kept)", minimum=2),
     Setting("batch", "decay_half_life_hours", 168.0, "Request-log traffic loses half its weight per this many hours (0 = no decay)", minimum=0.0),

@@ -12,8 +12,9 @@ import pytest
 
 from batch.job import run
 from batch.popularity import read_request_counts, select
-from serving.app import create_app
-from serving.model import ModelBundle
+from serving.web.app import create_app
+from serving.models.rating import RatingModel
+from serving.models.recommender import ModelBundle
 from serving.store import Store
 
 
@@ -150,12 +151,13 @@ def test_user_recs_and_predictions(env):
     assert body["source"] == "precomputed" and body["prediction"] == pytest.approx(p.prediction, abs=1e-5)
     other = client.get(f"/v1/predictions?user_id={cold_user}&item_id={p.item_id}").json
     assert other["source"] == "live"
-    bundle = ModelBundle.load(store.model_dir(sid))
-    u, i = bundle.user_index([cold_user])[0], bundle.item_index([p.item_id])[0]
-    r = bundle.meta["rating"]
-    want = (r["blend"][0] + r["blend"][1] * (r["global_mean"] + bundle.user_bias[u] + bundle.item_bias[i])
-            + r["blend"][2] * float(np.dot(bundle.user_factors[u], bundle.item_factors[i])))
-    lo, hi = bundle.meta["rating_range"]
+    rating = RatingModel.load(store.model_dir(sid, "rating"), "rating", {})
+    u = int(np.searchsorted(rating.user_ids, cold_user))
+    i = int(np.searchsorted(rating.item_ids, p.item_id))
+    r = rating.meta
+    want = (r["blend"][0] + r["blend"][1] * (r["global_mean"] + rating.user_bias[u] + rating.item_bias[i])
+            + r["blend"][2] * float(np.dot(rating.user_factors[u], rating.item_factors[i])))
+    lo, hi = r["rating_range"]
     assert other["prediction"] == pytest.approx(float(np.clip(want, lo, hi)), abs=1e-4)
 
 
@@ -174,7 +176,7 @@ def test_session_recommendations_live_then_cached(env):
     assert b["source"] == "cache" and b["items"] == a["items"]
     # independent: the session folded in like a user's history (sum of the item vectors), inner
     # product against every item, ties by id
-    bundle = app.extensions["hybridserve"].engine.snapshot.bundle
+    bundle = app.extensions["hybridserve"].engine.snapshot.models["recommender"].bundle
     vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
     q = vecs[bundle.item_index(items)].sum(axis=0)
     sims = vecs @ q
@@ -189,7 +191,7 @@ def test_session_of_precomputed_items_comes_from_the_snapshot(env, workspace):
     brute force; those the lists cannot prove go live."""
     client, app, clock, store, first, _, settings = env
     live = create_app(settings.replace(serving__mode="live-only"), clock=clock, background=False)
-    bundle = app.extensions["hybridserve"].engine.snapshot.bundle
+    bundle = app.extensions["hybridserve"].engine.snapshot.models["recommender"].bundle
     vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
     listed = _table(store, first.snapshot_id, "similar_items")["item_id"].to_numpy()
     rng = np.random.default_rng(3)
@@ -263,7 +265,7 @@ def test_freshness_and_ttl_follow_the_injected_clock(env):
 def test_concurrent_identical_misses_compute_once(env):
     client, app, clock, store, first, _, _ = env
     engine = app.extensions["hybridserve"].engine
-    bundle = engine.snapshot.bundle
+    bundle = engine.snapshot.models["recommender"].bundle
     calls, gate = [], threading.Event()
     original = bundle.similar_items
 
@@ -275,7 +277,7 @@ def test_concurrent_identical_misses_compute_once(env):
     bundle.similar_items = slow
     cold = _missing_item(store, first.snapshot_id)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(engine.similar_items(cold, 4))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(engine.lookup("recommender", "similar_items", (cold,), 4))) for _ in range(8)]
     for t in threads:
         t.start()
     while not calls:
@@ -350,7 +352,7 @@ def test_request_log_round_trip_into_popularity(env):
     counts = read_request_counts(store, datetime.fromtimestamp(clock(), tz=timezone.utc))
     assert counts.set_index("item_id")["weight"].to_dict() == {cold: 3.0}
     inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
-    bundle = services.engine.snapshot.bundle
+    bundle = services.engine.snapshot.models["recommender"].bundle
     sel = select(inter, counts, bundle.item_ids, bundle.user_ids, settings)
     assert cold in sel.items and sel.report["items"]["expected_hit_rate"] == 1.0
 
@@ -443,7 +445,7 @@ def test_corrupt_snapshot_is_refused_and_old_one_keeps_serving(env):
 def test_worker_without_a_valid_snapshot_starts_and_serves_live(workspace):
     root, settings, _, first = workspace
     store = Store(settings["paths.store"])
-    shutil.rmtree(store.snapshot_dir(first.snapshot_id) / "model")
+    (store.model_dir(first.snapshot_id) / "items.faiss").unlink()
     app = create_app(settings, background=False)
     client = app.test_client()
     ready = client.get("/readyz")

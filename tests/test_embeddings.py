@@ -11,7 +11,7 @@ import pytest
 from batch.__main__ import main
 from batch.embeddings import ids_path, read_vectors, write_vectors
 from batch.job import run
-from serving.model import ModelBundle
+from serving.models.recommender import ModelBundle
 from serving.store import Store
 from conftest import make_settings
 

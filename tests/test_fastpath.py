@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from serving.app import create_app
-from serving.fastpath import HitPath
+from serving.web.app import create_app
+from serving.web.fastpath import HitPath
 from serving.store import Store
 from test_api import SERVING, BAD_REQUESTS, Clock, _table
 
@@ -68,9 +68,9 @@ def test_every_response_equals_the_flask_views(pair, origin):
     hits, others = _hits(store, sid), _others(store, sid)
     engine = fast.extensions["hybridserve"].engine
     sessions = [u for u in hits if u.startswith("/v1/recommendations")]
-    for url in sessions:  # the lists prove these answers (Engine.peek_session), so they are hits
+    for url in sessions:  # the lists prove these answers (Engine.lookup with live=False), so they are hits
         items, k = url.split("items=")[1].split("&k=")
-        assert engine.peek_session(tuple(map(int, items.split(","))), int(k)) is not None, url
+        assert engine.lookup("recommender", "session", (tuple(map(int, items.split(","))),), int(k), live=False) is not None, url
     for url in hits + others:
         got, want = _response(fast.test_client(), url, headers), _response(slow.test_client(), url, headers)
         assert got == want, url

@@ -21,7 +21,7 @@ import batch.catalog
 from batch.__main__ import main
 from batch.catalog import query
 from batch.job import run
-from serving.store import Store, describe_os_error, os_error_at
+from serving.store import Store, describe_os_error, layout, os_error_at
 
 from conftest import REPO
 
@@ -41,7 +41,9 @@ def _full_disk_at(monkeypatch, table: str):
 
     def begin(self, *args, **kwargs):
         writer = real_begin(self, *args, **kwargs)
-        os.symlink(DEV_FULL, writer.tmp / f"{table}.parquet")
+        path = writer.tmp / layout.table_file(table)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(DEV_FULL, path)
         return writer
     monkeypatch.setattr(Store, "begin", begin)
 
@@ -55,7 +57,7 @@ def test_full_disk_while_writing_a_snapshot_one_line_exit_1(workspace, capsys, m
     rc = main(["--config", str(cfg), "run"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert re.fullmatch(rf"error: {re.escape(str(store.snapshots_dir))}/\.tmp-[\d-]+/user_recs\.parquet: "
+    assert re.fullmatch(rf"error: {re.escape(str(store.snapshots_dir))}/\.tmp-[\d-]+/models/recommender/user_recs\.parquet: "
                         rf"No space left on device \(ENOSPC\)\n", err), err
     assert store.current_id() == first.snapshot_id and store.snapshot_ids() == [first.snapshot_id]
     assert not [p for p in store.snapshots_dir.iterdir() if p.name.startswith(".")]  # the half snapshot is gone
@@ -74,7 +76,9 @@ def test_full_disk_traceback_only_with_verbose(workspace):
         real_begin = Store.begin
         def begin(self, *args, **kwargs):
             writer = real_begin(self, *args, **kwargs)
-            os.symlink("/dev/full", writer.tmp / "predictions.parquet")
+            path = writer.tmp / "models" / "rating" / "predictions.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink("/dev/full", path)
             return writer
         Store.begin = begin
         from batch.__main__ import main
@@ -166,12 +170,13 @@ def test_disk_too_full_even_for_the_pending_record_rebuilds_it_from_the_manifest
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
     _catalog_disk_full(monkeypatch)
-    real_write = batch.catalog.write_atomic
+    real_write = Store.write_pending
 
-    def write_atomic(path, data, before_replace=None):
-        os.symlink(DEV_FULL, path.with_name(path.name + ".tmp"))
-        return real_write(path, data, before_replace)
-    monkeypatch.setattr(batch.catalog, "write_atomic", write_atomic)
+    def write_pending(self, name, data, before_replace=None):
+        self.pending_runs_dir.mkdir(parents=True, exist_ok=True)
+        os.symlink(DEV_FULL, self.pending_runs_dir / (name + ".tmp"))
+        return real_write(self, name, data, before_replace)
+    monkeypatch.setattr(Store, "write_pending", write_pending)
     rc = main(["--config", str(cfg), "run"])
     out, err = capsys.readouterr()
     assert rc == 0 and "published snapshot" in out and err.startswith("warning: catalog not updated")
@@ -210,19 +215,19 @@ KILL_AT = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     if step in ("record_rename", "record_partial"):
-        import batch.catalog as catalog
-        real = catalog.write_atomic
+        from serving.store import Store
+        real = Store.write_pending
 
-        def write_atomic(path, data, before_replace=None):
+        def write_pending(self, name, data, before_replace=None):
             def at_rename():
                 if step == "record_partial":  # as if the disk had taken only part of it
-                    tmp = path.with_name(path.name + ".tmp")
+                    tmp = self.pending_runs_dir / (name + ".tmp")
                     tmp.write_bytes(tmp.read_bytes()[:20])
                 die()
-            real(path, data, at_rename)
-        catalog.write_atomic = write_atomic
+            real(self, name, data, at_rename)
+        Store.write_pending = write_pending
     elif step == "model_save":
-        from serving.model import ModelBundle
+        from serving.models.recommender import ModelBundle
         real_save = ModelBundle.save
 
         def save(self, folder):
@@ -298,12 +303,13 @@ def test_a_live_writers_pending_record_is_left_alone(workspace):
 def test_pending_folder_full_but_catalog_writable_records_the_run_directly(workspace, monkeypatch):
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
-    real_write = batch.catalog.write_atomic
+    real_write = Store.write_pending
 
-    def write_atomic(path, data, before_replace=None):
-        os.symlink(DEV_FULL, path.with_name(path.name + ".tmp"))
-        return real_write(path, data, before_replace)
-    monkeypatch.setattr(batch.catalog, "write_atomic", write_atomic)
+    def write_pending(self, name, data, before_replace=None):
+        self.pending_runs_dir.mkdir(parents=True, exist_ok=True)
+        os.symlink(DEV_FULL, self.pending_runs_dir / (name + ".tmp"))
+        return real_write(self, name, data, before_replace)
+    monkeypatch.setattr(Store, "write_pending", write_pending)
     result = run(settings)
     assert result.catalog_updated
     (_, status, sid, error, stages), = _runs(store, f"run_id = '{result.run_id}'")

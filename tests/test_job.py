@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.job import run
-from serving.model import ModelBundle
+from serving.models.rating import RatingModel
+from serving.models.recommender import ModelBundle
 from serving.store import TABLES, Store, sha256_file
 
 
@@ -24,8 +25,8 @@ def test_layout_and_manifest(snap):
     store, sid, _, settings, _ = snap
     d = store.snapshot_dir(sid)
     for t in TABLES:
-        assert (d / f"{t}.parquet").is_file()
-    assert (d / "model" / "items.faiss").is_file()
+        assert store.table_path(sid, t).is_file()
+    assert (store.model_dir(sid) / "items.faiss").is_file()
     m = json.loads((d / "manifest.json").read_text())
     for key in ("id", "created_at", "model_version", "inputs_fingerprint", "row_counts", "settings", "files",
                 "evaluation", "validation", "popularity", "parent", "k_max"):
@@ -37,7 +38,7 @@ def test_layout_and_manifest(snap):
     assert 0 < ev["rmse_model"] < 2 and 0 < ev["rmse_item_mean"] < 2
     assert 0 <= ev["recall_at_10"] <= 1 and 0 <= ev["recall_at_10_popular"] <= 1
     for t in TABLES:
-        assert m["row_counts"][t] == pq.read_metadata(d / f"{t}.parquet").num_rows > 0
+        assert m["row_counts"][t] == pq.read_metadata(store.table_path(sid, t)).num_rows > 0
     # every file but the manifest is listed, with a checksum that verifies
     listed = set(m["files"])
     on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "manifest.json"}
@@ -79,12 +80,13 @@ def test_predictions_equal_model_predict(snap):
     preds = store.read_table(sid, "predictions").to_pandas()
     u = np.searchsorted(bundle.user_ids, preds["user_id"].to_numpy())
     i = np.searchsorted(bundle.item_ids, preds["item_id"].to_numpy())
-    # the blend written out by hand, independently of ModelBundle.predict
-    r = bundle.meta["rating"]
+    # the blend written out by hand, independently of RatingModel.predict
+    rating = RatingModel.load(store.model_dir(sid, "rating"), "rating", {})
+    r = rating.meta
     w0, w1, w2 = r["blend"]
-    base = r["global_mean"] + np.asarray(bundle.user_bias, np.float64)[u] + np.asarray(bundle.item_bias, np.float64)[i]
-    inter = (np.asarray(bundle.user_factors, np.float64)[u] * np.asarray(bundle.item_factors, np.float64)[i]).sum(1)
-    lo, hi = bundle.meta["rating_range"]
+    base = r["global_mean"] + np.asarray(rating.user_bias, np.float64)[u] + np.asarray(rating.item_bias, np.float64)[i]
+    inter = (np.asarray(rating.user_factors, np.float64)[u] * np.asarray(rating.item_factors, np.float64)[i]).sum(1)
+    lo, hi = r["rating_range"]
     want = np.clip(w0 + w1 * base + w2 * inter, lo, hi)
     np.testing.assert_allclose(preds["prediction"].to_numpy(), want, rtol=1e-5, atol=1e-5)
 
@@ -155,7 +157,7 @@ def test_whole_catalogue_of_similar_items_and_sessions_from_it(workspace):
     """The default: similar items for every catalogue item (up to batch.max_items); a session of any
     items is then answered from the snapshot, equal to the live search. Above max_items: the popular
     items only, as before."""
-    from serving.app import create_app
+    from serving.web.app import create_app
 
     root, settings, _, first = workspace
     settings = settings.replace(batch__similar_all_items=True, batch__k_max=50)

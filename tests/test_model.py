@@ -2,7 +2,8 @@
 import faiss
 import numpy as np
 
-from serving.model import ModelBundle, fold_in, mips_pad, read_index, tie_groups
+from serving.models.recommender import ModelBundle
+from serving.models.vectors import fold_in, mips_pad, read_index, tie_groups
 from serving.settings import load_settings
 
 
@@ -111,7 +112,7 @@ def test_inner_product_search_on_ivf_keeps_recall_with_padding():
     """Unnormalised vectors in an IVF index: the padding coordinate makes maximum-inner-product search
     as easy for k-means lists as cosine (recall@10 0.976 here; 0.887 unpadded); the scores stay the
     plain inner products."""
-    from batch.job import ann_recall
+    from serving.models.recommender import ann_recall
     vecs = _popularity_vectors()
 
     def ivf(g):
@@ -137,7 +138,7 @@ def test_auto_index_for_inner_product_is_hnsw_with_brute_force_recall():
     unpadded vectors; similar items (with the minimum-support filter), user recommendations (seen
     items left out) and the validation's ANN recall all reach 0.95 recall@10 against numpy brute
     force, and one query answers exactly as the same query inside a batch."""
-    from batch.job import ann_recall
+    from serving.models.recommender import ann_recall
     from batch.train import index_builder, index_spec
     n, n_users = 20_000, 300
     vecs = _popularity_vectors(n)
@@ -201,7 +202,7 @@ def test_hnsw_bundle_saved_and_loaded_answers_alike(tmp_path):
 def test_ann_recall_counts_tied_answers_and_catches_a_poor_index():
     """The validation's recall gate: for an item without interactions (a zero vector) every candidate
     ties, so any answer is right; for the others a kernel returning arbitrary groups must fail it."""
-    from batch.job import ann_recall
+    from serving.models.recommender import ann_recall
     vecs = _popularity_vectors(4_000, seed=7)
     vecs[::3] = 0.0
 

@@ -25,7 +25,7 @@ from batch.__main__ import main
 from batch.job import run
 from batch.sample_models import DEMAND_INPUTS, demand_frame, train_demand
 from conftest import make_settings
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.errors import ConfigError
 from serving.models.base import ModelSpec, canonical_key, canonical_keys, parse_models
 from serving.settings import DEFAULT_MODELS_TOML, load_settings
@@ -174,7 +174,7 @@ BAD_CONFIGS = [
      "only for an artifact you made (or use format = \"skops\")"),
     ('[models.m]\nartifact = "a.skops"\ncolour = 1\n[[models.m.inputs]]\nname = "x"\ntype = "int"\n',
      "models.m.colour: unknown key (allowed: artifact, candidates, class, format, grid_max_rows, inputs, "
-     "max_age_s, max_log_rows, output, trusted, trusted_types, version)"),
+     "kind, max_age_s, max_log_rows, output, trusted, trusted_types, version)"),
     ('[models.m]\nartifact = "a.skops"\n[[models.m.inputs]]\nname = "x"\ntype = "int"\nmin = 5\nmax = 1\n',
      "models.m.inputs.x.max: is below min (1 < 5)"),
     ('[models.m]\nartifact = "a.skops"\n[[models.m.inputs]]\nname = "x"\ntype = "int"\nvalues = [1, "b"]\n',
@@ -433,7 +433,7 @@ def test_concurrent_misses_are_computed_once(api):
             gate.wait(5)
             return self.estimator.predict(X)
 
-    served.model.estimator = Slow(served.model.estimator)
+    served.predictor.estimator = Slow(served.predictor.estimator)
     out = []
     threads = [threading.Thread(target=lambda: out.append(
         app.test_client().get("/v1/models/demand/predict?genre=Action&weekday=2&discount=0.3").json["source"]))
@@ -468,7 +468,7 @@ def test_a_failed_computation_lets_its_waiters_compute_and_live_cpu_is_counted(a
                 raise RuntimeError("first call fails")
             return est["demand"].predict(X)
 
-    served.model.estimator = FailsFirst()
+    served.predictor.estimator = FailsFirst()
     q = "/v1/models/demand/predict?genre=Comedy&weekday=1&discount=0.3"
     out = {}
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, app.test_client().get(q)), daemon=True)
@@ -724,7 +724,7 @@ def test_demo_shows_the_grid_a_live_miss_and_the_next_run_precomputing_it(mws):
 def test_generate_sample_trains_the_demand_model_the_default_config_registers(tmp_path, capsys):
     """`make batch` = generate-sample --if-missing + run: the default config's demand model is made beside
     the sample, matches the registered schema, and a run precomputes its 18 x 7 grid."""
-    from batch.models import choose, precompute, resolve
+    from serving.models.predictor import SklearnModel, choose, resolve
     artifact = tmp_path / "inputs" / "demand.skops"
     settings, cfg = make_settings(tmp_path)
     cfg.write_text(cfg.read_text() + DEFAULT_MODELS_TOML.replace('"data/sample/demand.skops"',
@@ -738,7 +738,8 @@ def test_generate_sample_trains_the_demand_model_the_default_config_registers(tm
     spec, predictor, checksum = resolve(spec)
     assert predictor.feature_names == list(DEMAND_INPUTS) and spec.version == "demand-1"
     cols, report = choose(spec, None, 0.95)
-    table = precompute(predictor, cols)
+    model = SklearnModel(predictor)
+    table = model.part("predict", cols, model.answer("predict", cols))
     assert report["grid_rows"] == table.num_rows == 18 * 7
     frame = table.select(list(DEMAND_INPUTS)).to_pandas()
     np.testing.assert_array_equal(table.column("prediction").to_numpy(), predictor.estimator.predict(frame))

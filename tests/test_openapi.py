@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-from serving.app import create_app
+from serving.web.app import create_app
 from conftest import make_settings
 
 EXAMPLES = 40

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.store import Store
 
 from test_api import _precomputed_item
@@ -18,8 +18,8 @@ BAD_ID = "20990101-000000-000001"
 BAD_MANIFESTS = [
     ("files is a list", lambda m: m.update(files=sorted(m["files"])), "files"),
     ("files is null", lambda m: m.update(files=None), "files"),
-    ("a file entry is a string", lambda m: m["files"].update({"items.parquet": "abc"}), "files.items.parquet"),
-    ("bytes is a string", lambda m: m["files"]["items.parquet"].update(bytes="12"), "files.items.parquet"),
+    ("a file entry is a string", lambda m: m["files"].update({"models/recommender/items.parquet": "abc"}), "files.models/recommender/items.parquet"),
+    ("bytes is a string", lambda m: m["files"]["models/recommender/items.parquet"].update(bytes="12"), "files.models/recommender/items.parquet"),
     ("a file outside the snapshot", lambda m: m["files"].update({"../../CURRENT": {"sha256": "0", "bytes": 1}}),
      "paths inside the snapshot"),
     ("created_at is a number", lambda m: m.update(created_at=1700000000), "created_at"),
@@ -55,12 +55,12 @@ def test_wrongly_shaped_manifest_is_refused_through_the_one_path(served, caplog,
     engine = app.extensions["hybridserve"].engine
     bad = _bad_snapshot(store, first.snapshot_id, change)
     store.current_path.write_text(bad + "\n")
-    with caplog.at_level(logging.ERROR, logger="serving.engine"):
+    with caplog.at_level(logging.ERROR, logger="serving.reloader"):
         for _ in range(5):  # the reload loop's ticks: refused once, not an exception every tick
             assert engine.reload() is False
     assert engine.snapshot.id == first.snapshot_id
     assert engine.counts["reload_failures"] == 1
-    assert len([r for r in caplog.records if r.name == "serving.engine"]) == 1
+    assert len([r for r in caplog.records if r.name == "serving.reloader"]) == 1
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json["current"] == bad and ready.json["refused"] == 1
     assert ready.json["error"].startswith(f"snapshot {bad} refused: ") and names in ready.json["error"]
@@ -113,14 +113,14 @@ def test_readyz_reports_a_deleted_or_empty_current(served, caplog, how):
     else:
         store.current_path.write_text("" if how == "emptied" else "\n")
     problem = "CURRENT missing" if how == "deleted" else "CURRENT empty"
-    with caplog.at_level(logging.ERROR, logger="serving.engine"):
+    with caplog.at_level(logging.ERROR, logger="serving.reloader"):
         for _ in range(3):
             assert engine.reload() is False
     ready = client.get("/readyz")
     assert ready.status_code == 200  # the snapshot already loaded keeps serving
     assert ready.json["snapshot"] == first.snapshot_id and ready.json["current"] is None
     assert ready.json["error"] == f"{problem} in {store.root}; still serving {first.snapshot_id}"
-    assert len([r for r in caplog.records if r.name == "serving.engine"]) == 1  # said once, not every tick
+    assert len([r for r in caplog.records if r.name == "serving.reloader"]) == 1  # said once, not every tick
     store.current_path.write_text(first.snapshot_id + "\n")
     engine.reload()
     assert client.get("/readyz").json["error"] is None

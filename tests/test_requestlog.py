@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pyarrow.parquet as pq
 
-from serving.app import create_app
+from serving.web.app import create_app
 from serving.requestlog import FIRST_BACKOFF_S, RequestLog
 from serving.store import Store
 

@@ -175,14 +175,17 @@ def _refused(cfg, capsys, *args):
 def test_refused_when_recomputed_answers_differ(workspace, capsys, monkeypatch):
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
-    real = job_module.precompute_similar
+    from serving.models.recommender import RecommenderModel
+    real = RecommenderModel.part
 
-    def corrupted(*a, **kw):
-        table, ids, scores = real(*a, **kw)
+    def corrupted(self, query, columns, answers):  # the precompute writes each similar list reversed
+        table = real(self, query, columns, answers)
+        if query != "similar_items":
+            return table
         lists = [list(reversed(x)) for x in table.column("neighbor_ids").to_pylist()]
-        return table.set_column(1, "neighbor_ids", pa.array(lists, pa.list_(pa.int64()))), ids[:, ::-1], scores
+        return table.set_column(1, "neighbor_ids", pa.array(lists, pa.list_(pa.int64())))
 
-    monkeypatch.setattr(job_module, "precompute_similar", corrupted)
+    monkeypatch.setattr(RecommenderModel, "part", corrupted)
     rc, err = _refused(cfg, capsys)
     assert rc == EXIT_REFUSED
     assert err.startswith("refused: validation refused the snapshot: ") and "similar-item lists differ" in err

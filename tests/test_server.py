@@ -131,7 +131,9 @@ def test_a_swapped_out_snapshot_needs_no_collector(workspace):
     engine = Engine(Store(settings["paths.store"]), 3600.0, 60.0, 100, verify_checksums=False)
     engine.reload()
     old = engine.snapshot
-    refs = [weakref.ref(old), weakref.ref(old.bundle), weakref.ref(old.bundle.item_vecs)]
+    bundle = old.models["recommender"].bundle
+    refs = [weakref.ref(old), weakref.ref(bundle), weakref.ref(bundle.item_vecs)]
+    del bundle
     del old
     second = run(settings)
     gc.disable()

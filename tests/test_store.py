@@ -103,3 +103,85 @@ def test_sha256_files_match_hashlib_for_every_file(tmp_path):
     digests = sha256_files(list(blobs))
     assert digests == {path: hashlib.sha256(data).hexdigest() for path, data in blobs.items()}
     assert all(sha256_file(path) == digests[path] for path in blobs)
+
+
+def _as_format_2(store: Store, sid: str) -> str:
+    """The snapshot ``sid`` rewritten in the layout of format 2 under a new id: the recommender's and
+    the rating model's files together in model/ (the rating meta under "rating"), their precomputed
+    arrays in serving/, the tables at the top, a manifest of that format."""
+    import json
+    import shutil
+
+    from serving.store import layout
+
+    new = "20990101-000000-000002"
+    src, dst = store.snapshot_dir(sid), store.snapshot_dir(new)
+    (dst / "model").mkdir(parents=True)
+    (dst / "serving").mkdir()
+    rec, rat = src / "models" / "recommender", src / "models" / "rating"
+    arrays = ("similar_row", "similar_ids", "similar_scores", "recs_row", "recs_ids", "recs_scores")
+    for p in rec.iterdir():
+        stem = p.name.removesuffix(".npy")
+        if stem in arrays:
+            shutil.copy(p, dst / "serving" / p.name)
+        elif p.suffix != ".parquet" and p.name != "meta.json":
+            shutil.copy(p, dst / "model" / p.name)
+    for p in rat.iterdir():
+        if p.name in ("pred_keys.npy", "pred_values.npy"):
+            shutil.copy(p, dst / "serving" / p.name)
+        elif p.suffix == ".npy" and not (dst / "model" / p.name).exists():
+            shutil.copy(p, dst / "model" / p.name)
+    meta = json.loads((rec / "meta.json").read_text())
+    rating = json.loads((rat / "meta.json").read_text())
+    meta["rating"] = {k: v for k, v in rating.items() if k not in ("rating_range", "model_version")}
+    meta["rating_range"] = rating["rating_range"]
+    (dst / "model" / "meta.json").write_text(json.dumps(meta))
+    for table in layout.TABLES:
+        shutil.copy(src / layout.table_file(table), dst / f"{table}.parquet")
+    for name in (src / "models").iterdir():  # registered models kept their folders in format 2 too
+        if name.name not in ("recommender", "rating"):
+            shutil.copytree(name, dst / "models" / name.name)
+    manifest = store.read_manifest(sid)
+    manifest.update(id=new, format_version=2, parent=sid)
+    del manifest["recommender"]
+    manifest["models"]["rating"]["table"] = "predictions.parquet"
+    files = sorted(p for p in dst.rglob("*") if p.is_file())
+    manifest["files"] = {p.relative_to(dst).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in files}
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return new
+
+
+def test_a_format_2_snapshot_still_loads_serves_and_rolls_back(workspace):
+    """Snapshots written before one folder per model (rollback targets, a rolling upgrade) load as
+    they are and answer exactly as the same snapshot in today's layout."""
+    from serving.web.app import create_app
+
+    root, settings, _, first = workspace
+    store = Store(settings["paths.store"])
+    old = _as_format_2(store, first.snapshot_id)
+    assert store.format_of(old) == 2 and store.verify(old)["format_version"] == 2
+    assert store.table_path(old, "similar_items") == store.snapshot_dir(old) / "similar_items.parquet"
+    today = create_app(settings, background=False)
+    urls = []
+    sim = store.read_table(old, "similar_items").column("item_id").to_pylist()[:5]
+    recs = store.read_table(old, "user_recs").column("user_id").to_pylist()[:5]
+    preds = store.read_table(old, "predictions").to_pylist()[:5]
+    urls += [f"/v1/items/{i}/similar?k=7" for i in sim] + [f"/v1/users/{u}/recommendations?k=7" for u in recs]
+    urls += [f"/v1/predictions?user_id={p['user_id']}&item_id={p['item_id']}" for p in preds]
+    urls += [f"/v1/recommendations?items={sim[0]},{sim[1]}&k=5"]
+    want = [today.test_client().get(u).json for u in urls]
+    assert store.rollback(old) == old
+    app = create_app(settings, background=False)
+    try:
+        assert app.extensions["hybridserve"].engine.snapshot.id == old
+        for url, w in zip(urls, want):
+            got = app.test_client().get(url).json
+            assert got["snapshot"] == old and got["source"] == w["source"], url
+            for key in ("items", "prediction"):
+                assert got.get(key) == w.get(key), url
+    finally:
+        app.extensions["hybridserve"].close()
+        today.extensions["hybridserve"].close()
+    nxt = run(settings)  # the next run reads the format-2 CURRENT's row counts and writes today's format
+    assert store.format_of(nxt.snapshot_id) == 3 and nxt.manifest["parent"] == old

@@ -12,10 +12,11 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Hashable, Iterable, Protocol, Sequence
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from serving.errors import BadRequest, ConfigError
 
@@ -328,24 +329,175 @@ def columns_from_rows(spec: ModelSpec, rows: Sequence[tuple]) -> list[np.ndarray
     return cols
 
 
-class ModelKind(Protocol):
-    """The protocol every model kind meets. ``load(folder, spec)`` builds one from a snapshot folder."""
+# --- the protocol every model kind meets -------------------------------------------------
+@dataclass(frozen=True)
+class Query:
+    """One kind of question a model answers: its name, the request log's endpoint for it, and
+    whether its answers are ranked lists of (item id, score) cut at ``k`` (else one value)."""
 
-    spec: ModelSpec
-    version: str
+    name: str
+    endpoint: str
+    ranked: bool = False
+    label: str = "answer"      # what one answer is called in messages ("similar-item list")
 
-    def answer(self, columns: Sequence[np.ndarray]) -> np.ndarray:
-        """(n,) predictions for n rows given as one array per input, in schema order."""
 
-    def check(self, values: tuple) -> None:
-        """Raise a domain error (e.g. NotFound) for a valid input the model has no answer for."""
+@dataclass(frozen=True)
+class Lists:
+    """Ranked answers for n keys: ids (n, k) int64 padded with -1, scores (n, k) float32 padded with nan."""
 
-    def files(self) -> list[str]:
-        """The files (relative to its folder) this model owns."""
+    ids: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row r without its padding: (ids (k',), scores (k',))."""
+        ids, scores = self.ids[r], self.scores[r]
+        valid = ids >= 0
+        return ids[valid], scores[valid]
+
+
+class Plan(Protocol):
+    """What the batch job knows when it asks a model for the keys to precompute (batch.precompute)."""
+
+    coverage: float                                    # share of traffic the keys should cover
+    k_max: int                                         # entries kept per ranked answer
+
+    def popular(self, what: str) -> np.ndarray:
+        """The keys chosen for ``what``, most wanted first: "items" or "users" (ids), "pairs"
+        ((n, 2) user and item ids asked for in the request log)."""
+
+    def setting(self, key: str) -> Any:
+        """A batch setting (``batch.pairs_per_user``)."""
+
+    def add(self, what: str, keys: np.ndarray) -> None:
+        """Keys a model precomputes beyond the popular ones of ``what`` (they count in the expected hit rate)."""
+
+    def logged(self, model: str) -> tuple[list[str], np.ndarray] | None:
+        """A model's canonical keys in the request log and their weights (None: no traffic)."""
+
+    def cover(self, keys: np.ndarray, weights: np.ndarray, share: float, cap: int) -> tuple[np.ndarray, float]:
+        """The fewest of ``keys`` (by weight) covering ``share`` of their weight, at most ``cap``."""
+
+    def answers(self, model: str, query: str) -> pa.Table | None:
+        """The answers precomputed already for another model's query, as its table (a model's keys
+        may follow them: the rating model takes each popular user's top recommendations)."""
+
+
+class Model:
+    """A model kind: loaded from its folder in a snapshot, answering its queries for many keys at
+    once (the batch job calls ``answer`` with 100,000 keys, the API with one), with the answers it
+    has precomputed (``stored``). A kind is registered in serving.models.registry (docs/models.md).
+
+    Keys are canonical tuples (``canonical_key`` of one is its text); for the vectorised calls they
+    travel as columns, one array per element of the tuple."""
+
+    kind: str = ""
+    name: str = ""
+    version: str = ""
+    queries: dict[str, Query] = {}
+    max_age_s: float | None = None       # the model's own freshness bound (None: serving.max_age_s)
+    k_max: int = 0                       # entries kept per precomputed ranked answer
+    needs: tuple[str, ...] = ()          # models whose precomputed answers its keys follow (Plan.answers)
+
+    @classmethod
+    def load(cls, folder, name: str, entry: dict[str, Any]) -> "Model":
+        """The model ``name`` from its (local) folder in a snapshot; ``entry`` is its manifest entry."""
+        raise NotImplementedError
+
+    @classmethod
+    def stage(cls, spec: "ModelSpec", folder) -> dict[str, Any]:
+        """A registered model (``[models.<name>]`` with ``kind`` naming this class) checked and copied
+        into ``folder``, its folder in the snapshot being written; returns its manifest entry (with
+        ``"kind"``). Raise a domain error naming the config key for a bad artifact or schema."""
+        raise NotImplementedError(f"model kind {cls.kind!r} cannot be registered from a config file")
+
+    # --- answering --------------------------------------------------------------------
+    def check(self, query: str, key: tuple) -> None:
+        """Raise a domain error (NotFound) for a well-formed key this model has no answer for."""
+
+    def answer(self, query: str, columns: Sequence[np.ndarray], k: int | None = None) -> Lists | np.ndarray:
+        """Answers for n keys given as columns: Lists for a ranked query, else (n,) values."""
+        raise NotImplementedError
+
+    def answer_one(self, query: str, key: tuple, k: int | None = None) -> Any:
+        """One key's answer, live: (ids, scores) or a plain value (a kind may do this faster)."""
+        out = self.answer(query, columns_of([key]), k)
+        return out.row(0) if isinstance(out, Lists) else plain(out[0])
+
+    def stored(self, query: str, key: tuple, k: int | None = None) -> Any:
+        """The precomputed answer for ``key`` in the form ``answer_one`` gives, or None."""
+        return None
+
+    def cache_key(self, query: str, key: tuple) -> Hashable:
+        """What identifies the answer of ``key`` (equal for keys with equal answers)."""
+        return key
+
+    def precomputed(self) -> dict[str, int]:
+        """Precomputed answers per query."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Name, kind, version and what it answers (GET /v1/models)."""
+        return {"name": self.name, "kind": self.kind, "version": self.version}
+
+    # --- precomputing (batch.precompute) --------------------------------------------------
+    def keys(self, query: str, plan: Plan) -> list[np.ndarray]:
+        """The keys of ``query`` the batch job should precompute, as columns."""
+        return []
+
+    def part(self, query: str, columns: Sequence[np.ndarray], answers: Lists | np.ndarray) -> pa.Table:
+        """One partition's keys and answers as the Parquet part the job assembles."""
+        raise NotImplementedError
+
+    def assemble(self, query: str, table: pa.Table, folder, k_max: int) -> dict[str, Any]:
+        """Write the precomputed answers of ``query`` (every part, in order) into this model's folder
+        as the files ``load`` reads; returns what the manifest records of them."""
+        raise NotImplementedError
+
+    def key_columns(self, query: str) -> list[str]:
+        """The columns of ``query``'s precomputed table that hold its keys, in key order."""
+        raise NotImplementedError
+
+    def audit(self, rng: np.random.Generator, n: int) -> dict[str, float]:
+        """Quality figures of the model itself for validation (e.g. an index's recall)."""
+        return {}
+
+
+def plain(v: Any) -> Any:
+    """A NumPy scalar as the Python value it holds."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def columns_of(keys: Sequence[tuple]) -> list[np.ndarray]:
+    """Keys (tuples of equal length) as columns: an int or float array where every value is one,
+    else an object array (strings, None, tuples of ids)."""
+    if not keys:
+        return []
+    cols = []
+    for j in range(len(keys[0])):
+        vals = [k[j] for k in keys]
+        cols.append(np.array(vals, dtype=object) if any(v is None or isinstance(v, (str, tuple)) for v in vals)
+                    else np.array(vals))
+    return cols
+
+
+def same_answer(a: Any, b: Any) -> bool:
+    """Whether two answers of one key agree: lists id for id; numbers to float32 precision (NaN equals
+    NaN: a model may answer NaN, and must then have stored NaN); anything else exactly."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        fa, fb = float(a), float(b)
+        if math.isnan(fa) or math.isnan(fb):
+            return math.isnan(fa) and math.isnan(fb)
+        return math.isclose(fa, fb, rel_tol=1e-5, abs_tol=1e-6)
+    return a == b and type(a) is type(b)
 
 
 # --- config parsing ([models.<name>] tables) ---------------------------------------------
-_MODEL_KEYS = {"artifact", "format", "trusted", "trusted_types", "output", "class", "version", "max_age_s",
+_MODEL_KEYS = {"kind", "artifact", "format", "trusted", "trusted_types", "output", "class", "version", "max_age_s",
                "grid_max_rows", "max_log_rows", "candidates", "inputs"}
 _INPUT_KEYS = {"name", "type", "required", "values", "min", "max", "default"}
 
@@ -381,6 +533,12 @@ def _parse_model(name: str, t: Any, source: str) -> ModelSpec:
             raise bad(key, f"expected {kind.__name__}, got {type(v).__name__} {v!r}")
         return v
 
+    kind = get("kind", str, "sklearn")
+    from serving.models.registry import kind_class  # the registry knows the kinds; it imports this module
+    try:
+        kind_class(kind)
+    except KeyError as exc:
+        raise bad("kind", str(exc.args[0])) from None
     artifact = get("artifact", str, None)
     if not artifact:
         raise bad("artifact", "required: the path of the model file (or MLflow model folder)")
@@ -421,7 +579,7 @@ def _parse_model(name: str, t: Any, source: str) -> ModelSpec:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise bad("inputs", f"input {dup[0]!r} declared more than once")
-    return ModelSpec(name=name, inputs=inputs, artifact=artifact, format=fmt, trusted=trusted,
+    return ModelSpec(name=name, inputs=inputs, kind=kind, artifact=artifact, format=fmt, trusted=trusted,
                      trusted_types=tuple(trusted_types), output=output, output_class=klass,
                      version=get("version", str, None), max_age_s=max_age, grid_max_rows=grid_max,
                      max_log_rows=max_log, candidates=get("candidates", str, None), source=source)

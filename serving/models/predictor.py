@@ -1,7 +1,8 @@
-"""Predictor kinds: any scikit-learn estimator with a declared input schema, and the built-in rating model.
+"""The scikit-learn model kind: any estimator with a declared input schema (``[models.<name>]``).
 
-Both answer with one vectorised call over columns in schema order; the batch job calls it with
-the whole grid, the API with one row.
+It answers with one vectorised call over columns in schema order; the batch job calls it with the
+whole grid, the API with one row. What it precomputes: the grid of its inputs' finite domains when it
+fits, the user's candidate inputs and the inputs most asked for in the request log.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from serving.errors import InputError, NotFound
-from serving.models.base import INT64_MAX, INT64_MIN, Input, ModelSpec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serving.errors import InputError
+from serving.models.base import (INT64_MAX, INT64_MIN, Input, Model, ModelSpec, Plan, Query, canonical_key,
+                                 canonical_key_array, canonical_keys, columns_from_rows, plain, rows_from_keys)
 from serving.store import sha256_file
 
 LOG = logging.getLogger(__name__)
@@ -282,41 +287,6 @@ def _plain(inp: Input, col) -> np.ndarray:
     return col
 
 
-# --- the built-in rating model -------------------------------------------------------------
-RATING = "rating"
-
-
-class RatingPredictor:
-    """The recommender's rating regressor as a predictor over (user_id, item_id): one way to serve a
-    prediction. Its precomputed pairs live in the snapshot's predictions table."""
-
-    kind = "rating"
-
-    def __init__(self, bundle):
-        self.bundle = bundle
-        self.version = bundle.model_version
-        # the catalogue's id ranges: what /v1/models and the OpenAPI document show a client
-        users, items = np.asarray(bundle.user_ids), np.asarray(bundle.item_ids)
-        span = lambda ids: {"min": int(ids.min()), "max": int(ids.max())} if len(ids) else {"min": 0}  # noqa: E731
-        self.spec = ModelSpec(name=RATING, kind="rating", inputs=(Input("user_id", "int", **span(users)),
-                                                                Input("item_id", "int", **span(items))),
-                              version=self.version, artifact=None, grid_max_rows=0)
-
-    def check(self, values: tuple) -> None:
-        user_id, item_id = values
-        if self.bundle.user_index(np.array([user_id]))[0] < 0:
-            raise NotFound(f"user {user_id} is unknown")
-        if self.bundle.item_index(np.array([item_id]))[0] < 0:
-            raise NotFound(f"item {item_id} is not in the catalogue")
-
-    def answer(self, columns: Sequence[np.ndarray]) -> np.ndarray:
-        b = self.bundle
-        return np.asarray(b.predict(b.user_index(np.asarray(columns[0])), b.item_index(np.asarray(columns[1]))))
-
-    def files(self) -> list[str]:
-        return []
-
-
 # --- a model's folder in a snapshot --------------------------------------------------------
 SPEC_FILE = "spec.json"
 TABLE_FILE = "predictions.parquet"
@@ -348,3 +318,229 @@ def load_predictor(folder: Path) -> SklearnPredictor:
     """``load(folder)`` of the protocol: a registered model from its snapshot folder."""
     spec = ModelSpec.from_json(json.loads((Path(folder) / SPEC_FILE).read_text()))
     return SklearnPredictor(spec, load_estimator(spec, Path(folder) / (spec.artifact or "")))
+
+
+def resolve(spec: ModelSpec) -> tuple[ModelSpec, SklearnPredictor, str]:
+    """Load the artifact and check the schema against it. InputError "file: field: problem" for a
+    missing, truncated or untrusted artifact or a schema the model does not match."""
+    path = Path(spec.artifact or "")
+    if spec.format == "mlflow" and path.is_dir():
+        signed = mlflow_inputs(spec, path)
+        if not spec.inputs:
+            if not signed:
+                raise InputError(spec.source, spec.key("inputs"), f"none declared and {path} has no input signature")
+            spec = replace(spec, inputs=signed)
+        elif signed:
+            declared = {i.name: i.type for i in spec.inputs}
+            for s in signed:
+                if declared.get(s.name, s.type) != s.type:
+                    raise InputError(spec.source, spec.key(f"inputs.{s.name}.type"),
+                                     f"{declared[s.name]} here, {s.type} in the MLflow signature of {path}")
+    estimator = load_estimator(spec, path)
+    checksum = artifact_checksum(spec, path)
+    spec = replace(spec, version=spec.version or f"sha256:{checksum[:12]}")
+    try:
+        predictor = SklearnPredictor(spec, estimator)
+    except ValueError as exc:
+        raise InputError(spec.source, spec.key("class"), str(exc)) from None
+    problems = predictor.schema_problems()
+    if problems:
+        key, problem = problems[0]
+        raise InputError(spec.source, key, problem)
+    return spec, predictor, checksum
+
+
+def read_table(folder: Path) -> dict[str, Any]:
+    """A model's precomputed Parquet as a dict keyed by the canonical input."""
+    t = pq.read_table(Path(folder) / TABLE_FILE, columns=["input", "prediction"])
+    return dict(zip(t.column("input").to_pylist(), t.column("prediction").to_pylist()))
+
+
+PREDICT = "predict"
+PA_TYPES = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
+
+
+class SklearnModel(Model):
+    """A registered scikit-learn model with its precomputed predictions (canonical key -> prediction)."""
+
+    kind = "sklearn"
+    queries = {PREDICT: Query(PREDICT, "model", label="prediction")}
+
+    def __init__(self, predictor: SklearnPredictor, table: dict[str, Any] | None = None):
+        self.predictor, self.spec = predictor, predictor.spec
+        self.name, self.version, self.max_age_s = self.spec.name, predictor.version, self.spec.max_age_s
+        self.table = table or {}
+
+    @classmethod
+    def stage(cls, spec: ModelSpec, folder: Path) -> dict[str, Any]:
+        """The artifact loaded and its schema checked (``resolve``), copied with spec.json into ``folder``."""
+        spec, predictor, checksum = resolve(spec)
+        write_spec(folder, copy_artifact(spec, Path(spec.artifact or ""), folder))
+        return {"kind": cls.kind, "version": spec.version, "format": spec.format, "artifact": str(spec.artifact),
+                "artifact_sha256": checksum, "schema_hash": spec.schema_hash(),
+                "inputs": [i.describe() for i in spec.inputs], "output": spec.output, "class": spec.output_class,
+                "max_age_s": spec.max_age_s}
+
+    @classmethod
+    def load(cls, folder: Path, name: str, entry: dict[str, Any]) -> "SklearnModel":
+        """``load(folder)`` of the protocol: the spec, the artifact and the precomputed table."""
+        predictor = load_predictor(folder)
+        return cls(predictor, read_table(folder) if (Path(folder) / TABLE_FILE).is_file() else {})
+
+    def answer(self, query: str, columns: Sequence[np.ndarray], k: int | None = None) -> np.ndarray:
+        return self.predictor.answer(columns)
+
+    def answer_one(self, query: str, key: tuple, k: int | None = None) -> Any:
+        return plain(self.predictor.answer_one(key))
+
+    def stored(self, query: str, key: tuple, k: int | None = None) -> Any:
+        return self.table.get(canonical_key(key))
+
+    def cache_key(self, query: str, key: tuple) -> str:
+        return canonical_key(key)
+
+    def precomputed(self) -> dict[str, int]:
+        return {PREDICT: len(self.table)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "version": self.version,
+                "inputs": [i.describe() for i in self.spec.inputs], "output": self.spec.output}
+
+    # --- precomputing -----------------------------------------------------------------
+    def keys(self, query: str, plan: Plan) -> tuple[list[np.ndarray], dict[str, Any]]:
+        return choose(self.spec, plan.logged(self.name), plan.coverage, plan.cover)
+
+    def part(self, query: str, columns: Sequence[np.ndarray], answers: np.ndarray) -> pa.Table:
+        """One column per input, the canonical ``input`` key, the prediction and the model version."""
+        spec, n = self.spec, len(columns[0]) if len(columns) else 0
+        pred = np.asarray(answers)
+        arrays = {inp.name: _arrow(inp, col) for inp, col in zip(spec.inputs, columns)}
+        arrays["input"] = canonical_key_array(columns) if len(columns) else pa.array([], pa.string())
+        arrays["prediction"] = (pa.array(pred.astype(np.float64), pa.float64()) if pred.dtype.kind in "biuf"
+                                else pa.array([None if v is None else str(v) for v in pred], pa.string()))
+        arrays["model_version"] = pa.array([self.version] * n, pa.string())
+        return pa.table(arrays)
+
+    def assemble(self, query: str, table: pa.Table, folder: Path, k_max: int) -> dict[str, Any]:
+        pq.write_table(table, Path(folder) / TABLE_FILE, compression="zstd")
+        return {"rows": int(table.num_rows)}
+
+    def key_columns(self, query: str) -> list[str]:
+        return list(self.spec.input_names)
+
+
+def _arrow(inp: Input, col: np.ndarray) -> pa.Array:
+    if col.dtype == object:
+        return pa.array(col.tolist(), PA_TYPES[inp.type])
+    return pa.array(col, PA_TYPES[inp.type])
+
+
+# --- choosing what to precompute ----------------------------------------------------------------
+def read_candidates(spec: ModelSpec) -> list[tuple]:
+    """The user's candidate inputs (Parquet, one column per input; optional ones may be absent)."""
+    path = Path(spec.candidates or "")
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise InputError(path, spec.key("candidates"), "no such file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(path, spec.key("candidates"), f"not a Parquet file: {exc}") from None
+    cols = []
+    for inp in spec.inputs:
+        if inp.name in table.column_names:
+            cols.append(table.column(inp.name).to_pylist())
+        elif inp.required:
+            raise InputError(path, inp.name, f"missing column (the model's required input {inp.type})")
+        else:
+            cols.append([inp.default] * table.num_rows)
+    unknown = [c for c in table.column_names if c not in spec.input_names]
+    if unknown:
+        raise InputError(path, unknown[0], f"not an input of model {spec.name!r} "
+                                           f"(inputs: {', '.join(spec.input_names)})")
+    rows = []
+    for j, row in enumerate(zip(*cols)):
+        try:
+            rows.append(spec.cast_row(row))
+        except ValueError as exc:
+            bad = next(i.name for i, v in zip(spec.inputs, row) if _fails(i, v))
+            raise InputError(path, bad, f"row {j}: {exc}") from None
+    return rows
+
+
+def _fails(inp: Input, value: Any) -> bool:
+    try:
+        inp.cast(value)
+    except ValueError:
+        return True
+    return False
+
+
+def choose(spec: ModelSpec, log: tuple[list, np.ndarray] | None, coverage: float, cover=None
+           ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The inputs to precompute, one column per input: the full grid when it fits grid_max_rows,
+    plus the user's candidates, plus the most requested tuples from the request log until the
+    logged traffic is covered to ``coverage`` (at most max_log_rows; ``cover`` picks them:
+    batch.popularity.cover). Returns (columns, what was chosen from where)."""
+    report: dict[str, Any] = {}
+    size = spec.grid_size()
+    grid_cols: list[np.ndarray] = []
+    keys: set[str] = set()
+    has_log = log is not None and len(log[0]) > 0
+    if has_log and cover is None:
+        raise ValueError("choose: a request log needs the cover function that picks from it")
+    if size is not None and size <= spec.grid_max_rows:
+        grid_cols = spec.grid()
+        if spec.candidates or has_log:  # the grid's keys are needed only to leave its rows out of the rest
+            keys = set(canonical_keys(grid_cols)) if grid_cols else set()
+        report["grid_rows"] = size
+    else:
+        report["grid_rows"] = 0
+        report["grid"] = (f"{size:,} rows, over grid_max_rows" if size is not None
+                          else "an input without a finite domain: no grid")
+    extra: list[tuple] = []
+    if spec.candidates:
+        cands = read_candidates(spec)
+        for row in cands:
+            k = canonical_key(row)
+            if k not in keys:
+                keys.add(k)
+                extra.append(row)
+        report["candidates"] = len(cands)
+    logged = 0
+    if has_log:
+        rows, skipped = rows_from_keys(spec, log[0])
+        ok = [canonical_key(r) for r in rows]
+        weight = dict(zip(log[0], log[1]))
+        w = np.array([weight[k] for k in ok], dtype=np.float64)
+        covered = np.array([k in keys for k in ok], dtype=bool)
+        total = float(w.sum())
+        # the share still to cover once the grid and candidates are counted
+        need = coverage - (float(w[covered].sum()) / total if total else 0.0)
+        rest = np.flatnonzero(~covered)
+        if need > 0 and len(rest):
+            chosen, _ = cover(rest, w[rest], need * total / float(w[rest].sum()), spec.max_log_rows)
+            for i in chosen:
+                extra.append(rows[i])
+                keys.add(ok[i])
+            logged = len(chosen)
+        in_set = np.array([k in keys for k in ok], dtype=bool)
+        report.update(log_distinct=len(ok), log_skipped=skipped,
+                      log_hit_rate=float(w[in_set].sum() / total) if total else 0.0)
+    report["from_log"] = logged
+    if not grid_cols and not extra:
+        if size is None:
+            open_inputs = [i.name for i in spec.inputs if i.domain() is None]
+            why = (f"input {open_inputs[0]!r} has no finite domain (give values, or min and max for an int), "
+                   "so there is no grid")
+        else:
+            why = f"the grid of the inputs' domains has {size:,} rows, over grid_max_rows = {spec.grid_max_rows:,}"
+        raise InputError(spec.source, spec.key("grid_max_rows"),
+                         f"{why}, and the request log has no requests for model {spec.name!r} to choose from "
+                         "(raise grid_max_rows, narrow the inputs, or give candidates)")
+    cols = grid_cols
+    if extra:
+        more = columns_from_rows(spec, extra)
+        cols = [np.concatenate([g, m]) if g.dtype == m.dtype else np.concatenate([g.astype(object), m.astype(object)])
+                for g, m in zip(grid_cols, more)] if grid_cols else more
+    report["rows"] = int(len(cols[0])) if cols else 0
+    return cols, report

@@ -25,7 +25,7 @@ from batch.inputs import INTERACTIONS, generate_sample, write_inputs  # noqa: E4
 from batch.job import run as run_batch  # noqa: E402
 from common import write_result  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402
-from serving.model import ModelBundle  # noqa: E402
+from serving.models.recommender import ModelBundle  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.errors import SnapshotError  # noqa: E402
 from serving.store import Store  # noqa: E402

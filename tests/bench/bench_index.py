@@ -32,7 +32,8 @@ from batch.job import ann_recall  # noqa: E402
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, write_inputs  # noqa: E402
 from batch.train import build_index, popularity_svd  # noqa: E402
 from common import peak_rss_mb, write_result  # noqa: E402
-from serving.model import ModelBundle, fold_in, mips_pad  # noqa: E402
+from serving.models.recommender import ModelBundle  # noqa: E402
+from serving.models.vectors import fold_in, mips_pad  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 
 WORK = HERE / ".work"

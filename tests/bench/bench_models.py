@@ -122,14 +122,14 @@ def live_overhead(settings, n: int = 2000) -> dict:
     """The engine's live path for a miss against the model's own one-row predict, interleaved."""
     import pandas as pd
 
-    from serving.app import create_app
+    from serving.web.app import create_app
     from serving.engine import one_thread_per_pool
     app = create_app(settings.replace(serving__cache_ttl_s=300.0), background=False)
     try:
         engine = app.extensions["hybridserve"].engine
         one_thread_per_pool()
         served = engine.snapshot.models["demand"]
-        spec, estimator = served.spec, served.model.estimator
+        spec, estimator = served.spec, served.predictor.estimator
         rng = np.random.default_rng(1)
         genres = rng.choice(spec.inputs[0].values, n)
         days = rng.integers(0, 7, n)
@@ -140,13 +140,13 @@ def live_overhead(settings, n: int = 2000) -> dict:
                    for g, d, x in zip(genres, days, discounts)]
         for i in range(50):  # warm-up (first calls allocate)
             estimator.predict(frames[i])
-        timed = served.model.estimator = _Timed(estimator)
+        timed = served.predictor.estimator = _Timed(estimator)
         engine_s, model_s, inside_s, by_hand_frame_s, agree = [], [], [], [], 0
         for i in range(50, n):
             timed.spent = 0.0
             t0 = time.perf_counter()
             values = spec.parse_query(queries[i])
-            ans = engine.predict("demand", values)
+            ans = engine.lookup("demand", "predict", values)
             t1 = time.perf_counter()
             inside_s.append(timed.spent)
             want = estimator.predict(frames[i])[0]
@@ -179,19 +179,20 @@ def grid_rate(settings, steps: int = 1001, rounds: int = 3) -> dict:
     on the same rows; the discount declared as a list of ``steps`` values makes the grid large."""
     from dataclasses import replace
 
-    from batch.models import choose, precompute, resolve
     from serving.engine import one_thread_per_pool
+    from serving.models.predictor import SklearnModel, choose, resolve
     one_thread_per_pool()  # both sides on one core: a fair rate, not a race for the second core
     spec = settings.models[0]
     inputs = tuple(replace(i, values=tuple(np.round(np.linspace(0.0, 0.5, steps), 6).tolist()), min=None, max=None,
                            default=0.0) if i.name == "discount" else i for i in spec.inputs)
     spec = replace(spec, inputs=inputs, grid_max_rows=10**7)
     spec, predictor, _ = resolve(spec)
+    model = SklearnModel(predictor)
     runs = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         cols, report = choose(spec, None, 0.95)
-        table = precompute(predictor, cols)
+        table = model.part("predict", cols, model.answer("predict", cols))  # what a precompute part does
         job_s = time.perf_counter() - t0
         frame = predictor.frame(cols)  # the same rows, ready for the model
         t1 = time.perf_counter()

@@ -44,7 +44,7 @@ from batch.trace import make_trace, popularity_order, request_log_rows, shown_it
 from common import write_result  # noqa: E402
 from cpu import measured  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402
-from serving.model import ModelBundle  # noqa: E402
+from serving.models.recommender import ModelBundle  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.store import REQUEST_LOG_SCHEMA, Store  # noqa: E402
 
@@ -94,7 +94,7 @@ def prepare_modes_store(items, users, interactions, requests, exponent, workdir:
     store = Store(store_root)
     store.ensure_layout()
     inputs = load_inputs(Path(settings["paths.inputs"]))
-    bundle = ModelBundle.load(next(p for p in store.models_dir.iterdir() if p.is_dir()))
+    bundle = ModelBundle.load(store.trained_models()[0] / "recommender")
     item_ids = np.sort(inputs.items["item_id"].to_numpy())
     users_all = bundle.user_ids
     shown = shown_items(bundle, users_all)

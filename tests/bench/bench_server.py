@@ -174,7 +174,7 @@ def start_loop_worker(cfg: Path, workers: int) -> Proc:
            "HYBRIDSERVE_SERVING_WORKERS": str(workers)}
     env_clean = {k: v for k, v in env.items()}
     return Proc("gunicorn_loop", [sys.executable, "-m", "gunicorn", "-c", "python:loop_gunicorn_conf",
-                                  "serving.app:create_app()"], base + "/readyz", base, env_clean).start()
+                                  "serving.web.app:create_app()"], base + "/readyz", base, env_clean).start()
 
 
 def start_granian_floor(root: Path, bodies: dict[str, bytes], workers: int) -> Proc:

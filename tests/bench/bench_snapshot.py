@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,14 @@ sys.path.insert(0, str(HERE))
 
 from bench_batch import clustered, item_only_bundle  # noqa: E402
 from batch.demo import ApiServer, http_get  # noqa: E402
-from batch.job import items_table, precompute_similar  # noqa: E402
+from batch.job import items_table  # noqa: E402
 from batch.train import build_index, index_spec  # noqa: E402
 from bench_api import WORK  # noqa: E402
 from common import write_result  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
-from serving.snapshot import serving_arrays  # noqa: E402
+from serving.models.base import Lists  # noqa: E402
+from serving.models.rating import RatingModel  # noqa: E402
+from serving.models.recommender import RecommenderModel  # noqa: E402
 from serving.store import TABLE_SCHEMAS, Store  # noqa: E402
 
 
@@ -49,27 +50,38 @@ def build_snapshot(root: Path, items: int, dim: int, k_max: int) -> tuple[Path, 
     vecs = clustered(items, dim, clusters=max(10, items // 500))
     index, params = build_index(vecs, index_spec(items, settings), settings)
     bundle = item_only_bundle(vecs, index, {"index": index_spec(items, settings), "search_params": params})
-    # This snapshot has items only (no users to score)
-    bundle.meta.update({"rating_range": [1.0, 5.0], "trained_at": "2026-01-01T00:00:00+00:00",
-                        "model_version": f"synthetic-{items}"})
-    model_dir = root / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    bundle.save(model_dir)
-    sim, ids, scores = precompute_similar(bundle, bundle.item_ids, k_max, 4096)
-    empty_u = np.zeros(0, np.int64)
-    arrays = serving_arrays(bundle, bundle.item_ids, ids, scores, empty_u, np.zeros((0, k_max), np.int64),
-                            np.zeros((0, k_max), np.float32), empty_u, empty_u, np.zeros(0, np.float32))
+    # This snapshot has items only (no users to score), and no predictions
+    bundle.meta.update({"trained_at": "2026-01-01T00:00:00+00:00", "model_version": f"synthetic-{items}"})
     writer = store.begin()
+    folder = writer.model_folder("recommender")
+    bundle.save(folder)
+    model = RecommenderModel.live_only(bundle, "recommender")
+    lists = [bundle.similar_items(np.arange(start, min(start + 4096, items)), k_max) for start in range(0, items, 4096)]
+    sim = model.part("similar_items", [bundle.item_ids], Lists(np.concatenate([a for a, _ in lists]),
+                                                                np.concatenate([b for _, b in lists])))
+    model.assemble("similar_items", sim, folder, k_max)
+    empty = TABLE_SCHEMAS["user_recs"].empty_table()
+    model.assemble("user_recs", empty, folder, k_max)
     writer.write_table("similar_items", sim)
-    for name in ("user_recs", "predictions"):
-        writer.write_table(name, TABLE_SCHEMAS[name].empty_table())
+    writer.write_table("user_recs", empty)
+    rating = RatingModel("rating", {"user_ids": np.zeros(0, np.int64), "item_ids": bundle.item_ids,
+                                    "user_bias": np.zeros(0, np.float32), "item_bias": np.zeros(items, np.float32),
+                                    "user_factors": np.zeros((0, 1), np.float32),
+                                    "item_factors": np.zeros((items, 1), np.float32)},
+                         {"global_mean": 0.0, "blend": [0.0, 1.0, 1.0], "rating_range": [1.0, 5.0],
+                          "model_version": bundle.meta["model_version"]})
+    rating.save(writer.model_folder("rating"))
+    preds = TABLE_SCHEMAS["predictions"].empty_table()
+    rating.assemble("predict", preds, writer.model_folder("rating"), k_max)
+    writer.write_table("predictions", preds)
     titles = pa.array([f"item {i}" for i in bundle.item_ids.tolist()])
     writer.write_table("items", items_table_from(bundle.item_ids, titles))
-    writer.write_arrays(arrays)
-    writer.link_model(model_dir)
     from datetime import datetime, timezone
     writer.publish({"created_at": datetime.now(timezone.utc).isoformat(), "model_version": bundle.meta["model_version"],
-                    "k_max": k_max, "settings": settings.as_dict(), "synthetic": True})
+                    "k_max": k_max, "settings": settings.as_dict(), "synthetic": True,
+                    "recommender": {"kind": "recommender", "version": bundle.meta["model_version"], "k_max": k_max,
+                                    "rows": {"similar_items": items, "user_recs": 0}},
+                    "models": {"rating": {"kind": "rating", "version": bundle.meta["model_version"], "rows": 0}}})
     return cfg, store, store.current_id()
 
 

@@ -18,7 +18,7 @@ _live = None
 def _compute(path: str) -> bytes:
     global _live
     if _live is None:  # built on the first miss: hits never need the model
-        from serving.app import create_app
+        from serving.web.app import create_app
         _live = create_app(background=False).test_client()
     return _live.get(path).get_data()
 

@@ -1,6 +1,6 @@
 """The former production setup, kept only as the benchmark's baseline ("today's loop worker"):
 gunicorn 27 with hybridserve's loop worker (loop_worker.py, which overrides gthread internals; it is
-why the project left gunicorn). `gunicorn -c python:loop_gunicorn_conf 'serving.app:create_app()'`
+why the project left gunicorn). `gunicorn -c python:loop_gunicorn_conf 'serving.web.app:create_app()'`
 with tests/bench on PYTHONPATH; LOOP_WORKER_BIND names the address.
 """
 import gc

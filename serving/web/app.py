@@ -10,13 +10,14 @@ from typing import Callable
 from flask import Flask
 from flask_cors import CORS
 
-from serving import api
 from serving.engine import Engine, one_thread_per_pool
-from serving.fastpath import HitPath, cors_headers_for
-from serving.metrics import Metrics
 from serving.requestlog import RequestLog
 from serving.settings import Settings, load_settings
 from serving.store import Store
+from serving.web import api
+from serving.web.fastpath import HitPath, cors_headers_for
+from serving.web.metrics import Metrics
+from serving.web.parse import Limits
 
 LOG = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class Services:
     engine: Engine
     requestlog: RequestLog
     metrics: Metrics
+    limits: Limits
     _stop: threading.Event
     _reloader: threading.Thread | None = None
 
@@ -55,8 +57,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],
                     settings["serving.cache_size"], clock=clock,
                     verify_checksums=settings["serving.verify_checksums"], mode=settings["serving.mode"])
-    engine.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
-    engine.on_reload_failure = lambda _msg: metrics.reload_failures.inc()
+    engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
+    engine.reloader.on_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
     engine.on_live = metrics.live
     engine.on_model_error = lambda name: metrics.model_errors.labels(name).inc()
@@ -66,9 +68,10 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     requestlog.on_drop = metrics.requestlog_dropped.inc
     engine.reload()  # a worker with no valid snapshot still starts; /readyz says why
 
-    app = Flask("serving")
+    app = Flask("serving.web", static_folder=None)  # the page at / comes with its own route
     app.json.sort_keys = False
-    services = Services(settings, engine, requestlog, metrics, threading.Event())
+    limits = Limits(settings["serving.k_limit"], settings["serving.session_max_items"])
+    services = Services(settings, engine, requestlog, metrics, limits, threading.Event())
     app.extensions["hybridserve"] = services
     origins = [o.strip() for o in settings["serving.cors_origins"].split(",") if o.strip()]
     cors = {"methods": ["GET"], "expose_headers": ["ETag", "Cache-Control"], "max_age": 3600}

@@ -1,0 +1,216 @@
+"""The lookup API blueprint: parse (serving.web.parse), ask the engine, render. Errors are mapped once
+(serving.web.errors); metrics and the request log are written once per request (``record``)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+
+from serving.errors import Unavailable
+from serving.web import errors, parse, render
+from serving.web.parse import Lookup
+
+bp = Blueprint("api", __name__)
+
+
+def services():
+    """The app's engine, request log, metrics and settings (one accessor, as flaskr's get_db)."""
+    return current_app.extensions["hybridserve"]
+
+
+class _State:
+    """What the after-request hook needs; one object on ``g`` instead of many lookups."""
+
+    __slots__ = ("t0", "endpoint", "source", "log")
+
+    def __init__(self, t0: float):
+        self.t0, self.endpoint, self.source, self.log = t0, None, None, None
+
+
+def _begin(endpoint: str) -> _State:
+    st = g._hs
+    st.endpoint = endpoint
+    return st
+
+
+def _note(row: tuple) -> None:
+    g._hs.log = row
+
+
+def _query_string() -> str:
+    return request.environ.get("QUERY_STRING", "")
+
+
+def _parsed(build) -> Lookup:
+    """The lookup the hit path parsed already for this request, else parsed now."""
+    found = request.environ.get(parse.ENVIRON_KEY)
+    return found if found is not None else build()
+
+
+def _answer(lookup: Lookup) -> Response:
+    """Ask the engine, then render the answer (or 304 when the client holds it already)."""
+    st, svc = g._hs, services()
+    st.endpoint, st.log = lookup.route, lookup.log
+    ans = svc.engine.lookup(lookup.model, lookup.query, lookup.key, lookup.k)
+    st.source = ans.source
+    tag = render.etag(lookup, ans)
+    headers = render.answer_headers(ans, tag)
+    if tag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(tag):
+        return Response(status=304, headers=headers)
+    return Response(render.render(lookup, ans, svc.engine.clock()), mimetype="application/json", headers=headers)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(render.json_bytes(body), status=status, mimetype="application/json")
+
+
+# --- endpoints ----------------------------------------------------------------------
+@bp.get("/v1/items/<item_id>/similar")
+def similar_items(item_id: str):
+    """Items most similar to one item."""
+    _begin("similar_items")
+    return _answer(_parsed(lambda: parse.similar_items(item_id, _query_string(), services().limits, _note)))
+
+
+@bp.get("/v1/users/<user_id>/recommendations")
+def user_recommendations(user_id: str):
+    """Unseen items for a user, ranked by predicted rating."""
+    _begin("user_recs")
+    return _answer(_parsed(lambda: parse.user_recs(user_id, _query_string(), services().limits, _note)))
+
+
+@bp.get("/v1/predictions")
+def prediction():
+    """A user's predicted rating of an item."""
+    _begin("prediction")
+    return _answer(_parsed(lambda: parse.prediction(_query_string(), services().limits, _note)))
+
+
+@bp.get("/v1/recommendations")
+def session_recommendations():
+    """Recommendations from the items a visitor just viewed (from the snapshot's lists when they
+    prove the answer, else live, then cached)."""
+    _begin("session")
+    return _answer(_parsed(lambda: parse.session(_query_string(), services().limits, _note)))
+
+
+@bp.get("/v1/models/<name>/predict")
+def model_predict(name: str):
+    """A registered model's prediction for the inputs in the query string."""
+    st = _begin("model")
+    if name == parse.RATING:
+        st.endpoint = "prediction"
+    _, m = services().engine.model(name, "predict")
+    return _answer(_parsed(lambda: parse.model(name, m.spec, _query_string(), _note)))
+
+
+@bp.get("/v1/models")
+def models():
+    """The models that predict: name, version, inputs (with their types and domains), output."""
+    _begin("models")
+    parse.params(_query_string(), ())
+    engine = services().engine
+    snap = engine.snapshot
+    if snap is None:
+        raise Unavailable(engine.last_reload_error or "no snapshot loaded")
+    return _json({"models": [describe(m) for _, m in sorted(snap.models.items()) if "predict" in m.queries]})
+
+
+@bp.get("/v1/models/<name>")
+def model(name: str):
+    """One model."""
+    _begin("models")
+    parse.params(_query_string(), ())
+    return _json(describe(services().engine.model(name, "predict")[1]))
+
+
+def describe(m) -> dict[str, Any]:
+    """A model as /v1/models lists it."""
+    out = {**m.describe(), "max_age_s": services().engine.max_age(m)}
+    spec = getattr(m, "spec", None)
+    if "predict" in m.queries:
+        out["precomputed"] = m.precomputed().get("predict", 0)
+        out["predict"] = f"/v1/models/{m.name}/predict"
+        if spec is not None and spec.output_class is not None:
+            out["class"] = spec.output_class
+    return out
+
+
+@bp.get("/v1/snapshot")
+def snapshot():
+    """The live snapshot's manifest and age."""
+    _begin("snapshot")
+    parse.params(_query_string(), ())
+    engine = services().engine
+    snap = engine.snapshot
+    if snap is None:
+        raise Unavailable(engine.last_reload_error or "no snapshot loaded")
+    body = dict(snap.manifest)
+    body["age_s"] = round(engine.clock() - snap.created_at, 3)
+    body["max_age_s"] = engine.max_age_s
+    return _json(body)
+
+
+@bp.get("/healthz")
+def healthz():
+    """Liveness: the process answers."""
+    return _json({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    """Readiness: a valid snapshot is loaded; otherwise 503 and why."""
+    info = services().engine.status()
+    return _json(info, status=200 if info["ready"] else 503)
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus metrics."""
+    from serving.web.metrics import CONTENT_TYPE
+    return Response(services().metrics.render(), content_type=CONTENT_TYPE)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3 document."""
+    from serving.web.openapi import document
+    s = services().settings
+    snap = services().engine.snapshot
+    specs = ([m.spec for _, m in sorted(snap.models.items()) if "predict" in m.queries]
+             if snap is not None else [])
+    return _json(document(s["serving.k_limit"], s["serving.session_max_items"], specs))
+
+
+# --- the request's start and end, in one place -----------------------------------------
+def register(app: Flask) -> None:
+    app.register_blueprint(bp)
+    errors.register(app)
+    services_ = app.extensions["hybridserve"]
+    limit = services_.settings["serving.max_url_bytes"]
+
+    @app.before_request
+    def _start():
+        g._hs = st = _State(time.perf_counter())
+        env = request.environ
+        if len(env.get("PATH_INFO", "")) + len(env.get("QUERY_STRING", "")) > limit:
+            st.endpoint = "too_long"
+            return errors.problem(414, f"URL is longer than {limit} bytes")
+
+    @app.after_request
+    def _record(resp: Response) -> Response:
+        st = g.get("_hs")
+        if st is None or st.endpoint is None:
+            return resp
+        status = resp.status_code
+        record(services_, st.endpoint, st.source or ("error" if status >= 400 else "none"), status,
+               time.perf_counter() - st.t0, st.log)
+        return resp
+
+
+def record(svc, endpoint: str, source: str, status: int, elapsed_s: float, log: tuple | None) -> None:
+    """Count a request in the metrics and, for a lookup, append it to the request log."""
+    svc.metrics.observe(endpoint, source, status, elapsed_s)
+    if log is not None:
+        svc.requestlog.append(*log[:4], source, status, int(elapsed_s * 1e6), *log[4:])
