@@ -248,7 +248,7 @@ def schedule(obj: _Ctx) -> None:
 @click.pass_obj
 def demo(obj: _Ctx, requests: int, concurrency: int) -> None:
     """The whole loop on the sample: batch, the API server, replay, batch again, replay, SQL."""
-    from batch.demo import demo as run_demo
+    from batch.tools.demo import demo as run_demo
     run_demo(obj.settings, Path(obj.config) if obj.config else None, requests, concurrency)
 
 
