@@ -179,6 +179,16 @@ def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Se
             "eval_users": rank["users"]}
 
 
+def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                       supplied: dict[str, Vectors | None] | None = None) -> tuple[ModelBundle, dict[str, Any]]:
+    """What the batch job trains: evaluate on the per-user temporal hold-out (``holdout_report``), then
+    fit the bundle that ships on all interactions (batch.train)."""
+    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
+    evaluation = holdout_report(interactions, items, settings, supplied)
+    LOG.info("evaluation: %s", evaluation)
+    return train_bundle(interactions, items, settings, lohi, supplied), evaluation
+
+
 def evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
              supplied: dict[str, Vectors | None] | None = None, folds: int = 5) -> dict[str, Any]:
     """Both protocols and the support check on the given inputs: the report `batch evaluate` prints."""

@@ -27,7 +27,8 @@ from batch import catalog, popularity
 from batch import models as registered_models
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
-from batch.train import train_and_evaluate, training_key
+from batch.evaluate import train_and_evaluate
+from batch.train import training_key
 from serving.errors import Abandoned, HybridServeError, StoreLockedError, ValidationFailed
 from serving.model import ModelBundle
 from serving.snapshot import serving_arrays

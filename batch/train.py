@@ -243,13 +243,3 @@ def train_bundle(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
                                       rating=rating, meta=meta)
     return bundle
 
-
-def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                       supplied: dict[str, Vectors | None] | None = None) -> tuple[ModelBundle, dict[str, Any]]:
-    """Evaluate on the per-user temporal hold-out (batch.evaluate), then fit the bundle that ships on
-    all interactions."""
-    from batch.evaluate import holdout_report
-    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
-    evaluation = holdout_report(interactions, items, settings, supplied)
-    LOG.info("evaluation: %s", evaluation)
-    return train_bundle(interactions, items, settings, lohi, supplied), evaluation
