@@ -1,5 +1,5 @@
-"""`python -m batch`: the batch CLI. Parses, calls the library, turns domain errors into one line
-and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked.
+"""`python -m batch`: the batch CLI. Parses, calls the library; serving.cli turns domain errors into
+one line and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked.
 A run whose snapshot was published exits 0 even when the catalog update after it failed (a warning
 line says so; the record is added by the next run)."""
 from __future__ import annotations
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import click
 
-from serving.errors import Abandoned, ConfigError, HybridServeError, StoreLockedError, ValidationFailed
+from serving.cli import run_cli
+from serving.errors import HybridServeError
 from serving.settings import load_settings
 
 LOG = logging.getLogger("batch")
-
-EXIT_FAILED, EXIT_REFUSED, EXIT_LOCKED = 1, 3, 75
 
 
 class _Ctx:
@@ -253,35 +252,7 @@ def demo(obj: _Ctx, requests: int, concurrency: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="python -m batch", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return EXIT_FAILED
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except StoreLockedError as exc:
-        click.echo(f"locked: {exc}", err=True)
-        return EXIT_LOCKED
-    except ValidationFailed as exc:
-        click.echo(f"refused: {exc}", err=True)
-        return EXIT_REFUSED
-    except Abandoned as exc:
-        click.echo(f"abandoned: {exc}", err=True)
-        return EXIT_FAILED
-    except ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
-        return EXIT_FAILED
-    except HybridServeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return EXIT_FAILED
-    except OSError as exc:  # a full or read-only disk, a missing permission: the path and the errno's meaning
-        from serving.store import describe_os_error
-        LOG.info("details of the error below", exc_info=exc)  # the traceback, with -v
-        click.echo(f"error: {describe_os_error(exc)}", err=True)
-        return EXIT_FAILED
-    return 0
+    return run_cli(cli, argv, prog_name="python -m batch")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from batch import job as job_module
-from batch.__main__ import EXIT_LOCKED, EXIT_REFUSED, main
+from batch.__main__ import main
 from batch.catalog import query
 from batch.job import run
 from batch.schedule import Daemon, make_trigger
+from serving.cli import EXIT_LOCKED, EXIT_REFUSED
 from serving.errors import ConfigError
 from serving.store import Store
 

@@ -1,0 +1,68 @@
+"""What the command lines share (`python -m batch`, `python -m serving.server`, `python -m serving`):
+one table from exception to exit code and one-line message, and the runner that applies it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import click
+
+from serving.errors import (Abandoned, ConfigError, HybridServeError, PortTaken, StoreLockedError,
+                            ValidationFailed)
+
+LOG = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1          # one line on stderr says what (the traceback with -v)
+EXIT_USAGE = 2           # a bad command line (click's own), or an address the server cannot listen on
+EXIT_REFUSED = 3         # a snapshot refused by validation; the live one keeps serving
+EXIT_LOCKED = 75         # another run holds the store lock (EX_TEMPFAIL: try again later)
+
+# (exception, exit code, what the one line on stderr starts with). The first row the exception is an
+# instance of wins, so a subclass comes before its base. The codes are the documented ones
+# (docs/batch.md, docs/server.md).
+EXIT_CODES: tuple[tuple[type[BaseException], int, str], ...] = (
+    (StoreLockedError, EXIT_LOCKED, "locked"),
+    (ValidationFailed, EXIT_REFUSED, "refused"),
+    (Abandoned, EXIT_FAILED, "abandoned"),
+    (ConfigError, EXIT_FAILED, "config error"),
+    (PortTaken, EXIT_USAGE, "hybridserve"),
+    (HybridServeError, EXIT_FAILED, "error"),
+    (OSError, EXIT_FAILED, "error"),  # a full or read-only disk, a missing permission
+)
+
+
+def exit_code(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one line for stderr) for ``exc``, or None when the table does not know it."""
+    for kind, code, prefix in EXIT_CODES:
+        if isinstance(exc, kind):
+            if isinstance(exc, OSError):
+                from serving.store import describe_os_error  # the path and the errno's meaning
+                return code, f"{prefix}: {describe_os_error(exc)}"
+            return code, f"{prefix}: {exc}"
+    return None
+
+
+def run_cli(command: click.Command, argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
+    """Run a click command and return its exit code instead of exiting: click's own errors as click
+    shows them, a known exception as one line on stderr (the table above), anything else raised."""
+    try:
+        result = command.main(args=list(argv) if argv is not None else None, prog_name=prog_name,
+                              standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_FAILED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except Exception as exc:
+        known = exit_code(exc)
+        if known is None:
+            raise
+        if isinstance(exc, OSError):  # a domain error's line says it all; an OS error's origin may not
+            LOG.info("details of the error below", exc_info=exc)  # the traceback, with -v
+        click.echo(known[1], err=True)
+        return known[0]
+    return result if isinstance(result, int) else EXIT_OK
+
