@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from serving.cli import run_cli
+from serving.cli import config_line, run_cli
 from serving.errors import HybridServeError
 from serving.settings import load_settings
 
@@ -155,7 +155,9 @@ def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
 def run(obj: _Ctx, retrain: bool, force: bool) -> None:
     """The whole job: inputs -> model -> popular keys -> precompute -> validate -> publish."""
     from batch.job import run as run_job
-    result = run_job(obj.settings, retrain=retrain, force=force)
+    settings = obj.settings
+    click.echo(config_line(obj.config, settings))
+    result = run_job(settings, retrain=retrain, force=force)
     m = result.manifest
     click.echo(f"published snapshot {result.snapshot_id} (model {m['model_version']}, "
                f"{'retrained' if m['retrained'] else 'model reused'})")
@@ -238,7 +240,9 @@ def schedule(obj: _Ctx) -> None:
     """Run the job on batch.schedule until SIGTERM/SIGINT (APScheduler; one run at a time)."""
     from batch.schedule import Daemon
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    Daemon(obj.settings).serve()
+    settings = obj.settings
+    LOG.info("%s", config_line(obj.config, settings))
+    Daemon(settings).serve()
 
 
 @cli.command()

@@ -6,8 +6,11 @@ import sys
 
 import click
 
-from serving.cli import run_cli
+from serving.cli import config_line, run_cli
 from serving.settings import load_settings
+
+LOG = logging.getLogger("serving")
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", default=None, help="config file (TOML)")
@@ -17,6 +20,7 @@ def cli(config: str | None, port: int | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     settings = load_settings(config)
+    LOG.info("%s", config_line(config, settings))
     from serving.app import create_app
     app = create_app(settings)
     app.run(host=settings["serving.host"], port=port or settings["serving.port"], threaded=True)

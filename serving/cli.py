@@ -1,15 +1,22 @@
 """What the command lines share (`python -m batch`, `python -m serving.server`, `python -m serving`):
-one table from exception to exit code and one-line message, and the runner that applies it.
+one table from exception to exit code and one-line message, the runner that applies it, and the
+line that says which config a command uses.
+
+Which config wins, in every command: an explicit ``--config FILE``, else ``$HYBRIDSERVE_CONFIG``,
+else the built-in defaults; ``HYBRIDSERVE_<SECTION>_<NAME>`` variables override single settings of
+whichever it is (serving.settings.load_settings).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import click
 
 from serving.errors import (Abandoned, ConfigError, HybridServeError, PortTaken, StoreLockedError,
                             ValidationFailed)
+from serving.settings import DEFAULTS_SOURCE, ENV_FILE, ENV_NOT_SETTINGS, ENV_PREFIX, Settings
 
 LOG = logging.getLogger(__name__)
 
@@ -66,3 +73,15 @@ def run_cli(command: click.Command, argv: Sequence[str] | None = None, prog_name
         return known[0]
     return result if isinstance(result, int) else EXIT_OK
 
+
+def config_line(flag: str | os.PathLike | None, settings: Settings, env: Mapping[str, str] | None = None) -> str:
+    """Which config a command uses and why, in one line ("config: my.toml (--config)")."""
+    env = os.environ if env is None else env
+    if flag:
+        where = f"{flag} (--config)"
+    elif settings.source != DEFAULTS_SOURCE:
+        where = f"{settings.source} (${ENV_FILE})"
+    else:
+        where = f"built-in defaults (no --config, ${ENV_FILE} unset)"
+    overrides = sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in ENV_NOT_SETTINGS)
+    return f"config: {where}" + (f"; overridden by {', '.join(overrides)}" if overrides else "")

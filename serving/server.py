@@ -30,7 +30,7 @@ import tempfile
 
 import click
 
-from serving.cli import run_cli
+from serving.cli import config_line, run_cli
 from serving.errors import PortTaken
 from serving.settings import ENV_FILE, Settings, load_settings
 
@@ -143,10 +143,14 @@ def first_stop_signal_only() -> None:
             signal.signal(sig, first_only(handler))
 
 
-def serve(settings: Settings, target: str = APP_TARGET) -> int:
-    """Run the server in this process until SIGTERM/SIGINT (every worker drains and flushes its log)."""
+def serve(settings: Settings, target: str = APP_TARGET, config: str | None = None) -> int:
+    """Run the server in this process until SIGTERM/SIGINT (every worker drains and flushes its log).
+    ``config``: the line saying which config it uses (serving.cli.config_line), logged once the port
+    is known to be free."""
     host, port = settings["serving.host"], settings["serving.port"]
     check_port(host, port)
+    if config:
+        LOG.info("%s", config)
     metrics_dir, own_dir = _metrics_dir()
     server = build(settings, target)
     server.on_startup(first_stop_signal_only)
@@ -170,6 +174,7 @@ def serve(settings: Settings, target: str = APP_TARGET) -> int:
 def cli(config: str | None, host: str | None, port: int | None, workers: int | None, app: str) -> int:
     """hybridserve API server (granian)"""
     logging.config.dictConfig(_LOG_CONFIG)
+    given = dict(os.environ)
     # The workers read the settings again from the environment they inherit: pass the overrides on.
     if config:
         os.environ[ENV_FILE] = config
@@ -177,7 +182,7 @@ def cli(config: str | None, host: str | None, port: int | None, workers: int | N
         if value is not None:
             os.environ[f"HYBRIDSERVE_SERVING_{name.upper()}"] = str(value)
     settings = load_settings()
-    return serve(settings, app)
+    return serve(settings, app, config_line(config, settings, given))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 from serving.errors import ConfigError
 
 ENV_FILE = "HYBRIDSERVE_CONFIG"
+DEFAULTS_SOURCE = "<defaults>"  # Settings.source when no config file was read
 ENV_PREFIX = "HYBRIDSERVE_"
 # Variables under the prefix that are not HYBRIDSERVE_<SECTION>_<NAME> settings; any other
 # HYBRIDSERVE_* variable is a typo and refused, like an unknown key in a config file.
@@ -189,7 +190,7 @@ max = 0.5
 class Settings:
     """Read-only view of resolved settings: ``settings["batch.k_max"]`` or ``settings.batch.k_max``."""
 
-    def __init__(self, values: dict[str, Any], source: str = "<defaults>", models: tuple = ()):
+    def __init__(self, values: dict[str, Any], source: str = DEFAULTS_SOURCE, models: tuple = ()):
         self._values = dict(values)
         self.source = source
         # Registered models ([models.<name>] tables), serving.models.base.ModelSpec each. Only the
@@ -280,7 +281,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
     env = os.environ if env is None else env
     values = {s.key: s.default for s in SETTINGS}
     path = path or env.get(ENV_FILE) or None
-    source = "<defaults>"
+    source = DEFAULTS_SOURCE
     models: tuple = ()
     if path is not None:
         source = str(path)
