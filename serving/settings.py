@@ -188,7 +188,7 @@ max = 0.5
 
 
 class Settings:
-    """Read-only view of resolved settings: ``settings["batch.k_max"]`` or ``settings.batch.k_max``."""
+    """Read-only view of resolved settings: ``settings["batch.k_max"]``."""
 
     def __init__(self, values: dict[str, Any], source: str = DEFAULTS_SOURCE, models: tuple = ()):
         self._values = dict(values)
@@ -199,13 +199,6 @@ class Settings:
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
-
-    def __getattr__(self, section: str) -> "_Section":
-        if section.startswith("_"):
-            raise AttributeError(section)
-        if not any(k.startswith(section + ".") for k in self._values):
-            raise AttributeError(f"no settings section {section!r}")
-        return _Section(self._values, section)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -225,17 +218,6 @@ class Settings:
     def with_models(self, models) -> "Settings":
         """A copy registering ``models`` (ModelSpec each) instead."""
         return Settings(self._values, self.source, tuple(models))
-
-
-class _Section:
-    def __init__(self, values: dict[str, Any], section: str):
-        self._values, self._section = values, section
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[f"{self._section}.{name}"]
-        except KeyError:
-            raise AttributeError(f"no setting {self._section}.{name}") from None
 
 
 def _lookup(key: str, source: str) -> Setting:
