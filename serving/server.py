@@ -64,8 +64,8 @@ def worker_app():
     """granian's factory target, called once in each worker process: the app, then a frozen heap.
 
     Everything built here (modules, Flask, the snapshot's model objects) lives as long as the worker;
-    out of the collector's sight a full collection stays short (0.6-7 ms instead of 80-100 ms, measured
-    under gunicorn). A swapped-out snapshot is freed by reference counting (tests/test_server.py).
+    out of the collector's sight a full collection stays short (measured: docs/performance.md). A
+    swapped-out snapshot is freed by reference counting (tests/test_server.py).
     """
     from serving.app import create_app
 

@@ -65,9 +65,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train", "flat_max_items", 20_000, "With index='auto': exact Flat up to this many items, IVF (about 4 sqrt(n) lists) above", minimum=1),
     Setting("train", "flat_max_items_ip", 20_000, "With index='auto' and inner-product vectors (trained PureSVD, or "
             "metric = 'ip'): exact Flat up to this many items, an HNSW32 graph built with the inner product above "
-            "(recall@10 0.99 on the 100K-item benchmark; see docs/performance.md)", minimum=1),
-    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off; on the 100K-item benchmark's PureSVD vectors 128 gave recall@10 0.99, 64 gave 0.97-0.98)", minimum=1),
-    Setting("train", "ivf_nprobe", 32, "IVF nprobe (recall/speed trade-off; 16 gave recall@10 0.947 on 100K trained embeddings, 32 gave 0.971)", minimum=1),
+            "(why, measured: docs/performance.md)", minimum=1),
+    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch: candidates kept per search; more is higher recall and "
+            "slower queries (the default's recall, measured: docs/performance.md)", minimum=1),
+    Setting("train", "ivf_nprobe", 32, "IVF nprobe: lists searched per query; more is higher recall and slower "
+            "queries (the default's recall, measured: docs/performance.md)", minimum=1),
     Setting("train", "similar_min_support", 5, "Items with fewer interactions than this never appear as similar items "
             "(rare items' vectors are noise); 0 keeps every item", minimum=0),
     Setting("train", "rating_dim", 32, "Factors of the rating model (biased matrix factorisation by ALS)", minimum=1, maximum=512),
