@@ -98,6 +98,8 @@ def test_demo_prints_what_the_readme_shows(tmp_path):
         want = float(model.predict(pd.DataFrame([answers[name]["inputs"]]))[0])
         assert answers[name]["prediction"] == pytest.approx(want, rel=1e-9), name
     assert answers["after"]["prediction"] == answers["miss"]["prediction"]
+    assert result["store"] == tmp_path / "data" / "store-demo"
+    assert (result["store"] / ".hybridserve-demo").is_file()
 
 
 def _demand_model(settings):
@@ -112,8 +114,6 @@ def test_mask_hides_a_models_predictions_only():
     assert mask([line]) == mask(["     -> live 105.56, then cache 105.56 (the request log keeps the miss)"])
     assert mask([line]) != mask([line.replace("live", "precomputed", 1)])
     assert mask(["  hit rate (answered from the snapshot): 0.843"]) != mask(["  hit rate (answered from the snapshot): 0.844"])
-    assert result["store"] == tmp_path / "data" / "store-demo"
-    assert (result["store"] / ".hybridserve-demo").is_file()
 
 
 def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path):
