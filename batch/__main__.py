@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from serving.cli import config_line, run_cli
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
 from serving.errors import HybridServeError
 from serving.settings import load_settings
 
@@ -30,9 +30,8 @@ class _Ctx:
         return self._settings
 
 
-@click.group()
-@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-              help="Config file (TOML); default $HYBRIDSERVE_CONFIG or built-in defaults.")
+@click.group(context_settings=CONTEXT_SETTINGS)
+@config_option
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, verbose: int) -> None:

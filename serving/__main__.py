@@ -6,15 +6,15 @@ import sys
 
 import click
 
-from serving.cli import config_line, run_cli
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
 from serving.settings import load_settings
 
 LOG = logging.getLogger("serving")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", default=None, help="config file (TOML)")
-@click.option("--port", type=int, default=None)
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option("--port", type=int, default=None, help="Overrides serving.port.")
 def cli(config: str | None, port: int | None) -> int:
     """hybridserve development server"""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

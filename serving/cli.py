@@ -20,6 +20,12 @@ from serving.settings import DEFAULTS_SOURCE, ENV_FILE, ENV_NOT_SETTINGS, ENV_PR
 
 LOG = logging.getLogger(__name__)
 
+# What every command shares on its command line: -h as well as --help, and one --config option.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+    help="Config file (TOML); default $HYBRIDSERVE_CONFIG, else the built-in defaults.")
+
 EXIT_OK = 0
 EXIT_FAILED = 1          # one line on stderr says what (the traceback with -v)
 EXIT_USAGE = 2           # a bad command line (click's own), or an address the server cannot listen on

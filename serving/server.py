@@ -30,7 +30,7 @@ import tempfile
 
 import click
 
-from serving.cli import config_line, run_cli
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
 from serving.errors import PortTaken
 from serving.settings import ENV_FILE, Settings, load_settings
 
@@ -165,11 +165,11 @@ def serve(settings: Settings, target: str = APP_TARGET, config: str | None = Non
     return 0
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", default=None, help="config file (TOML); default $HYBRIDSERVE_CONFIG")
-@click.option("--host", default=None, help="overrides serving.host")
-@click.option("--port", type=int, default=None, help="overrides serving.port")
-@click.option("--workers", type=int, default=None, help="overrides serving.workers")
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option("--host", default=None, help="Overrides serving.host.")
+@click.option("--port", type=int, default=None, help="Overrides serving.port.")
+@click.option("--workers", type=int, default=None, help="Overrides serving.workers.")
 @click.option("--app", default=APP_TARGET, hidden=True)  # benchmarks serve a baseline app
 def cli(config: str | None, host: str | None, port: int | None, workers: int | None, app: str) -> int:
     """hybridserve API server (granian)"""

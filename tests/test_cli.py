@@ -112,6 +112,24 @@ def test_server_and_dev_server_config_errors_are_one_line_exit_1(tmp_path):
     assert usage.returncode == 0 and "--workers" in usage.stdout and "--app" not in usage.stdout
 
 
+def test_the_three_commands_share_one_config_option_and_help_flags(capsys):
+    """python -m batch, python -m serving.server and python -m serving: -h and --help, the same --config."""
+    import batch.__main__
+    import serving.__main__
+    import serving.server
+
+    helps = []
+    for main in (batch.__main__.main, serving.server.main, serving.__main__.main):
+        for flag in ("-h", "--help"):
+            assert main([flag]) == 0
+            out = capsys.readouterr().out
+            helps.append(" ".join(out.split()))
+    for text in helps:
+        assert "--config FILE Config file (TOML); default $HYBRIDSERVE_CONFIG, else the built-in defaults." in text
+        assert "-h, --help Show this message and exit." in text
+    assert "--workers INTEGER Overrides serving.workers." in helps[2] and "--app" not in helps[2]
+
+
 def test_a_batch_run_says_first_which_config_it_uses(tmp_path, monkeypatch, capsys, no_config_env):
     """Printed before any work, so a failing run says it too (here: no inputs, exit 1)."""
     from batch.__main__ import main
