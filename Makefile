@@ -2,7 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CONFIG ?= config/default.toml
+# Which config a target uses, the rule every command follows (docs/configuration.md): CONFIG=FILE
+# when given (passed as --config, which wins), else $HYBRIDSERVE_CONFIG when set (no --config, so the
+# variable is what the command reads), else config/default.toml.
+ifdef CONFIG
+CONFIG_ARG := --config $(CONFIG)
+else ifdef HYBRIDSERVE_CONFIG
+CONFIG_ARG :=
+else
+CONFIG_ARG := --config config/default.toml
+endif
 
 .PHONY: install lock test demo batch sample train schedule serve bench bench-server bench-tools clean
 
@@ -22,24 +31,24 @@ test: install
 	$(PY) -m pytest -q
 
 sample: install
-	$(PY) -m batch --config $(CONFIG) generate-sample
+	$(PY) -m batch $(CONFIG_ARG) generate-sample
 
 train: install
-	$(PY) -m batch --config $(CONFIG) train
+	$(PY) -m batch $(CONFIG_ARG) train
 
 batch: install
-	$(PY) -m batch --config $(CONFIG) generate-sample --if-missing
-	$(PY) -m batch --config $(CONFIG) run
+	$(PY) -m batch $(CONFIG_ARG) generate-sample --if-missing
+	$(PY) -m batch $(CONFIG_ARG) run
 
 demo: install
-	$(PY) -m batch --config $(CONFIG) demo
+	$(PY) -m batch $(CONFIG_ARG) demo
 
 schedule: install
-	$(PY) -m batch --config $(CONFIG) schedule
+	$(PY) -m batch $(CONFIG_ARG) schedule
 
 # granian (serving/server.py); --host/--port/--workers after ARGS=, e.g. make serve ARGS="--port 8080"
 serve: install
-	$(PY) -m serving.server --config $(CONFIG) $(ARGS)
+	$(PY) -m serving.server $(CONFIG_ARG) $(ARGS)
 
 # What the benchmarks compare against: nginx, Redis and wrk from apt; FastAPI, uvicorn, the Redis
 # client and gunicorn (the former server, as a baseline) from the bench extra.

@@ -1,5 +1,5 @@
-"""`python -m batch`: the batch CLI. Parses, calls the library, turns domain errors into one line
-and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked.
+"""`python -m batch`: the batch CLI. Parses, calls the library; serving.cli turns domain errors into
+one line and an exit code an operator can act on: 0 ok, 1 failed, 3 refused by validation, 75 locked.
 A run whose snapshot was published exits 0 even when the catalog update after it failed (a warning
 line says so; the record is added by the next run)."""
 from __future__ import annotations
@@ -11,12 +11,11 @@ from pathlib import Path
 
 import click
 
-from serving.errors import Abandoned, ConfigError, HybridServeError, StoreLockedError, ValidationFailed
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
+from serving.errors import HybridServeError
 from serving.settings import load_settings
 
 LOG = logging.getLogger("batch")
-
-EXIT_FAILED, EXIT_REFUSED, EXIT_LOCKED = 1, 3, 75
 
 
 class _Ctx:
@@ -31,9 +30,8 @@ class _Ctx:
         return self._settings
 
 
-@click.group()
-@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-              help="Config file (TOML); default $HYBRIDSERVE_CONFIG or built-in defaults.")
+@click.group(context_settings=CONTEXT_SETTINGS)
+@config_option
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
@@ -98,12 +96,13 @@ def train(obj: _Ctx) -> None:
     inputs = load_inputs(Path(s["paths.inputs"]), s["train.rating_min"], s["train.rating_max"])
     lock = store.lock()
     try:
-        bundle, folder, evaluation, _ = obtain_model(store, inputs, s, retrain=True)
+        trained = obtain_model(store, inputs, s, retrain=True)
     finally:
         lock.release()
+    bundle = trained.bundle
     click.echo(f"model {bundle.model_version}: {bundle.n_users:,} users, {bundle.n_items:,} items, "
                f"index {bundle.meta['index']}")
-    _print_evaluation(evaluation)
+    _print_evaluation(trained.evaluation)
 
 
 def _print_evaluation(ev: dict) -> None:
@@ -156,7 +155,9 @@ def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
 def run(obj: _Ctx, retrain: bool, force: bool) -> None:
     """The whole job: inputs -> model -> popular keys -> precompute -> validate -> publish."""
     from batch.job import run as run_job
-    result = run_job(obj.settings, retrain=retrain, force=force)
+    settings = obj.settings
+    click.echo(config_line(obj.config, settings))
+    result = run_job(settings, retrain=retrain, force=force)
     m = result.manifest
     click.echo(f"published snapshot {result.snapshot_id} (model {m['model_version']}, "
                f"{'retrained' if m['retrained'] else 'model reused'})")
@@ -239,7 +240,9 @@ def schedule(obj: _Ctx) -> None:
     """Run the job on batch.schedule until SIGTERM/SIGINT (APScheduler; one run at a time)."""
     from batch.schedule import Daemon
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    Daemon(obj.settings).serve()
+    settings = obj.settings
+    LOG.info("%s", config_line(obj.config, settings))
+    Daemon(settings).serve()
 
 
 @cli.command()
@@ -248,40 +251,12 @@ def schedule(obj: _Ctx) -> None:
 @click.pass_obj
 def demo(obj: _Ctx, requests: int, concurrency: int) -> None:
     """The whole loop on the sample: batch, the API server, replay, batch again, replay, SQL."""
-    from batch.demo import demo as run_demo
+    from batch.tools.demo import demo as run_demo
     run_demo(obj.settings, Path(obj.config) if obj.config else None, requests, concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="python -m batch", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return EXIT_FAILED
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except StoreLockedError as exc:
-        click.echo(f"locked: {exc}", err=True)
-        return EXIT_LOCKED
-    except ValidationFailed as exc:
-        click.echo(f"refused: {exc}", err=True)
-        return EXIT_REFUSED
-    except Abandoned as exc:
-        click.echo(f"abandoned: {exc}", err=True)
-        return EXIT_FAILED
-    except ConfigError as exc:
-        click.echo(f"config error: {exc}", err=True)
-        return EXIT_FAILED
-    except HybridServeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return EXIT_FAILED
-    except OSError as exc:  # a full or read-only disk, a missing permission: the path and the errno's meaning
-        from serving.store import describe_os_error
-        LOG.info("details of the error below", exc_info=exc)  # the traceback, with -v
-        click.echo(f"error: {describe_os_error(exc)}", err=True)
-        return EXIT_FAILED
-    return 0
+    return run_cli(cli, argv, prog_name="python -m batch")
 
 
 if __name__ == "__main__":

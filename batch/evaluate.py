@@ -17,7 +17,8 @@ import pandas as pd
 from sklearn.model_selection import KFold
 
 from batch.embeddings import Vectors
-from batch.train import fit_biases, fit_rating_model, train_bundle
+from batch.train import fit_biases, fit_rating_model, train_bundle, train_rating
+from serving.models.rating import RatingModel
 from serving.models.recommender import ModelBundle
 from serving.settings import Settings
 
@@ -176,6 +177,18 @@ def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Se
             "ndcg_at_10": rank.get("model", {}).get("ndcg_at_10"),
             "ndcg_at_10_popular": rank.get("most_popular", {}).get("ndcg_at_10"),
             "eval_users": rank["users"]}
+
+
+def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                       supplied: dict[str, Vectors | None] | None = None
+                       ) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
+    """What the batch job trains: evaluate on the per-user temporal hold-out (``holdout_report``), then
+    fit the recommender and the rating model that ship on all interactions (batch.train)."""
+    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
+    evaluation = holdout_report(interactions, items, settings, supplied)
+    LOG.info("evaluation: %s", evaluation)
+    return (train_bundle(interactions, items, settings, supplied), train_rating(interactions, items, settings, lohi),
+            evaluation)
 
 
 def evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,

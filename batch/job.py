@@ -28,7 +28,8 @@ from batch.backends import backend as make_backend
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
 from batch.precompute import PREDICTIONS_PER_RANKED, Staged, forget, partitions, precompute_part, staged_models
-from batch.train import train_and_evaluate, training_key
+from batch.evaluate import train_and_evaluate
+from batch.train import training_key
 from batch.validate import validate
 from serving.errors import Abandoned, HybridServeError, InputError, StoreLockedError, ValidationFailed
 from serving.models.base import Lists, Model

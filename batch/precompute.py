@@ -68,7 +68,7 @@ def staged_models(staged: Staged) -> dict[str, Model]:
         models = _cache.get(key)
         if models is None:
             _cache.clear()  # one snapshot at a time: the previous one's models go
-            folder = SnapshotWriter.reopen(Store(staged.store), staged.snapshot).tmp
+            folder = SnapshotWriter.reopen(Store(staged.store), staged.snapshot).local_folder()
             models = _cache[key] = {name: kind_class(entry["kind"]).load(folder / layout.model_folder(name), name, entry)
                                     for name, entry in staged.entries.items()}
     return models

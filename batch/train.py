@@ -55,12 +55,12 @@ def index_spec(n_items: int, settings: Settings, metric: str = "cosine") -> str:
             return "Flat"
         if metric == "ip":
             # Unnormalised (PureSVD) vectors: an HNSW graph built with the inner product itself had the
-            # best recall@10 of the indexes measured on the 100K-item benchmark (0.995 similar items,
-            # 0.993 user recs at efSearch 128, 0.4 / 1.1 ms a query); padded IVF1024 at nprobe 32 was
-            # 2x faster at 0.992 / 0.987, HNSW over padded vectors 0.85 / 0.76 (tests/bench/bench_index.py).
+            # best recall@10 of the fast indexes measured (tests/bench/bench_index.py); padded IVF was
+            # faster at a little less recall, HNSW over padded vectors far worse. The figures:
+            # docs/performance.md, "Index choice for inner-product vectors".
             return "HNSW32"
-        # IVF with ~4 sqrt(n) lists: on 1M clustered items it built 3x faster than HNSW32 and
-        # searched 2x faster at higher recall (tests/bench/bench_batch.py).
+        # IVF with ~4 sqrt(n) lists: on 1M clustered items it built faster than HNSW32 and searched
+        # faster at higher recall (tests/bench/bench_batch.py; figures in docs/performance.md).
         nlist = 2 ** int(round(np.log2(4 * np.sqrt(n_items))))
         return f"IVF{nlist},Flat"
     return spec
@@ -91,8 +91,8 @@ def index_builder(settings: Settings, metric: str, seed: int = 0):
 
     Inner-product vectors go to an IVF index with one padding coordinate (serving.models.vectors.mips_pad), so
     k-means lists see equal-length vectors; an HNSW graph or Flat gets them as they are (padding
-    cut HNSW's recall@10 from 0.995 to 0.85 on the 100K-item benchmark: the padding coordinate then
-    dominates the neighbourhoods of short vectors)."""
+    costs a graph much of its recall: the padding coordinate then dominates the neighbourhoods of
+    short vectors; measured in docs/performance.md)."""
     def builder(group_vecs: np.ndarray) -> tuple[Any, dict[str, Any]]:
         spec = index_spec(len(group_vecs), settings, metric)
         pad = metric == "ip" and spec.startswith("IVF")
@@ -257,15 +257,3 @@ def train_rating(interactions: pd.DataFrame, items: pd.DataFrame, settings: Sett
     meta = {**fit.pop("meta"), "rating_range": [lo, hi]}
     return RatingModel(RATING, {"user_ids": user_ids, "item_ids": item_ids, **fit}, meta)
 
-
-def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                       supplied: dict[str, Vectors | None] | None = None
-                       ) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
-    """Evaluate on the per-user temporal hold-out (batch.evaluate), then fit the recommender and the
-    rating model that ship on all interactions."""
-    from batch.evaluate import holdout_report
-    lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
-    evaluation = holdout_report(interactions, items, settings, supplied)
-    LOG.info("evaluation: %s", evaluation)
-    return (train_bundle(interactions, items, settings, supplied), train_rating(interactions, items, settings, lohi),
-            evaluation)

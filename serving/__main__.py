@@ -1,30 +1,34 @@
 """`python -m serving`: the development server (use `make serve` for the production server, granian)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from serving.errors import ConfigError
+import click
+
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
 from serving.settings import load_settings
+
+LOG = logging.getLogger("serving")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option("--port", type=int, default=None, help="Overrides serving.port.")
+def cli(config: str | None, port: int | None) -> int:
+    """hybridserve development server"""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    settings = load_settings(config)
+    LOG.info("%s", config_line(config, settings))
+    from serving.web.app import create_app
+    app = create_app(settings)
+    app.run(host=settings["serving.host"], port=port or settings["serving.port"], threaded=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serving", description="hybridserve development server")
-    ap.add_argument("--config", default=None, help="config file (TOML)")
-    ap.add_argument("--port", type=int, default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 1
-    from serving.web.app import create_app
-    app = create_app(settings)
-    app.run(host=settings["serving.host"], port=args.port or settings["serving.port"], threaded=True)
-    return 0
+    return run_cli(cli, argv, prog_name="python -m serving")
 
 
 if __name__ == "__main__":

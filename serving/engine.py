@@ -38,7 +38,7 @@ def one_thread_per_pool() -> None:
     OpenMP's thread count is per thread: a limit set where the app was built does not reach the
     request threads of a threaded server (Flask's development server, granian's blocking threads), where a
     predict or a search would start one OpenMP thread per core that spin-wait against the worker
-    (measured: 53 req/s instead of ~900). So each thread that computes live sets it, once.
+    (docs/api.md). So each thread that computes live sets it, once.
     """
     if not getattr(_thread, "limited", False):
         faiss.omp_set_num_threads(1)

@@ -35,6 +35,10 @@ class ValidationFailed(HybridServeError):
     """A new snapshot failed its checks before publish; it is not published."""
 
 
+class PortTaken(HybridServeError):
+    """The server's listen address is in use (or cannot be bound)."""
+
+
 class NotFound(HybridServeError):
     """An id that is not in the live snapshot's catalogue (HTTP 404)."""
 

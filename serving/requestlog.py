@@ -46,7 +46,7 @@ class RequestLog:
         self._logged_at = 0.0
         self._unlogged_failures = 0
         # A deque bounded at max_buffer drops its oldest row in O(1): deleting a list's first row moved
-        # the whole buffer (1.6 MB at 200,000 rows) on every request while the log stayed full.
+        # the whole buffer on every request while the log stayed full.
         self._rows: deque[tuple] = deque(maxlen=max_buffer)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()

@@ -18,7 +18,6 @@ subclassed or patched; this module only maps ``serving.*`` settings onto granian
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import logging.config
@@ -29,8 +28,11 @@ import socket
 import sys
 import tempfile
 
-from serving.errors import ConfigError
-from serving.settings import Settings, load_settings
+import click
+
+from serving.cli import CONTEXT_SETTINGS, config_line, config_option, run_cli
+from serving.errors import PortTaken
+from serving.settings import ENV_FILE, Settings, load_settings
 
 LOG = logging.getLogger(__name__)
 
@@ -58,16 +60,12 @@ _LOG_CONFIG = {
 }
 
 
-class PortTaken(Exception):
-    """The listen address is in use (or cannot be bound)."""
-
-
 def worker_app():
     """granian's factory target, called once in each worker process: the app, then a frozen heap.
 
     Everything built here (modules, Flask, the snapshot's model objects) lives as long as the worker;
-    out of the collector's sight a full collection stays short (0.6-7 ms instead of 80-100 ms, measured
-    under gunicorn). A swapped-out snapshot is freed by reference counting (tests/test_server.py).
+    out of the collector's sight a full collection stays short (measured: docs/performance.md). A
+    swapped-out snapshot is freed by reference counting (tests/test_server.py).
     """
     from serving.web.app import create_app
 
@@ -145,10 +143,14 @@ def first_stop_signal_only() -> None:
             signal.signal(sig, first_only(handler))
 
 
-def serve(settings: Settings, target: str = APP_TARGET) -> int:
-    """Run the server in this process until SIGTERM/SIGINT (every worker drains and flushes its log)."""
+def serve(settings: Settings, target: str = APP_TARGET, config: str | None = None) -> int:
+    """Run the server in this process until SIGTERM/SIGINT (every worker drains and flushes its log).
+    ``config``: the line saying which config it uses (serving.cli.config_line), logged once the port
+    is known to be free."""
     host, port = settings["serving.host"], settings["serving.port"]
     check_port(host, port)
+    if config:
+        LOG.info("%s", config)
     metrics_dir, own_dir = _metrics_dir()
     server = build(settings, target)
     server.on_startup(first_stop_signal_only)
@@ -163,27 +165,28 @@ def serve(settings: Settings, target: str = APP_TARGET) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serving.server", description="hybridserve API server (granian)")
-    ap.add_argument("--config", default=None, help="config file (TOML); default $HYBRIDSERVE_CONFIG")
-    ap.add_argument("--host", default=None, help="overrides serving.host")
-    ap.add_argument("--port", type=int, default=None, help="overrides serving.port")
-    ap.add_argument("--workers", type=int, default=None, help="overrides serving.workers")
-    ap.add_argument("--app", default=APP_TARGET, help=argparse.SUPPRESS)  # benchmarks serve a baseline app
-    args = ap.parse_args(argv)
+@click.command(context_settings=CONTEXT_SETTINGS)
+@config_option
+@click.option("--host", default=None, help="Overrides serving.host.")
+@click.option("--port", type=int, default=None, help="Overrides serving.port.")
+@click.option("--workers", type=int, default=None, help="Overrides serving.workers.")
+@click.option("--app", default=APP_TARGET, hidden=True)  # benchmarks serve a baseline app
+def cli(config: str | None, host: str | None, port: int | None, workers: int | None, app: str) -> int:
+    """hybridserve API server (granian)"""
     logging.config.dictConfig(_LOG_CONFIG)
+    given = dict(os.environ)
     # The workers read the settings again from the environment they inherit: pass the overrides on.
-    if args.config:
-        os.environ["HYBRIDSERVE_CONFIG"] = args.config
-    for name in ("host", "port", "workers"):
-        if getattr(args, name) is not None:
-            os.environ[f"HYBRIDSERVE_SERVING_{name.upper()}"] = str(getattr(args, name))
-    try:
-        settings = load_settings()
-        return serve(settings, args.app)
-    except (ConfigError, PortTaken) as exc:
-        print(f"hybridserve: {exc}", file=sys.stderr)
-        return 2
+    if config:
+        os.environ[ENV_FILE] = config
+    for name, value in (("host", host), ("port", port), ("workers", workers)):
+        if value is not None:
+            os.environ[f"HYBRIDSERVE_SERVING_{name.upper()}"] = str(value)
+    settings = load_settings()
+    return serve(settings, app, config_line(config, settings, given))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(cli, argv, prog_name="python -m serving.server")
 
 
 if __name__ == "__main__":

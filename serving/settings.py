@@ -14,6 +14,7 @@ from typing import Any
 from serving.errors import ConfigError
 
 ENV_FILE = "HYBRIDSERVE_CONFIG"
+DEFAULTS_SOURCE = "<defaults>"  # Settings.source when no config file was read
 ENV_PREFIX = "HYBRIDSERVE_"
 # Variables under the prefix that are not HYBRIDSERVE_<SECTION>_<NAME> settings; any other
 # HYBRIDSERVE_* variable is a typo and refused, like an unknown key in a config file.
@@ -64,9 +65,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train", "flat_max_items", 20_000, "With index='auto': exact Flat up to this many items, IVF (about 4 sqrt(n) lists) above", minimum=1),
     Setting("train", "flat_max_items_ip", 20_000, "With index='auto' and inner-product vectors (trained PureSVD, or "
             "metric = 'ip'): exact Flat up to this many items, an HNSW32 graph built with the inner product above "
-            "(recall@10 0.99 on the 100K-item benchmark; see docs/performance.md)", minimum=1),
-    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch (recall/speed trade-off; on the 100K-item benchmark's PureSVD vectors 128 gave recall@10 0.99, 64 gave 0.97-0.98)", minimum=1),
-    Setting("train", "ivf_nprobe", 32, "IVF nprobe (recall/speed trade-off; 16 gave recall@10 0.947 on 100K trained embeddings, 32 gave 0.971)", minimum=1),
+            "(why, measured: docs/performance.md)", minimum=1),
+    Setting("train", "hnsw_ef_search", 128, "HNSW efSearch: candidates kept per search; more is higher recall and "
+            "slower queries (the default's recall, measured: docs/performance.md)", minimum=1),
+    Setting("train", "ivf_nprobe", 32, "IVF nprobe: lists searched per query; more is higher recall and slower "
+            "queries (the default's recall, measured: docs/performance.md)", minimum=1),
     Setting("train", "similar_min_support", 5, "Items with fewer interactions than this never appear as similar items "
             "(rare items' vectors are noise); 0 keeps every item", minimum=0),
     Setting("train", "rating_dim", 32, "Factors of the rating model (biased matrix factorisation by ALS)", minimum=1, maximum=512),
@@ -188,9 +191,9 @@ max = 0.5
 
 
 class Settings:
-    """Read-only view of resolved settings: ``settings["batch.k_max"]`` or ``settings.batch.k_max``."""
+    """Read-only view of resolved settings: ``settings["batch.k_max"]``."""
 
-    def __init__(self, values: dict[str, Any], source: str = "<defaults>", models: tuple = ()):
+    def __init__(self, values: dict[str, Any], source: str = DEFAULTS_SOURCE, models: tuple = ()):
         self._values = dict(values)
         self.source = source
         # Registered models ([models.<name>] tables), serving.models.base.ModelSpec each. Only the
@@ -199,13 +202,6 @@ class Settings:
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
-
-    def __getattr__(self, section: str) -> "_Section":
-        if section.startswith("_"):
-            raise AttributeError(section)
-        if not any(k.startswith(section + ".") for k in self._values):
-            raise AttributeError(f"no settings section {section!r}")
-        return _Section(self._values, section)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -225,17 +221,6 @@ class Settings:
     def with_models(self, models) -> "Settings":
         """A copy registering ``models`` (ModelSpec each) instead."""
         return Settings(self._values, self.source, tuple(models))
-
-
-class _Section:
-    def __init__(self, values: dict[str, Any], section: str):
-        self._values, self._section = values, section
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[f"{self._section}.{name}"]
-        except KeyError:
-            raise AttributeError(f"no setting {self._section}.{name}") from None
 
 
 def _lookup(key: str, source: str) -> Setting:
@@ -281,7 +266,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
     env = os.environ if env is None else env
     values = {s.key: s.default for s in SETTINGS}
     path = path or env.get(ENV_FILE) or None
-    source = "<defaults>"
+    source = DEFAULTS_SOURCE
     models: tuple = ()
     if path is not None:
         source = str(path)

@@ -11,7 +11,7 @@ import re
 import pandas as pd
 import pytest
 
-from batch.demo import demo
+from batch.tools.demo import demo
 from conftest import REPO, write_config
 from serving.settings import load_settings
 

@@ -94,3 +94,16 @@ def test_movielens_100k_targets(tmp_path, capsys):
     assert [x["title"] for x in sim["items"]] == ["Toy Story (1995)", "Star Wars (1977)", "Godfather, The (1972)",
                                                   "Pulp Fiction (1994)", "Fargo (1996)"]
     assert sim["neighbours"] == 50 and sim["rare_neighbours"] == 0
+
+
+def test_evaluation_depends_on_training_never_the_reverse():
+    """batch.evaluate imports batch.train; batch.train imports nothing of batch.evaluate (no cycle)."""
+    import ast
+    from pathlib import Path
+
+    import batch.train
+
+    tree = ast.parse(Path(batch.train.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "batch.evaluate" not in imported and "batch" not in imported, imported

@@ -705,7 +705,7 @@ def test_mlflow_model_folder_with_its_signature(mws, capsys):
 
 def test_demo_shows_the_grid_a_live_miss_and_the_next_run_precomputing_it(mws):
     """`make demo` with a registered model, at a tiny size, through a real server."""
-    from batch.demo import demo
+    from batch.tools.demo import demo
     root, settings, cfg, first, est = mws
     cfg.write_text(cfg.read_text().replace("[serving]", "[serving]\nworkers = 1", 1)
                    if "[serving]" in cfg.read_text() else cfg.read_text() + "\n[serving]\nworkers = 1\n")

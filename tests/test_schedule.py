@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from batch import job as job_module
-from batch.__main__ import EXIT_LOCKED, EXIT_REFUSED, main
+from batch.__main__ import main
 from batch.catalog import query
 from batch.job import run
 from batch.schedule import Daemon, make_trigger
+from serving.cli import EXIT_LOCKED, EXIT_REFUSED
 from serving.errors import ConfigError
 from serving.store import Store
 
@@ -63,6 +64,7 @@ def test_two_runs_at_once_one_publishes_the_other_exits_75(workspace):
     holder = subprocess.Popen([sys.executable, "-c", _HOLDING_RUN, "--config", str(cfg), "run"], cwd=REPO,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline() == f"config: {cfg} (--config)\n"  # a run's first line
         assert holder.stdout.readline() == "holding the lock\n"
         second = _cli(cfg, "run")
         out_b, err_b = second.communicate(timeout=300)  # runs and ends while the first one holds the lock

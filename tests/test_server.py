@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from batch.demo import ApiServer, free_port, http_get as get
+from batch.tools.demo import ApiServer, free_port, http_get as get
 from batch.job import run
 from serving.engine import Engine
 from serving.store import Store

@@ -202,7 +202,7 @@ class SklearnPredictor:
     def frame(self, columns: Sequence[np.ndarray]) -> Any:
         """The estimator's input: a DataFrame in its column order when it was fit on one, else an array."""
         if self.feature_names is not None:
-            # an explicit index and no copy: a quarter of the time pandas takes to build a one-row frame
+            # an explicit index and no copy: far less than pandas takes to build a one-row frame (docs/performance.md)
             return pd.DataFrame({self.feature_names[k]: _plain(self.spec.inputs[j], columns[j])
                                  for k, j in enumerate(self._order)},
                                 index=pd.RangeIndex(len(columns[0]) if len(columns) else 0), copy=False)
@@ -212,12 +212,11 @@ class SklearnPredictor:
         return np.column_stack([c.astype(object) for c in cols])
 
     def frame_one(self, values: Sequence[Any]) -> Any:
-        """``frame`` of one canonical row, equal to it in columns, dtypes, index and values, built in a
-        quarter of the time: a fresh DataFrame costs ~160 us with pandas 3, and an open string column
-        alone ~75 us to set. Each thread keeps, per (value types, values of the string inputs and of the
-        few-valued ones), the frame ``frame`` built for the first such row, sets the other columns in
-        place (``DataFrame.iat``, ~10 us each) and hands out a shallow copy, which copy-on-write keeps
-        apart from the kept frame."""
+        """``frame`` of one canonical row, equal to it in columns, dtypes, index and values, built for less
+        than a fresh DataFrame costs (measured: docs/performance.md). Each thread keeps, per (value types,
+        values of the string inputs and of the few-valued ones), the frame ``frame`` built for the first such
+        row, sets the other columns in place (``DataFrame.iat``) and hands out a shallow copy, which
+        copy-on-write keeps apart from the kept frame."""
         if self.feature_names is None:
             return self.frame([_column_of(v) for v in values])
         types = tuple(map(type, values))

@@ -369,8 +369,8 @@ def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
     """Recall@k of the bundle's index against exact inner-product search over the same (one per tie
     group) vectors, for the given query items. An answer counts as found when its exact score
     reaches the exact k-th score: among tied scores (every candidate of a zero-vector item, an
-    item without interactions) which ids exact search keeps is arbitrary, and counting ids read
-    HNSW's 0.995 as 0.885 on the 100K-item benchmark."""
+    item without interactions) which ids exact search keeps is arbitrary, and counting ids read a
+    near-perfect index as far worse (docs/performance.md)."""
     q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
     groups = bundle.group_vecs()
     k = min(k, len(groups))

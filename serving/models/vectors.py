@@ -98,7 +98,7 @@ def read_index(path: Path, spec: str, mmap: bool = True):
 
 def _no_prefetch_threads(index) -> None:
     """A memory-mapped IVF index reads its lists through OnDiskInvertedLists, which by default starts
-    32 prefetch threads on every search: 1.7 ms for a single query that takes 0.1 ms without them.
+    32 prefetch threads on every search: a single query an order of magnitude slower than without them.
     The lists are already in the page cache, so nothing is gained by prefetching."""
     try:
         ivf = faiss.extract_index_ivf(index)

@@ -162,6 +162,11 @@ class SnapshotWriter:
         """Rows of each contract table written so far."""
         return dict(self._tables)
 
+    def local_folder(self) -> Path:
+        """A local folder holding the snapshot as written so far, for loading its staged models (a
+        local store's own temporary folder)."""
+        return self.tmp
+
     def _maybe_crash(self, step: str) -> None:
         if self.crash_at == step:
             raise InjectedCrash(f"injected crash at {step}")

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from batch.demo import ApiServer, http_get  # noqa: E402
+from batch.tools.demo import ApiServer, http_get  # noqa: E402
 from batch.inputs import INTERACTIONS, generate_sample, write_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from common import write_result  # noqa: E402

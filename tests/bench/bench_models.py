@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from batch.demo import GunicornServer, http_get  # noqa: E402
+from batch.tools.demo import ApiServer, http_get  # noqa: E402
 from batch.inputs import INTERACTIONS, generate_sample, load_inputs, write_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from batch.sample_models import DEMAND_FILE, write_demand_model  # noqa: E402
@@ -76,7 +76,7 @@ def hit_rates(cfg: Path, store: Store, spec, measure, seconds: float, rounds: in
     hot = store.read_table(sid, "similar_items").column("item_id").to_numpy()
     similar_paths = [f"/v1/items/{i}/similar?k=10" for i in np.random.default_rng(0).permutation(hot)[:5000]]
     out: dict = {"model_rounds": [], "similar_rounds": []}
-    server = GunicornServer(cfg).start()
+    server = ApiServer(cfg).start()
     try:
         for paths in (model_paths[:1], similar_paths[:1]):
             status, _, body = http_get(server.base + paths[0])

@@ -36,11 +36,11 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 from bench_api import prepare  # noqa: E402
-from batch.demo import ApiServer, http_get  # noqa: E402
+from batch.tools.demo import ApiServer, http_get  # noqa: E402
 from batch.inputs import load_inputs  # noqa: E402
 from batch.job import run as run_batch  # noqa: E402
 from batch.popularity import coverage_curve, read_request_counts  # noqa: E402
-from batch.trace import make_trace, popularity_order, request_log_rows, shown_items  # noqa: E402
+from batch.tools.trace import make_trace, popularity_order, request_log_rows, shown_items  # noqa: E402
 from common import write_result  # noqa: E402
 from cpu import measured  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402

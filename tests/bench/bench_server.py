@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from bench_api import WORK, _median_run, prepare  # noqa: E402
-from batch.demo import ApiServer, free_port, http_get  # noqa: E402
+from batch.tools.demo import ApiServer, free_port, http_get  # noqa: E402
 from common import write_result  # noqa: E402
 from cpu import measured  # noqa: E402
 from loadgen import LOADGENS  # noqa: E402

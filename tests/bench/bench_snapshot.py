@@ -26,8 +26,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 from bench_batch import clustered, item_only_bundle  # noqa: E402
-from batch.demo import ApiServer, http_get  # noqa: E402
 from batch.job import items_table  # noqa: E402
+from batch.tools.demo import ApiServer, http_get  # noqa: E402
 from batch.train import build_index, index_spec  # noqa: E402
 from bench_api import WORK  # noqa: E402
 from common import write_result  # noqa: E402

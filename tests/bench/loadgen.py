@@ -105,13 +105,13 @@ def run_python(base_url: str, paths: list[str], connections: int, seconds: float
                once: bool = False, done=None) -> dict:
     """The same measurement with Python threads: for the benchmarks' smoke tests, where wrk may be absent.
     Much slower than wrk (the client costs more than the server); never use its numbers as results.
-    With ``once`` every path is sent once (batch.trace.replay; ``done`` is not needed), else the paths
+    With ``once`` every path is sent once (batch.tools.trace.replay; ``done`` is not needed), else the paths
     cycle for ``seconds``."""
     import time
 
     import numpy as np
 
-    from batch.trace import Trace, replay
+    from batch.tools.trace import Trace, replay
 
     if once:
         t_start = time.perf_counter()

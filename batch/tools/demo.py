@@ -26,12 +26,12 @@ from batch import catalog
 from batch.inputs import INTERACTIONS, ITEMS, generate_sample, load_inputs, write_inputs
 from batch.sample_models import ensure_sample_models
 from batch.job import run
-from batch.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, shown_items, summarise
+from batch.tools.trace import hit_rate, hit_rates_by_endpoint, make_trace, replay, shown_items, summarise
 from serving.models.recommender import ModelBundle
 from serving.settings import Settings
 from serving.store import Store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -134,10 +134,6 @@ class ApiServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# The helper's name before the server moved from gunicorn to granian (tests written against it keep working).
-GunicornServer = ApiServer
 
 
 def _table(title: str, df) -> str:
