@@ -48,6 +48,17 @@ def _full_disk_at(monkeypatch, table: str):
     monkeypatch.setattr(Store, "begin", begin)
 
 
+def _pending_records_on_a_full_disk(monkeypatch):
+    """Every pending run record the store writes lands on /dev/full."""
+    real_write = Store.write_pending
+
+    def write_pending(self, name, data, before_replace=None):
+        self.pending_runs_dir.mkdir(parents=True, exist_ok=True)
+        os.symlink(DEV_FULL, self.pending_runs_dir / (name + ".tmp"))
+        return real_write(self, name, data, before_replace)
+    monkeypatch.setattr(Store, "write_pending", write_pending)
+
+
 # --- one line per OS error ---------------------------------------------------------------------
 @needs_dev_full
 def test_full_disk_while_writing_a_snapshot_one_line_exit_1(workspace, capsys, monkeypatch):
@@ -170,13 +181,7 @@ def test_disk_too_full_even_for_the_pending_record_rebuilds_it_from_the_manifest
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
     _catalog_disk_full(monkeypatch)
-    real_write = Store.write_pending
-
-    def write_pending(self, name, data, before_replace=None):
-        self.pending_runs_dir.mkdir(parents=True, exist_ok=True)
-        os.symlink(DEV_FULL, self.pending_runs_dir / (name + ".tmp"))
-        return real_write(self, name, data, before_replace)
-    monkeypatch.setattr(Store, "write_pending", write_pending)
+    _pending_records_on_a_full_disk(monkeypatch)
     rc = main(["--config", str(cfg), "run"])
     out, err = capsys.readouterr()
     assert rc == 0 and "published snapshot" in out and err.startswith("warning: catalog not updated")
@@ -303,13 +308,7 @@ def test_a_live_writers_pending_record_is_left_alone(workspace):
 def test_pending_folder_full_but_catalog_writable_records_the_run_directly(workspace, monkeypatch):
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
-    real_write = Store.write_pending
-
-    def write_pending(self, name, data, before_replace=None):
-        self.pending_runs_dir.mkdir(parents=True, exist_ok=True)
-        os.symlink(DEV_FULL, self.pending_runs_dir / (name + ".tmp"))
-        return real_write(self, name, data, before_replace)
-    monkeypatch.setattr(Store, "write_pending", write_pending)
+    _pending_records_on_a_full_disk(monkeypatch)
     result = run(settings)
     assert result.catalog_updated
     (_, status, sid, error, stages), = _runs(store, f"run_id = '{result.run_id}'")
