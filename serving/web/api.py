@@ -194,7 +194,8 @@ def register(app: Flask) -> None:
     def _start():
         g._hs = st = _State(time.perf_counter())
         env = request.environ
-        if len(env.get("PATH_INFO", "")) + len(env.get("QUERY_STRING", "")) > limit:
+        # a lookup the hit path parsed has passed this check already
+        if parse.ENVIRON_KEY not in env and len(env.get("PATH_INFO", "")) + len(env.get("QUERY_STRING", "")) > limit:
             st.endpoint = "too_long"
             return errors.problem(414, f"URL is longer than {limit} bytes")
 
