@@ -13,7 +13,7 @@ else
 CONFIG_ARG := --config config/default.toml
 endif
 
-.PHONY: install lock test demo batch sample train schedule serve bench bench-server bench-tools clean
+.PHONY: install test-tools lock test demo batch sample train schedule serve bench bench-server bench-tools clean
 
 # Installs the versions in config/constraints.txt (what make test last passed with), never simply the
 # newest of the day; `make lock` moves them forward on purpose.
@@ -27,7 +27,17 @@ $(VENV)/.installed: pyproject.toml config/constraints.txt
 
 install: $(VENV)/.installed
 
-test: install
+# What the suite drives for real, from Debian's packages: chromium (the page, through Playwright's
+# executable_path: no browser download), nginx (the caching front), redis-server (the shared live tier).
+TEST_TOOLS := chromium nginx redis-server
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || test -x /usr/sbin/$$t || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium nginx-light redis-server; \
+	fi
+
+test: install test-tools
 	$(PY) -m pytest -q
 
 sample: install
