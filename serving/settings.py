@@ -279,7 +279,7 @@ def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | N
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
         for section, table in data.items():
             if section == "models":
-                from serving.models.base import parse_models
+                from serving.models.registry import parse_models
                 models = parse_models(table, source)
                 continue
             if not isinstance(table, dict):

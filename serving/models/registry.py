@@ -12,7 +12,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from serving.models.base import Model
+from serving.errors import ConfigError
+from serving.models.base import Model, ModelSpec
+from serving.models.base import parse_models as parse_specs
 from serving.models.predictor import SklearnModel
 from serving.models.rating import RatingModel
 from serving.models.recommender import RecommenderModel
@@ -44,6 +46,17 @@ def kind_class(kind: str) -> type[Model]:
             return KINDS[kind]
         raise KeyError(f"unknown model kind {kind!r} (kinds: {', '.join(sorted(set(KINDS) | set(found)))})")
     return cls
+
+
+def parse_models(tables: Any, source: str) -> tuple[ModelSpec, ...]:
+    """``[models.<name>]`` tables -> specs whose kinds exist; ConfigError "file: models.<name>.kind: ..."."""
+    specs = parse_specs(tables, source)
+    for spec in specs:
+        try:
+            kind_class(spec.kind)
+        except KeyError as exc:
+            raise ConfigError(f"{source}: models.{spec.name}.kind: {exc.args[0]}") from None
+    return specs
 
 
 def entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
