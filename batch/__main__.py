@@ -163,6 +163,10 @@ def run(obj: _Ctx, retrain: bool, force: bool) -> None:
                f"{'retrained' if m['retrained'] else 'model reused'})")
     click.echo("rows: " + ", ".join(f"{k} {v:,}" for k, v in m["row_counts"].items()))
     click.echo(f"expected hit rate on the selection window: {m['popularity']['expected_hit_rate']:.3f}")
+    damaged = m.get("request_log", {}).get("damaged")
+    if damaged:
+        click.echo(f"request log: {m['request_log']['segments']:,} segments read; {len(damaged)} damaged segment"
+                   f"{'s' if len(damaged) > 1 else ''} skipped (moved to requests/quarantine/): {', '.join(damaged)}")
     _print_evaluation(m.get("evaluation"))
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 
+from batch.requestlog import log_files, requests_select
 from serving.errors import HybridServeError, SnapshotError
 from serving.store import TABLES, Store
 
@@ -174,8 +175,9 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
                 f"CREATE OR REPLACE VIEW all_{table} AS SELECT regexp_extract(filename, {_sql_str(_SNAPSHOT_ID)}, 1) "
                 f"AS snapshot, * EXCLUDE (filename) FROM read_parquet({files}, filename = true)")
     _model_views(con, store, store.snapshot_ids())
-    con.execute(f"CREATE OR REPLACE VIEW requests AS SELECT * FROM read_parquet("
-                f"{_sql_str(store.requests_glob())}, union_by_name = true)")
+    # The segments readable now, listed (a glob would read a planted symlink or FIFO, and fail on a
+    # damaged file); `batch sql` lists them again at each query (query), so it sees every segment.
+    con.execute(f"CREATE OR REPLACE VIEW requests AS {requests_select(log_files(store).paths)}")
     rows = [(s["id"], s.get("created_at"), s.get("model_version"), json.dumps(s.get("rows", {})), s["current"],
              s.get("parent")) for s in store.list_snapshots()]
     con.execute("CREATE OR REPLACE TABLE snapshots (id VARCHAR, created_at TIMESTAMPTZ, model_version VARCHAR, "
@@ -285,6 +287,8 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
         if kind not in _READ_STATEMENTS:
             raise HybridServeError(f"sql: refused: only reading statements are allowed (SELECT, WITH, FROM, "
                                    f"VALUES, DESCRIBE, SHOW, SUMMARIZE), got {kind.name}")
+        # The request log as it is now, damaged and planted files left out (a TEMP view shadows the stored one).
+        con.execute(f"CREATE OR REPLACE TEMP VIEW requests AS {requests_select(log_files(store).paths)}")
         timer.start()
         rel = con.sql(sql)
         cols = list(rel.columns)

@@ -27,6 +27,7 @@ from batch import models as registered_models
 from batch.backends import backend as make_backend
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
+from batch.requestlog import RequestLogFiles, log_files
 from batch.precompute import PREDICTIONS_PER_RANKED, Staged, forget, partitions, precompute_part, staged_models
 from batch.evaluate import train_and_evaluate
 from batch.train import training_key
@@ -155,24 +156,22 @@ def _faiss_os_error(exc: RuntimeError) -> OSError | None:
     return out
 
 
-def observed_hit_rate(store: Store, until: datetime) -> float | None:
+def observed_hit_rate(store: Store, until: datetime, log: RequestLogFiles | None = None) -> float | None:
     """Share of lookups answered from the snapshot since the previous published run (None if no traffic);
     the lookups are the endpoints /metrics' hit rate counts (layout.LOOKUP_ENDPOINTS)."""
-    import duckdb
     previous = store.current_id()
-    if previous is None or not store.requests_dir.is_dir():
+    if previous is None:
         return None
+    log = log_files(store) if log is None else log
     since = store.read_manifest(previous).get("created_at")
     endpoints = ", ".join(f"'{e}'" for e in layout.LOOKUP_ENDPOINTS)
-    con = duckdb.connect()
-    try:
-        hits, total = con.execute(
-            "SELECT count(*) FILTER (WHERE source = 'precomputed'), count(*) FROM read_parquet(?, union_by_name = true) "
-            f"WHERE status < 400 AND endpoint IN ({endpoints}) "
-            "AND ts >= CAST(? AS TIMESTAMPTZ) AND ts < CAST(? AS TIMESTAMPTZ)",
-            [store.requests_glob(), since, until.isoformat()]).fetchall()[0]
-    finally:
-        con.close()
+    frame = log.frame(
+        "SELECT count(*) FILTER (WHERE source = 'precomputed') AS hits, count(*) AS total "
+        f"FROM read_parquet(?, union_by_name = true) WHERE status < 400 AND endpoint IN ({endpoints}) "
+        "AND ts >= CAST(? AS TIMESTAMPTZ) AND ts < CAST(? AS TIMESTAMPTZ)", [since, until.isoformat()])
+    if frame is None:
+        return None
+    hits, total = int(frame["hits"].iloc[0]), int(frame["total"].iloc[0])
     return hits / total if total else None
 
 
@@ -334,7 +333,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     try:
         store.ensure_layout()
         store.clean_temp()
-        record["observed_hit_rate"] = observed_hit_rate(store, started)
+        # Read once, damaged segments moved to requests/quarantine/ (this run holds the lock).
+        request_log = log_files(store, quarantine=True)
+        record["observed_hit_rate"] = observed_hit_rate(store, started, request_log)
         with stages("inputs"):
             inputs = load_inputs(Path(settings["paths.inputs"]), settings["train.rating_min"],
                                  settings["train.rating_max"])
@@ -351,12 +352,14 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             staged = Staged(store.url, writer.id, entries)
         checkpoint("select")
         with stages("select"):
-            log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"])
+            log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"],
+                                                 request_log)
             sel = popularity.select(inputs.interactions, log, bundle.item_ids, bundle.user_ids, settings)
             hint = popularity.historical_window_warning(sel.report["window"], started)
             if hint:
                 LOG.warning("%s", hint)
-            model_log = registered_models.read_model_log(store, started, settings["batch.decay_half_life_hours"])
+            model_log = registered_models.read_model_log(store, started, settings["batch.decay_half_life_hours"],
+                                                         request_log)
         checkpoint("precompute")
         with stages("precompute"):
             backend = make_backend(settings)
@@ -386,6 +389,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                 "k_max": k_max, "run_id": run_id, "retrained": trained.retrained,
                 "observed_hit_rate_since_previous": record["observed_hit_rate"],
                 "recommender": recommender, "models": models_manifest, "format_version": layout.FORMAT_VERSION,
+                "request_log": request_log.summary(),
             }
             with stages("validate"):
                 # On the complete, unpublished folder, with every model read back from disk.

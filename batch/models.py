@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 
 from batch.popularity import decay_weight_sql
+from batch.requestlog import RequestLogFiles, log_files
 from serving.models.registry import kind_class
 from serving.store import Store, layout
 
@@ -33,22 +34,20 @@ def stage(folder_of, specs) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def read_model_log(store: Store, now: datetime, half_life_hours: float = 0.0) -> dict[str, tuple[list, np.ndarray]]:
+def read_model_log(store: Store, now: datetime, half_life_hours: float = 0.0,
+                   log: RequestLogFiles | None = None) -> dict[str, tuple[list, np.ndarray]]:
     """Request-log traffic per model: {model: (canonical keys, weights)}; answered requests only,
-    older ones weighing less when a half-life is set."""
-    if not store.requests_dir.is_dir() or not any(store.requests_dir.rglob("*.parquet")):
-        return {}
+    older ones weighing less when a half-life is set. ``log``: as popularity.read_request_counts."""
+    log = log_files(store) if log is None else log
     weight = decay_weight_sql(now, half_life_hours)
-    con = duckdb.connect()
     try:
-        frame = con.execute(
+        frame = log.frame(
             f"SELECT model, input, sum({weight}) AS weight FROM read_parquet(?, union_by_name = true) "
-            f"WHERE status < 400 AND model IS NOT NULL AND input IS NOT NULL GROUP BY ALL ORDER BY model, input",
-            [store.requests_glob()]).df()
+            f"WHERE status < 400 AND model IS NOT NULL AND input IS NOT NULL GROUP BY ALL ORDER BY model, input")
     except duckdb.BinderException:  # only segments from before the model columns existed
         return {}
-    finally:
-        con.close()
+    if frame is None:
+        return {}
     return {str(m): (list(g["input"]), g["weight"].to_numpy(np.float64)) for m, g in frame.groupby("model")}
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 
+from batch.requestlog import RequestLogFiles, log_files
 from serving.store import Store
 
 LOG = logging.getLogger(__name__)
@@ -170,23 +170,21 @@ def decay_weight_sql(now: datetime, half_life_hours: float) -> str:
             f"/ 3600.0 / {float(half_life_hours)})")
 
 
-def read_request_counts(store: Store, now: datetime, half_life_hours: float = 0.0) -> pd.DataFrame:
+def read_request_counts(store: Store, now: datetime, half_life_hours: float = 0.0,
+                        log: RequestLogFiles | None = None) -> pd.DataFrame:
     """Request-log traffic per (endpoint, user_id, item_id): requests ``n``, and their ``weight``,
     less for older ones when a half-life is set.
 
-    Only answered requests (status < 400) count. Empty frame when there is no log.
+    Only answered requests (status < 400) count. Empty frame when there is no log. ``log``: the files
+    to read (batch.requestlog.log_files; default: every readable one, a damaged one skipped).
     """
-    if not store.requests_dir.is_dir():
-        return pd.DataFrame(columns=["endpoint", "user_id", "item_id", "n", "weight"])
+    log = log_files(store) if log is None else log
     weight = decay_weight_sql(now, half_life_hours)
-    con = duckdb.connect()
-    try:
-        return con.execute(
-            f"SELECT endpoint, user_id, item_id, count(*) AS n, sum({weight}) AS weight "
-            f"FROM read_parquet(?, union_by_name = true) WHERE status < 400 "
-            f"GROUP BY ALL", [store.requests_glob()]).df()
-    finally:
-        con.close()
+    frame = log.frame(f"SELECT endpoint, user_id, item_id, count(*) AS n, sum({weight}) AS weight "
+                      f"FROM read_parquet(?, union_by_name = true) WHERE status < 400 GROUP BY ALL")
+    if frame is None:
+        return pd.DataFrame(columns=["endpoint", "user_id", "item_id", "n", "weight"])
+    return frame
 
 
 def _window(interactions: pd.DataFrame, days: int) -> pd.DataFrame:

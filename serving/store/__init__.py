@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -70,6 +71,14 @@ def _checked_shape(manifest: dict[str, Any], path: Path) -> dict[str, dict[str, 
     if type(k_max) is not int or k_max < 0:
         raise bad("k_max", "a non-negative integer", k_max)
     return files
+
+
+def _regular(path: Path) -> bool:
+    """A regular file itself, not through a link (lstat: a symlink is not followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Store:
@@ -176,15 +185,33 @@ class Store:
         renamed; never rewritten."""
         self.requests_dir.mkdir(parents=True, exist_ok=True)
         path = self.requests_dir / f"{layout.SEGMENT_PREFIX}{name}.parquet"
-        write_parquet_atomic(table, path, write_table)
+        write_parquet_atomic(table, path, write_table)  # fsynced before the rename
+        fsync_dir(self.requests_dir)  # and the rename itself, so a power cut keeps the segment it answered for
         return path
 
     def segments(self) -> list[Path]:
-        """The request log's segments (regular files only)."""
+        """The request log's segments: regular files only (a symlink or FIFO planted in requests/ is
+        never read)."""
         if not self.requests_dir.is_dir():
             return []
-        return sorted(p for p in self.requests_dir.glob(f"{layout.SEGMENT_PREFIX}*.parquet")
-                      if p.is_file() and not p.is_symlink())
+        return sorted(p for p in self.requests_dir.glob(f"{layout.SEGMENT_PREFIX}*.parquet") if _regular(p))
+
+    def log_files(self) -> list[Path]:
+        """What SQL over the request log reads: the empty, typed schema segment (so the columns exist
+        before any traffic) and every segment."""
+        seed = self.requests_dir / layout.SCHEMA_SEGMENT
+        return ([seed] if _regular(seed) else []) + self.segments()
+
+    def quarantine_segment(self, path: Path) -> Path:
+        """Move an unreadable segment to ``requests/quarantine/<name>.damaged``: out of every reader's
+        way (no longer ``*.parquet``), kept for a look rather than deleted."""
+        folder = self.requests_dir / layout.QUARANTINE
+        folder.mkdir(exist_ok=True)
+        dest = folder / (path.name + layout.QUARANTINE_SUFFIX)
+        with naming(path):
+            os.replace(path, dest)
+        fsync_dir(self.requests_dir)
+        return dest
 
     # --- the trained-model cache --------------------------------------------------
     def trained_dir(self, key: str) -> Path:

@@ -11,6 +11,7 @@
     <root>/snapshots/.tmp-<id>/         a snapshot being written (parts/ holds the precompute's
                                         Parquet parts until they are assembled)
     <root>/requests/seg-*.parquet       request-log segments, one per flush per process
+    <root>/requests/quarantine/         segments a run found unreadable (``*.damaged``), moved out of the way
     <root>/models/<key>/                trained models, reused while the inputs are unchanged
     <root>/pending-runs/*.json          run records waiting for the catalog
     <root>/catalog.duckdb               for people and tools; the API never opens it
@@ -39,6 +40,8 @@ PARTS = "parts"
 TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 SEGMENT_PREFIX = "seg-"
 SCHEMA_SEGMENT = "_schema.parquet"   # an empty, typed segment: SQL over the log works before any traffic
+QUARANTINE = "quarantine"            # requests/quarantine/<segment>.damaged: unreadable segments, kept for a look
+QUARANTINE_SUFFIX = ".damaged"       # not .parquet: no glob over the log reaches them again
 
 SNAPSHOT_ID = re.compile(r"^\d{8}-\d{6}-\d{6}$")
 SNAPSHOT_ID_IN_PATH = r"/snapshots/(\d{8}-\d{6}-\d{6})/"
