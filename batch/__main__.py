@@ -150,7 +150,8 @@ def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
 
 @cli.command()
 @click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged.")
-@click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop.")
+@click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop, or the "
+              "config does not register a model the live snapshot serves (it is dropped).")
 @click.pass_obj
 def run(obj: _Ctx, retrain: bool, force: bool) -> None:
     """The whole job: inputs -> model -> popular keys -> precompute -> validate -> publish."""

@@ -37,7 +37,7 @@ from serving.models.base import Lists, Model
 from serving.models.rating import MODEL_FILES as RATING_FILES
 from serving.models.rating import RatingModel
 from serving.models.recommender import BUNDLE_FILES, ModelBundle
-from serving.settings import Settings
+from serving.settings import DEFAULTS_SOURCE, Settings
 from serving.store import Store, describe_os_error, layout, naming
 
 LOG = logging.getLogger(__name__)
@@ -290,6 +290,32 @@ def _entries(trained: Trained, registered: dict[str, dict[str, Any]], k_max: int
 
 
 # --- the run ------------------------------------------------------------------------
+def _keeps_served_models(store: Store, settings: Settings, force: bool) -> None:
+    """Refuse, before any work, a run whose config does not register a model the live snapshot serves:
+    publishing would drop it and the API would answer 404 for it (a run with the wrong config, or none).
+    ``force`` publishes without them, as for a table losing most of its rows."""
+    live = store.current_id()
+    if live is None:
+        return
+    try:
+        served = store.read_manifest(live).get("models") or {}
+    except Exception:  # a damaged live manifest is the reloader's and verify's business, not this check's
+        return
+    registered = {spec.name for spec in settings.models}
+    config = "the built-in defaults" if settings.source == DEFAULTS_SOURCE else settings.source
+    dropped = sorted(n for n in served if n not in registered and n not in (layout.RECOMMENDER, layout.RATING))
+    if not dropped:
+        return
+    msg = (f"the live snapshot {live} serves registered model{'s' if len(dropped) > 1 else ''} "
+           f"{', '.join(dropped)}, which {config} does not register: publishing would drop "
+           f"{'them' if len(dropped) > 1 else 'it'}")
+    if force:
+        LOG.warning("%s (--force: publishing without %s)", msg, ", ".join(dropped))
+        return
+    raise ValidationFailed(f"{msg}; run with the config that registers {'them' if len(dropped) > 1 else 'it'} "
+                           f"(--config), or --force to drop {'them' if len(dropped) > 1 else 'it'}")
+
+
 def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at: str | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         should_stop: Callable[[], bool] = lambda: False) -> RunResult:
@@ -333,6 +359,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     try:
         store.ensure_layout()
         store.clean_temp()
+        _keeps_served_models(store, settings, force)
         # Read once, damaged segments moved to requests/quarantine/ (this run holds the lock).
         request_log = log_files(store, quarantine=True)
         record["observed_hit_rate"] = observed_hit_rate(store, started, request_log)
