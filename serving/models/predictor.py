@@ -100,9 +100,13 @@ def load_estimator(spec: ModelSpec, path: Path) -> Any:
         raise InputError(path, where, "no such file or folder")
     fmt = spec.format
     if fmt == "mlflow":
+        check_folder(spec, path)
         flavor = _mlflow_flavor(spec, path)
         fmt = "skops" if flavor.get("serialization_format") == "skops" else "pickle"
+        inside = path.resolve()
         path = path / flavor["pickled_model"]
+        if not path.resolve().is_relative_to(inside):
+            raise InputError(path, where, "the pickled model the MLmodel file names is outside the model folder")
         if not path.is_file():
             raise InputError(path, where, "the pickled model the MLmodel file names is missing")
     if fmt == "skops":
@@ -295,10 +299,35 @@ def artifact_name(spec: ModelSpec) -> str:
     return {"skops": "model.skops", "joblib": "model.joblib", "mlflow": "mlflow"}[spec.format]
 
 
+def check_folder(spec: ModelSpec, folder: Path) -> None:
+    """Refuse a model folder with a symlink that leaves it, or anything but files, folders and links:
+    the folder is copied into the snapshot, link targets as files, and a snapshot is served and
+    queried (`batch sql`), so ``notes.txt -> /etc/passwd`` or ``certs -> /etc/ssl`` would publish
+    what they point at. A link to a file or folder inside stays fine (copied as what it points at),
+    except one to a folder holding it, which would copy for ever."""
+    root = Path(folder).resolve()
+    for path in sorted(Path(folder).rglob("*")):  # rglob does not descend into linked folders
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise InputError(path, spec.key("artifact"),
+                                 f"a symlink to {target}, outside the model folder {folder}: refused (copy the "
+                                 f"file into the folder, or remove the link)")
+            if target.is_dir() and path.parent.resolve().is_relative_to(target):
+                raise InputError(path, spec.key("artifact"), f"a symlink to {target}, a folder holding it: refused")
+            if not (target.is_file() or target.is_dir()):
+                raise InputError(path, spec.key("artifact"), "a symlink to neither a file nor a folder: refused")
+        elif not (path.is_file() or path.is_dir()):
+            raise InputError(path, spec.key("artifact"), "neither a file nor a folder (a FIFO, socket or device): "
+                                                         "refused")
+
+
 def copy_artifact(spec: ModelSpec, source: Path, folder: Path) -> ModelSpec:
-    """Copy the artifact into a snapshot's model folder; the spec it returns points there."""
+    """Copy the artifact into a snapshot's model folder; the spec it returns points there. A folder's
+    links are checked first (check_folder) and copied as the files they point at."""
     dest = folder / artifact_name(spec)
     if Path(source).is_dir():
+        check_folder(spec, Path(source))
         shutil.copytree(source, dest)
     else:
         shutil.copy2(source, dest)
