@@ -25,6 +25,26 @@ _STORED = ("pred_keys", "pred_values")
 MODEL_FILES = tuple(f"{a}.npy" for a in _ARRAYS) + (_META,)
 
 
+def _check_arrays(a: dict[str, np.ndarray], keys: np.ndarray | None, values: np.ndarray | None) -> None:
+    """Shapes and bounds a lookup relies on (ValueError naming the file): an index past an array's end
+    would be an IndexError on a request, and an unsorted key array a wrong answer."""
+    n, m = len(a["user_ids"]), len(a["item_ids"])
+    for key, rows in (("user_bias", n), ("user_factors", n), ("item_bias", m), ("item_factors", m)):
+        if len(a[key]) != rows:
+            raise ValueError(f"{key}.npy has {len(a[key])} rows for {rows} {key.split('_')[0]}s")
+    if a["user_factors"].ndim != 2 or a["item_factors"].ndim != 2 or \
+            a["user_factors"].shape[1] != a["item_factors"].shape[1]:
+        raise ValueError(f"user_factors.npy {a['user_factors'].shape} and item_factors.npy "
+                         f"{a['item_factors'].shape}: (n, r) and (m, r) expected")
+    if keys is None:
+        return
+    if keys.ndim != 1 or values is None or values.shape != keys.shape:
+        raise ValueError(f"pred_keys.npy {keys.shape} and pred_values.npy "
+                         f"{None if values is None else values.shape}: two arrays of one length expected")
+    if len(keys) and (int(keys[0]) < 0 or int(keys[-1]) >= n * m or not bool(np.all(keys[1:] > keys[:-1]))):
+        raise ValueError(f"pred_keys.npy: keys must increase within [0, {n} users x {m} items)")
+
+
 class RatingModel(Model):
     """Predicted ratings for (user_id, item_id): w0 + w1 (mu + b_u + b_i) + w2 (p_u . q_i), clipped to
     the rating range seen in training. Shapes: n users, m items, r factors; ids sorted int64."""
@@ -73,6 +93,7 @@ class RatingModel(Model):
         base = Path(stored or folder)
         pairs = [np.asarray(np.load(base / f"{n}.npy", mmap_mode="r")) for n in _STORED] \
             if (base / f"{_STORED[0]}.npy").is_file() else [None, None]
+        _check_arrays(arrays, *pairs)
         return cls(name, arrays, meta, *pairs, max_age_s=entry.get("max_age_s"))
 
     # --- answering --------------------------------------------------------------------

@@ -421,8 +421,17 @@ class Precomputed:
     def read(cls, folder: Path, names: tuple[str, str, str], n: int) -> "Precomputed":
         """Memory-mapped from ``folder`` (workers share the pages); plain ndarray views of the maps."""
         row, ids, scores = (np.asarray(np.load(Path(folder) / f"{a}.npy", mmap_mode="r")) for a in names)
-        if len(row) != n:
-            raise ValueError(f"{names[0]}.npy addresses {len(row)} keys, the bundle has {n}")
+        if row.ndim != 1 or row.dtype.kind not in "iu" or len(row) != n:
+            raise ValueError(f"{names[0]}.npy: {row.ndim}-d {row.dtype} addressing {len(row)} keys, the bundle "
+                             f"has {n} (1-d integers expected)")
+        if ids.ndim != 2 or scores.shape != ids.shape:
+            raise ValueError(f"{names[1]}.npy {ids.shape} and {names[2]}.npy {scores.shape}: two (rows, k_max) "
+                             f"matrices of one shape expected")
+        # Bounds, not only lengths: a row past the end would be an IndexError on a request (a 500).
+        if len(row) and (int(row.min()) < -1 or int(row.max()) >= len(ids)):
+            bad = int(row.max()) if int(row.max()) >= len(ids) else int(row.min())
+            raise ValueError(f"{names[0]}.npy: row index {bad} out of range for the {len(ids)} rows of "
+                             f"{names[1]}.npy")
         return cls(row, ids, scores)
 
 
@@ -492,6 +501,15 @@ class RecommenderModel(Model):
         staged = "rows" not in entry and not (Path(arrays_dir) / f"{_LISTS[SIMILAR][2][0]}.npy").is_file()
         lists = {q: Precomputed.none(sizes[q]) if staged else Precomputed.read(arrays_dir, _LISTS[q][2], sizes[q])
                  for q in _LISTS}
+        k_max = entry.get("k_max", 0)
+        if type(k_max) is not int or k_max < 0:
+            raise ValueError(f"k_max {k_max!r} in the manifest: a non-negative integer expected")
+        for q, stored in lists.items():
+            # k <= k_max is answered as a slice of the stored lists: k_max past their width would answer
+            # "precomputed" with fewer entries than asked for
+            if not staged and stored.ids.shape[1] < k_max:
+                raise ValueError(f"k_max {k_max} in the manifest, but {_LISTS[q][2][1]}.npy holds lists of "
+                                 f"{stored.ids.shape[1]}")
         return cls(name, bundle, lists[SIMILAR], lists[RECS], int(entry.get("k_max", 0)), entry.get("version"))
 
     @classmethod
