@@ -21,7 +21,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serving.store import REQUEST_LOG_SCHEMA, Store
+from serving.store import REQUEST_LOG_SCHEMA, Store, describe_os_error
 
 LOG = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class RequestLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.flushed_rows = self.failed_flushes = self.dropped_rows = 0
+        self.last_error: Exception | None = None  # why the last flush failed (named in the final ERROR)
+        self._reported_lost = 0
         self.on_flush_failure: Callable[[], None] | None = None
         self.on_drop: Callable[[int], None] | None = None
 
@@ -104,6 +106,7 @@ class RequestLog:
     def _failed(self, rows: deque[tuple], exc: Exception) -> None:
         """Keep the rows (within the bound), count the failure, back off, log at most once per interval."""
         self.failed_flushes += 1
+        self.last_error = exc
         with self._lock:
             kept = list(rows) + list(self._rows)
             over = len(kept) - self.max_buffer
@@ -154,12 +157,25 @@ class RequestLog:
             if not self._backoff_s or self.monotonic() >= self._retry_at:
                 self.flush()
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Stop the flush thread and write what is buffered. Returns the rows lost over the log's life
+        (still unwritten now, or dropped from a full buffer); when any were, one final ERROR says how
+        many and why, so a full disk at shutdown never loses answered requests without a word."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
         self.flush()
+        unwritten = len(self)
+        lost = unwritten + self.dropped_rows
+        if lost and lost != self._reported_lost:  # closed twice (at exit too): said once
+            self._reported_lost = lost
+            why = self.last_error
+            reason = (describe_os_error(why) if isinstance(why, OSError) else f"{type(why).__name__}: {why}"
+                      if why is not None else "the buffer was full")
+            LOG.error("request log: %d rows lost at shutdown (%d not written to %s, %d dropped earlier from "
+                      "the full buffer): %s", lost, unwritten, self.store.requests_dir, self.dropped_rows, reason)
+        return lost
 
     def __len__(self) -> int:
         with self._lock:
