@@ -90,11 +90,15 @@ def check_port(host: str, port: int) -> None:
 def build(settings: Settings, target: str = APP_TARGET):
     """The granian server for ``settings`` (not started)."""
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP1Settings
 
     return Granian(
         target, address=settings["serving.host"], port=settings["serving.port"], interface=Interfaces.WSGI,
+        # HTTP/1.1 only: granian's default (auto) also speaks cleartext HTTP/2, and while it waits for
+        # the first bytes to tell the two apart no head timeout runs, nor on an HTTP/2 connection that
+        # sends nothing (docs/server.md, tests/test_http2.py)
+        http=HTTPModes.http1,
         factory=True, workers=settings["serving.workers"], blocking_threads=settings["serving.blocking_threads"],
         runtime_threads=settings["serving.runtime_threads"], backpressure=settings["serving.backpressure"],
         http1_settings=HTTP1Settings(header_read_timeout=int(settings["serving.header_read_timeout_s"] * 1000),

@@ -80,7 +80,7 @@ def test_similar_items_precomputed_slice(env):
     assert body["age_s"] == pytest.approx(10.0, abs=1e-3)
     assert body["computed_at"].endswith("Z")
     # Cache-Control = remaining freshness; ETag; 304 on If-None-Match
-    assert r.headers["Cache-Control"] == "public, max-age=3590"
+    assert r.headers["Cache-Control"] == "public, max-age=3589"
     etag = r.headers["ETag"]
     r2 = client.get(f"/v1/items/{row.item_id}/similar?k=5", headers={"If-None-Match": etag})
     assert r2.status_code == 304 and r2.data == b"" and r2.headers["ETag"] == etag
@@ -96,7 +96,7 @@ def test_live_then_cache_for_keys_not_precomputed(env):
     r2 = client.get(f"/v1/items/{item}/similar?k=7")
     assert r1["source"] == "live" and r2.json["source"] == "cache"
     assert r2.json["items"] == r1["items"] and r2.json["age_s"] == pytest.approx(5.0)
-    assert r2.headers["Cache-Control"] == "public, max-age=55" and "ETag" not in r2.headers
+    assert r2.headers["Cache-Control"] == "public, max-age=54" and "ETag" not in r2.headers
     # k above k_max goes live even for a precomputed key
     k_max = settings["batch.k_max"]
     hot = _precomputed_item(store, sid)

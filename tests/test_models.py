@@ -330,7 +330,7 @@ def test_precomputed_then_live_then_cache(api):
     assert body == {"model": "demand", "model_version": "d1",
                     "inputs": {"genre": "Drama", "weekday": 3, "discount": 0.0}, "prediction": want,
                     "source": "precomputed", "snapshot": sid, "computed_at": body["computed_at"], "age_s": 10.0}
-    assert r.headers["Cache-Control"] == "public, max-age=590"  # the model's own max_age_s = 600
+    assert r.headers["Cache-Control"] == "public, max-age=589"  # the model's own max_age_s = 600
     assert client.get("/v1/models/demand/predict?genre=Drama&weekday=3", headers={"If-None-Match": r.headers["ETag"]}
                       ).status_code == 304
     # a discount is not in the grid: computed live by the same model, then cached
@@ -353,7 +353,7 @@ def test_model_freshness_bound_and_cache_life(api):
     assert client.get(q).json["source"] == "precomputed"
     clock.advance(55)  # price: max_age_s = 60, and the snapshot was 10 s old
     r = client.get(q)
-    assert r.json["source"] == "live" and r.headers["Cache-Control"] == "public, max-age=60"
+    assert r.json["source"] == "live" and r.headers["Cache-Control"] == "public, max-age=59"
     clock.advance(59)
     assert client.get(q).json["source"] == "cache"
     clock.advance(2)  # a live price lives 60 s in the cache, not serving.cache_ttl_s (300 s)

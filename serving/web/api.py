@@ -56,13 +56,13 @@ def _answer(lookup: Lookup) -> Response:
     st.source = ans.source
     tag = render.etag(lookup, ans)
     headers = render.answer_headers(ans, tag)
-    if tag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains(tag):
+    if tag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains_weak(tag):
         return Response(status=304, headers=headers)
     return Response(render.render(lookup, ans, svc.engine.clock()), mimetype="application/json", headers=headers)
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    return Response(render.json_bytes(body), status=status, mimetype="application/json")
+    return Response(render.json_bytes(body), status=status, mimetype="application/json", headers=[render.NO_STORE])
 
 
 # --- endpoints ----------------------------------------------------------------------
@@ -169,7 +169,7 @@ def readyz():
 def metrics():
     """Prometheus metrics."""
     from serving.web.metrics import CONTENT_TYPE
-    return Response(services().metrics.render(), content_type=CONTENT_TYPE)
+    return Response(services().metrics.render(), content_type=CONTENT_TYPE, headers=[render.NO_STORE])
 
 
 @bp.get("/openapi.json")

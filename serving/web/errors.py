@@ -9,7 +9,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from serving.errors import BadRequest, ModelFailed, NotFound, Unavailable
-from serving.web.render import json_bytes
+from serving.web.render import NO_STORE, json_bytes
 
 STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503, ModelFailed: 503}
 
@@ -20,7 +20,7 @@ def problem(status: int, detail: str) -> Response:
     st = g.get("_hs")
     if st is not None:
         st.source = "error"
-    return Response(json_bytes(body), status=status, mimetype="application/problem+json")
+    return Response(json_bytes(body), status=status, mimetype="application/problem+json", headers=[NO_STORE])
 
 
 def register(app: Flask) -> None:

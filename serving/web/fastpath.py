@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from werkzeug.http import quote_etag
-
 from serving.engine import PRECOMPUTED, Answer, remaining_s
 from serving.errors import HybridServeError
 from serving.web import parse, render
@@ -136,7 +134,7 @@ class HitPath:
             raise _NotAHit(lookup)
         _, m = self.engine.model(lookup.model)
         return Rendered(lookup.route, render.render_head(render.body(lookup, ans), ans),
-                        ("ETag", quote_etag(render.etag(lookup, ans))), ans.computed_at, self.engine.max_age(m),
+                        render.etag_header(render.etag(lookup, ans)), ans.computed_at, self.engine.max_age(m),
                         lookup.log)
 
     def _parse(self, path: str, query: str) -> Lookup | None:

@@ -1,6 +1,6 @@
 """Answers as JSON bytes and headers: each route's body, then where the answer came from and how
-old it is; Cache-Control from its remaining freshness; an ETag on precomputed answers. The hit path
-and the Flask views render with these same functions."""
+old it is; Cache-Control from its remaining freshness (``cache_control``, the one rule); an ETag on
+precomputed answers. The hit path and the Flask views render with these same functions."""
 from __future__ import annotations
 
 import functools
@@ -59,8 +59,8 @@ def render(lookup: Lookup, ans: Answer, now: float) -> bytes:
 
 
 def etag(lookup: Lookup, ans: Answer) -> str | None:
-    """Precomputed answers never change within a snapshot, so the snapshot id names them; a model's
-    canonical key has quotes in it, so a digest of it stands in."""
+    """Precomputed answers never change within a snapshot, so the snapshot id names them (a new
+    snapshot, a new ETag); a model's canonical key has quotes in it, so a digest of it stands in."""
     if ans.source != PRECOMPUTED:
         return None
     if lookup.spec is not None:
@@ -68,15 +68,34 @@ def etag(lookup: Lookup, ans: Answer) -> str | None:
     return f"{ans.snapshot}.{lookup.tag}"
 
 
+def etag_header(tag: str) -> tuple[str, str]:
+    """A weak ETag: the answer's data is the same within a snapshot, its ``age_s`` is not (so the
+    bytes are not, which a strong one would promise); If-None-Match compares weakly anyway."""
+    return ("ETag", quote_etag(tag, weak=True))
+
+
 def cache_control(fresh_for_s: float) -> tuple[str, str]:
-    return ("Cache-Control", f"public, max-age={max(0, int(math.floor(fresh_for_s)))}")
+    """The one Cache-Control rule, for every answer on both paths: ``max-age`` is the whole seconds
+    the answer stays fresh, less one.
+
+    HTTP caches count age in whole seconds: nginx keeps an entry while ``valid_sec >= now`` with
+    ``valid_sec = now + max_age``, both truncated to the second, so it serves an entry up to
+    max-age + 1 s after it got it. Less one, an answer with 3.7 s left says max-age=2 and no cache
+    serves it past its freshness bound (tests/test_front.py). An answer with under 2 s left, or one
+    with ``fresh_for_s`` 0 (served past its bound), says max-age=0: no cache keeps it."""
+    return ("Cache-Control", f"public, max-age={max(0, math.floor(fresh_for_s) - 1)}")
+
+
+# Errors and the status endpoints (health, readiness, the manifest, metrics): never kept by a cache,
+# since each says what holds now (a 404 may be answered after the next snapshot).
+NO_STORE = ("Cache-Control", "no-store")
 
 
 def answer_headers(ans: Answer, tag: str | None) -> list[tuple[str, str]]:
     """Cache-Control for the answer's remaining freshness, and its ETag when it has one."""
     headers = [cache_control(ans.fresh_for_s)]
     if tag is not None:
-        headers.append(("ETag", quote_etag(tag)))
+        headers.append(etag_header(tag))
     return headers
 
 
