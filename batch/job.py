@@ -334,6 +334,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     try:
         store.ensure_layout()
         store.clean_temp()
+        backend = make_backend(settings)  # before training: an unreachable cluster fails the run at once
         record["observed_hit_rate"] = observed_hit_rate(store, started)
         with stages("inputs"):
             inputs = load_inputs(Path(settings["paths.inputs"]), settings["train.rating_min"],
@@ -359,7 +360,6 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
             model_log = registered_models.read_model_log(store, started, settings["batch.decay_half_life_hours"])
         checkpoint("precompute")
         with stages("precompute"):
-            backend = make_backend(settings)
             tables, reports = precompute(staged, writer, JobPlan(sel, model_log, settings), backend, settings)
             record["expected_hit_rate"] = sel.report["expected_hit_rate"]
         checkpoint("publish")
