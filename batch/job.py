@@ -360,6 +360,7 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
         store.ensure_layout()
         store.clean_temp()
         _keeps_served_models(store, settings, force)
+        backend = make_backend(settings)  # before training: an unreachable cluster fails the run at once
         # Read once, damaged segments moved to requests/quarantine/ (this run holds the lock).
         request_log = log_files(store, quarantine=True)
         record["observed_hit_rate"] = observed_hit_rate(store, started, request_log)
@@ -389,7 +390,6 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
                                                          request_log)
         checkpoint("precompute")
         with stages("precompute"):
-            backend = make_backend(settings)
             tables, reports = precompute(staged, writer, JobPlan(sel, model_log, settings), backend, settings)
             record["expected_hit_rate"] = sel.report["expected_hit_rate"]
         checkpoint("publish")

@@ -98,7 +98,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch", "pairs_per_user", 10, "Before any request log: predictions for each popular user's top-N recommended items", minimum=0),
     Setting("batch", "window_days", 30, "Popularity window over interactions (when there is no request log), in days back from "
             "the newest interaction in the inputs, not from today; 0 = all history (for historical data sets)", minimum=0),
-    Setting("batch", "backend", "local", "Where the precompute's partitions run: local (this process)", choices=("local",)),
+    Setting("batch", "backend", "local", "Where the precompute's partitions run: local (this process, FAISS on "
+            "batch.threads cores) or dask (a distributed cluster: docs/batch.md#on-a-dask-cluster)",
+            choices=("local", "dask")),
+    Setting("batch", "dask_scheduler", "", "backend = dask: address of an existing scheduler (tcp://host:8786), whose "
+            "workers must read paths.store; empty starts a LocalCluster on this machine for the run"),
+    Setting("batch", "dask_workers", 2, "backend = dask, no scheduler given: LocalCluster worker processes "
+            "(0 = one per core)", minimum=0),
+    Setting("batch", "dask_threads_per_worker", 1, "backend = dask, no scheduler given: threads (partitions at once) "
+            "per LocalCluster worker", minimum=1),
+    Setting("batch", "dask_omp_threads", 1, "backend = dask: OpenMP threads of FAISS in each partition a worker thread "
+            "answers (1: one per worker thread, so workers x threads cores in all)", minimum=1),
+    Setting("batch", "dask_retries", 2, "backend = dask: times Dask retries a partition that raised (a partition on a "
+            "worker that died is rescheduled by Dask on another, up to distributed.scheduler.allowed-failures)",
+            minimum=0),
+    Setting("batch", "dask_timeout_s", 30.0, "backend = dask: seconds to reach the scheduler and see a worker there, "
+            "else the run fails before training", minimum=0.1),
+    Setting("batch", "dask_dashboard", ":8787", "backend = dask, no scheduler given: the LocalCluster's dashboard "
+            "address (':0' any free port; empty for none; needs bokeh); the address is logged"),
     Setting("batch", "batch_size", 4096, "Queries per vectorised call when precomputing", minimum=1),
     Setting("batch", "keep", 5, "Snapshots retained (CURRENT and its predecessor are always kept)", minimum=2),
     Setting("batch", "decay_half_life_hours", 168.0, "Request-log traffic loses half its weight per this many hours (0 = no decay)", minimum=0.0),
