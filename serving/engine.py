@@ -19,7 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from serving.errors import Busy, DeadlineExceeded, HybridServeError, ModelFailed, NotFound, Unavailable
-from serving.live import CACHED, JOINED, STARTED, Live, LiveTier, Runner
+from serving.live import CACHED, JOINED, STARTED, Live, LiveTier, Runner, Throttled
 from serving.models.base import Model
 from serving.reloader import Reloader
 from serving.snapshot import LoadedSnapshot
@@ -76,13 +76,13 @@ class Engine:
     def __init__(self, store: Store, max_age_s: float, cache_ttl_s: float, cache_size: int,
                  clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid",
                  deadline_ms: float = 2000.0, deadlines_ms: dict[str, float] | None = None,
-                 live_threads: int = 2, live_queue: int = 32):
+                 live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0):
         """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
         designs hybridserve is compared with are configurations of the same engine.
 
         Live answers are computed on each model's own ``live_threads`` threads (at most ``live_queue``
         more waiting) and waited for up to the model's deadline: ``deadlines_ms[name]``, else
-        ``deadline_ms``."""
+        ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.use_precomputed, self.use_cache = mode == "hybrid", mode != "live-only"
@@ -96,6 +96,7 @@ class Engine:
         self.live_threads, self.live_queue = live_threads, live_queue
         self._runners: dict[str, Runner] = {}
         self._runners_lock = threading.Lock()
+        self.failures = Throttled(LOG, error_log_interval_s, clock)
         self.on_stale: Callable[[str], None] | None = None
         self.on_live: Callable[[str, float, str], None] | None = None  # (endpoint, cpu s, model)
         self.on_model_error: Callable[[str], None] | None = None
@@ -255,7 +256,7 @@ class Engine:
             raise
         except Exception as exc:  # the model's own failure: this model is unavailable, not the server
             self.counts["model_errors"] += 1
-            LOG.exception("model %s failed on %s %r", m.name, query, key)
+            self.failures.failed(m.name, f"model {m.name} failed on {query} {key!r}", exc)
             if self.on_model_error:
                 self.on_model_error(m.name)
             verb = "predict" if query == "predict" else f"answer {query}"

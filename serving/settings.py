@@ -140,6 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
             "table", minimum=1.0),
     Setting("serving", "live_threads", 2, "Threads per model (per worker) that compute its live answers, so a slow "
             "model holds its own threads, never the app's", minimum=1),
+    Setting("serving", "error_log_interval_s", 60.0, "A model that keeps failing is logged with its traceback once "
+            "per this many seconds, with how often it failed meanwhile (a client cannot flood the log)", minimum=0.0),
     Setting("serving", "live_queue", 32, "Live computations of one model waiting for its threads at most (per "
             "worker); past that a request gets 503 at once", minimum=0),
     Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
