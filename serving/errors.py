@@ -53,3 +53,12 @@ class Unavailable(HybridServeError):
 
 class ModelFailed(Unavailable):
     """A registered model raised while predicting (HTTP 503 naming the model; other models keep serving)."""
+
+
+class DeadlineExceeded(Unavailable):
+    """A live answer not ready within its model's deadline (HTTP 503 naming the model and the deadline;
+    the computation goes on and may still fill the cache)."""
+
+
+class Busy(Unavailable):
+    """A model's live queue is full (HTTP 503 naming the model); its computations already queued go on."""

@@ -132,8 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "host", "127.0.0.1", "Address the API listens on"),
     Setting("serving", "port", 8000, "Port the API listens on", minimum=1, maximum=65535),
     Setting("serving", "workers", 2, "Server worker processes (granian; make serve); one per core for a CPU-bound app", minimum=1),
-    Setting("serving", "blocking_threads", 1, "Python threads per worker that run the app (the GIL runs one at a time: "
-            "1 measured fastest; more only overlap requests that wait)", minimum=1),
+    Setting("serving", "blocking_threads", 8, "Python threads per worker that run the app: a request waiting for a "
+            "live answer (up to its deadline) holds one, and the others keep answering hits and other models "
+            "(the GIL still runs one at a time)", minimum=1),
     Setting("serving", "runtime_threads", 1, "Rust I/O threads per worker (parse HTTP, keep connections, write answers)", minimum=1),
     Setting("serving", "backpressure", 512, "Connections a worker serves at once; further ones wait in the listen backlog "
             "(each idle, slow or stalled client holds one, never a Python thread)", minimum=1),
@@ -150,6 +151,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
+    Setting("serving", "live_deadline_ms", 2000.0, "A live answer not computed within this many milliseconds gets 503 "
+            "naming the model (or its precomputed answer marked stale, if only its freshness bound had passed); the "
+            "computation goes on and may still fill the cache. A model's own: deadline_ms in its [models.<name>] "
+            "table", minimum=1.0),
+    Setting("serving", "live_threads", 2, "Threads per model (per worker) that compute its live answers, so a slow "
+            "model holds its own threads, never the app's", minimum=1),
+    Setting("serving", "error_log_interval_s", 60.0, "A model that keeps failing is logged with its traceback once "
+            "per this many seconds, with how often it failed meanwhile (a client cannot flood the log)", minimum=0.0),
+    Setting("serving", "live_queue", 32, "Live computations of one model waiting for its threads at most (per "
+            "worker); past that a request gets 503 at once", minimum=0),
     Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
     Setting("serving", "session_max_items", 50, "Most item ids in a session query", minimum=1),
     Setting("serving", "cors_origins", "*", "Comma-separated origins allowed by CORS ('*' for any, empty for no CORS headers at all)"),

@@ -108,24 +108,32 @@ def test_live_then_cache_for_keys_not_precomputed(env):
 
 
 def test_live_compute_in_a_request_thread_uses_one_thread_per_pool(env):
-    """OpenMP thread counts are per thread: a threaded server's request threads must be limited too."""
+    """OpenMP thread counts are per thread: the threads live answers are computed on (each model's own,
+    started by a request thread) must be limited too."""
     import faiss
     from threadpoolctl import threadpool_info
 
     client, app, clock, store, first, _, settings = env
     item = _missing_item(store, first.snapshot_id)
     seen = {}
+    model = app.extensions["hybridserve"].engine.snapshot.models["recommender"]
+    answer_one = model.answer_one
 
-    def request_thread():
-        seen["source"] = client.get(f"/v1/items/{item}/similar?k=5").json["source"]
+    def watched(*args, **kwargs):  # what the computing thread runs with, seen from inside it
+        seen["thread"] = threading.current_thread().name
         seen["faiss"] = faiss.omp_get_max_threads()
         seen["pools"] = {i["filepath"]: i["num_threads"] for i in threadpool_info()
                          if i["user_api"] == "openmp" or i["internal_api"] == "openblas"}
+        return answer_one(*args, **kwargs)
 
-    t = threading.Thread(target=request_thread)
-    t.start()
-    t.join()
-    assert seen["source"] == "live"
+    model.answer_one = watched
+    try:
+        t = threading.Thread(target=lambda: seen.update(source=client.get(f"/v1/items/{item}/similar?k=5").json["source"]))
+        t.start()
+        t.join()
+    finally:
+        del model.answer_one
+    assert seen["source"] == "live" and seen["thread"].startswith("live-recommender")
     # a new thread starts at one OpenMP thread per core (OMP_NUM_THREADS aside); the live computation set one
     assert seen["faiss"] == 1
     assert seen["pools"] and set(seen["pools"].values()) == {1}

@@ -173,7 +173,7 @@ BAD_CONFIGS = [
      "models.m.trusted: format 'joblib' loads with pickle, which runs code from the file: set trusted = true "
      "only for an artifact you made (or use format = \"skops\")"),
     ('[models.m]\nartifact = "a.skops"\ncolour = 1\n[[models.m.inputs]]\nname = "x"\ntype = "int"\n',
-     "models.m.colour: unknown key (allowed: artifact, candidates, class, format, grid_max_rows, inputs, "
+     "models.m.colour: unknown key (allowed: artifact, candidates, class, deadline_ms, format, grid_max_rows, inputs, "
      "kind, max_age_s, max_log_rows, output, trusted, trusted_types, version)"),
     ('[models.m]\nartifact = "a.skops"\n[[models.m.inputs]]\nname = "x"\ntype = "int"\nmin = 5\nmax = 1\n',
      "models.m.inputs.x.max: is below min (1 < 5)"),

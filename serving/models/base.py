@@ -162,6 +162,7 @@ class ModelSpec:
     output_class: Any = None
     version: str | None = None       # None: derived from the artifact's checksum
     max_age_s: float | None = None   # None: serving.max_age_s
+    deadline_ms: float | None = None  # None: serving.live_deadline_ms
     grid_max_rows: int = 100_000
     max_log_rows: int = 100_000
     candidates: str | None = None
@@ -498,6 +499,7 @@ def same_answer(a: Any, b: Any) -> bool:
 
 # --- config parsing ([models.<name>] tables) ---------------------------------------------
 _MODEL_KEYS = {"kind", "artifact", "format", "trusted", "trusted_types", "output", "class", "version", "max_age_s",
+               "deadline_ms",
                "grid_max_rows", "max_log_rows", "candidates", "inputs"}
 _INPUT_KEYS = {"name", "type", "required", "values", "min", "max", "default"}
 
@@ -558,6 +560,9 @@ def _parse_model(name: str, t: Any, source: str) -> ModelSpec:
     max_age = get("max_age_s", float, None)
     if max_age is not None and max_age < 0:
         raise bad("max_age_s", f"must be >= 0, got {max_age}")
+    deadline = get("deadline_ms", float, None)
+    if deadline is not None and deadline < 1:
+        raise bad("deadline_ms", f"must be >= 1, got {deadline}")
     grid_max = get("grid_max_rows", int, 100_000)
     if grid_max < 0:
         raise bad("grid_max_rows", f"must be >= 0, got {grid_max}")
@@ -576,7 +581,7 @@ def _parse_model(name: str, t: Any, source: str) -> ModelSpec:
         raise bad("inputs", f"input {dup[0]!r} declared more than once")
     return ModelSpec(name=name, inputs=inputs, kind=kind, artifact=artifact, format=fmt, trusted=trusted,
                      trusted_types=tuple(trusted_types), output=output, output_class=klass,
-                     version=get("version", str, None), max_age_s=max_age, grid_max_rows=grid_max,
+                     version=get("version", str, None), max_age_s=max_age, deadline_ms=deadline, grid_max_rows=grid_max,
                      max_log_rows=max_log, candidates=get("candidates", str, None), source=source)
 
 

@@ -114,7 +114,8 @@ def models():
     snap = engine.snapshot
     if snap is None:
         raise Unavailable(engine.last_reload_error or "no snapshot loaded")
-    return _json({"models": [describe(m) for _, m in sorted(snap.models.items()) if "predict" in m.queries]})
+    counts = services().metrics.per_model()
+    return _json({"models": [describe(m, counts) for _, m in sorted(snap.models.items()) if "predict" in m.queries]})
 
 
 @bp.get("/v1/models/<name>")
@@ -125,9 +126,11 @@ def model(name: str):
     return _json(describe(services().engine.model(name, "predict")[1]))
 
 
-def describe(m) -> dict[str, Any]:
-    """A model as /v1/models lists it."""
-    out = {**m.describe(), "max_age_s": services().engine.max_age(m)}
+def describe(m, counts: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """A model as /v1/models lists it (``counts``: Metrics.per_model(), read once for a list)."""
+    engine = services().engine
+    out = {**m.describe(), "max_age_s": engine.max_age(m), "deadline_ms": engine.deadline(m.name),
+           "live": live_counts(m.name, services().metrics.per_model() if counts is None else counts)}
     spec = getattr(m, "spec", None)
     if "predict" in m.queries:
         out["precomputed"] = m.precomputed().get("predict", 0)
@@ -158,10 +161,23 @@ def healthz():
     return _json({"status": "ok"})
 
 
+def live_counts(name: str, counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """A model's live counts over every worker (serving.web.metrics.PER_MODEL), zeros when it has none."""
+    from serving.web.metrics import PER_MODEL
+    return counts.get(name) or dict.fromkeys(PER_MODEL, 0)
+
+
 @bp.get("/readyz")
 def readyz():
-    """Readiness: a valid snapshot is loaded; otherwise 503 and why."""
-    info = services().engine.status()
+    """Readiness: a valid snapshot is loaded; otherwise 503 and why. Each model's deadline and live
+    counts (deadline misses, full queues, failures, stale answers served) come along."""
+    engine = services().engine
+    info = engine.status()
+    snap = engine.snapshot
+    if snap is not None:
+        counts = services().metrics.per_model()
+        info["models"] = {name: {"deadline_ms": engine.deadline(name), **live_counts(name, counts)}
+                          for name in sorted(snap.models)}
     return _json(info, status=200 if info["ready"] else 503)
 
 

@@ -37,6 +37,7 @@ class Services:
         self._stop.set()
         if self._reloader is not None:
             self._reloader.join(timeout=5)
+        self.engine.close()
         self.requestlog.close()
 
 
@@ -56,12 +57,17 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     metrics = Metrics()
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],
                     settings["serving.cache_size"], clock=clock,
-                    verify_checksums=settings["serving.verify_checksums"], mode=settings["serving.mode"])
+                    verify_checksums=settings["serving.verify_checksums"], mode=settings["serving.mode"],
+                    deadline_ms=settings["serving.live_deadline_ms"],
+                    deadlines_ms={m.name: m.deadline_ms for m in settings.models if m.deadline_ms is not None},
+                    live_threads=settings["serving.live_threads"], live_queue=settings["serving.live_queue"],
+                    error_log_interval_s=settings["serving.error_log_interval_s"])
     engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
     engine.reloader.on_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
     engine.on_live = metrics.live
     engine.on_model_error = lambda name: metrics.model_errors.labels(name).inc()
+    engine.on_live_refused = metrics.refused
     requestlog = RequestLog(store, settings["serving.log_flush_rows"], settings["serving.log_flush_interval_s"],
                             settings["serving.log_max_buffer"], clock=clock)
     requestlog.on_flush_failure = metrics.requestlog_failures.inc

@@ -8,10 +8,10 @@ from http import HTTPStatus
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from serving.errors import BadRequest, ModelFailed, NotFound, Unavailable
+from serving.errors import BadRequest, Busy, DeadlineExceeded, ModelFailed, NotFound, Unavailable
 from serving.web.render import NO_STORE, json_bytes
 
-STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503, ModelFailed: 503}
+STATUS = {BadRequest: 400, NotFound: 404, Unavailable: 503, ModelFailed: 503, DeadlineExceeded: 503, Busy: 503}
 
 
 def problem(status: int, detail: str) -> Response:

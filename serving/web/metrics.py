@@ -13,6 +13,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 from serving.store.layout import LOOKUP_ENDPOINTS as LOOKUPS
+# what per_model() counts for each model
+PER_MODEL = ("computed", "deadline", "busy", "error", "stale_deadline", "stale_busy", "stale_error")
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -33,8 +35,16 @@ class Metrics:
                                     ["endpoint"], registry=r)
         self.stale = Counter("hybridserve_stale_precomputed", "Precomputed answers too old to serve (computed live)",
                              ["endpoint"], registry=r)
-        self.model_errors = Counter("hybridserve_model_errors", "Live predictions a registered model failed (503)",
+        self.model_errors = Counter("hybridserve_model_errors", "Live computations a model failed (it raised)",
                                     ["model"], registry=r)
+        self.live_computations = Counter("hybridserve_live_computations", "Live answers computed, per model",
+                                         ["model"], registry=r)
+        self.live_refused = Counter("hybridserve_live_refused", "Requests whose live answer was not had: past the "
+                                    "model's deadline, its queue full, or the model failed (503, or stale if "
+                                    "there was a precomputed answer)", ["model", "reason"], registry=r)
+        self.stale_served = Counter("hybridserve_stale_served", "Precomputed answers past their freshness bound "
+                                    "served marked stale, because the live answer was not had",
+                                    ["model", "reason"], registry=r)
         self.reload_failures = Counter("hybridserve_snapshot_reload_failures", "Snapshots refused at reload",
                                        registry=r)
         self.reloads = Counter("hybridserve_snapshot_reloads", "Snapshots swapped in", registry=r)
@@ -60,19 +70,55 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def live(self, kind: str, cpu_s: float) -> None:
-        """Add one live computation's thread CPU time (the labelled child cached, as in ``observe``)."""
+    def live(self, kind: str, cpu_s: float, model: str | None = None) -> None:
+        """Count one live computation of ``model`` and add its thread CPU time to ``kind``'s (the
+        labelled children cached, as in ``observe``)."""
         child = self._children.get(kind)
         if child is None:
             child = self._children[kind] = self.live_seconds.labels(kind)
         child.inc(cpu_s)
+        if model is not None:
+            counted = self._children.get(("model", model))
+            if counted is None:
+                counted = self._children[("model", model)] = self.live_computations.labels(model)
+            counted.inc()
 
-    def render(self) -> bytes:
+    def refused(self, model: str, why: str) -> None:
+        """Count a live answer not had (``why``: deadline | busy | error) or a stale answer served for
+        it (``stale_<why>``)."""
+        if why.startswith("stale_"):
+            self.stale_served.labels(model, why[6:]).inc()
+        else:
+            self.live_refused.labels(model, why).inc()
+
+    def _registry(self) -> CollectorRegistry:
+        """The series of every worker (multiprocess mode) or of this app."""
         if multiprocess():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-        else:
-            registry = self.registry
+            return registry
+        return self.registry
+
+    def per_model(self) -> dict[str, dict[str, int]]:
+        """Each model's live counts, summed over the workers: computations, deadline misses, full
+        queues, failures (requests refused) and stale answers served (/readyz, /v1/models)."""
+        out: dict[str, dict[str, int]] = {}
+        names = {"hybridserve_live_computations": "computed", "hybridserve_live_refused": "",
+                 "hybridserve_stale_served": "stale_"}
+        for family in self._registry().collect():
+            prefix = names.get(family.name)
+            if prefix is None:
+                continue
+            for s in family.samples:
+                if not s.name.endswith("_total"):
+                    continue
+                field = prefix if prefix == "computed" else prefix + s.labels["reason"]
+                counts = out.setdefault(s.labels["model"], dict.fromkeys(PER_MODEL, 0))
+                counts[field] = counts.get(field, 0) + int(s.value)
+        return out
+
+    def render(self) -> bytes:
+        registry = self._registry()
         text = generate_latest(registry)
         total = hits = 0.0
         created = None

@@ -46,6 +46,8 @@ def render_head(fields: dict[str, Any], ans: Answer) -> bytes:
     """All of an answer's JSON but its last field, age_s: the part that does not change with time
     (the hit path keeps it for a precomputed answer; ``render_age`` completes it)."""
     fields.update(source=ans.source, snapshot=ans.snapshot, computed_at=iso(ans.computed_at))
+    if ans.stale:  # past its freshness bound, served because the live answer was not had in time
+        fields["stale"] = True
     return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY)[:-1]  # without the closing brace
 
 
@@ -61,7 +63,7 @@ def render(lookup: Lookup, ans: Answer, now: float) -> bytes:
 def etag(lookup: Lookup, ans: Answer) -> str | None:
     """Precomputed answers never change within a snapshot, so the snapshot id names them (a new
     snapshot, a new ETag); a model's canonical key has quotes in it, so a digest of it stands in."""
-    if ans.source != PRECOMPUTED:
+    if ans.source != PRECOMPUTED or ans.stale:  # a stale answer is never revalidated into a fresh one
         return None
     if lookup.spec is not None:
         return f"{ans.snapshot}.m.{lookup.model}.{hashlib.blake2b(lookup.tag.encode(), digest_size=10).hexdigest()}"
@@ -92,7 +94,8 @@ NO_STORE = ("Cache-Control", "no-store")
 
 
 def answer_headers(ans: Answer, tag: str | None) -> list[tuple[str, str]]:
-    """Cache-Control for the answer's remaining freshness, and its ETag when it has one."""
+    """Cache-Control for the answer's remaining freshness (max-age=0 for a stale one, so no front cache
+    keeps it), and its ETag when it has one."""
     headers = [cache_control(ans.fresh_for_s)]
     if tag is not None:
         headers.append(etag_header(tag))
