@@ -470,7 +470,6 @@ BAD_REQUESTS = [
     ("/v1/items/99999999999999999999/similar?k=5", 400,
      "item_id must be a non-negative integer (int64), got '99999999999999999999'"),
     ("/v1/items/%C3%A9%E2%82%AC/similar?k=5", 400, "item_id must be a non-negative integer (int64), got 'é€'"),
-    ("/v1/items/1/similar", 400, "query parameter 'k' is required: an integer from 1 to 500"),
     ("/v1/items/1/similar?k=", 400, "k must be an integer from 1 to 500, got ''"),
     ("/v1/items/1/similar?k=0", 400, "k must be an integer from 1 to 500, got 0"),
     ("/v1/items/1/similar?k=-2", 400, "k must be an integer from 1 to 500, got -2"),

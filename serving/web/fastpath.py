@@ -29,9 +29,10 @@ _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|pre
                    r"|models/([A-Za-z][A-Za-z0-9_]{0,62})/predict)")
 # The plainest spelling of each lookup's query, the only one the hit path takes (Flask parses the rest:
 # escapes, empty or reordered parameters); the parsing itself is serving.web.parse's, as Flask's.
-_PLAIN = {"list": re.compile(rf"k={_ID}"),
+# k may be left out (parse.DEFAULT_K): such a hit stays here too.
+_PLAIN = {"list": re.compile(rf"(?:k={_ID})?"),
           "prediction": re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}"),
-          "session": re.compile(r"items=[0-9]{1,19}(?:,[0-9]{1,19})*&k=[0-9]{1,19}")}
+          "session": re.compile(r"items=[0-9]{1,19}(?:,[0-9]{1,19})*(?:&k=[0-9]{1,19})?")}
 _JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",

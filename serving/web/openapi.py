@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.web.parse import DEFAULT_K
+
 
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description,
@@ -64,9 +66,10 @@ def _model_paths(specs, errors, ok) -> dict[str, Any]:
 def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
     """The document for these limits; every status a route can answer is listed on that route.
     ``models``: the registered models' specs (each gets its own predict path)."""
-    k = {"name": "k", "in": "query", "required": True,
-         "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
-         "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
+    k = {"name": "k", "in": "query", "required": False,
+         "description": f"How many results ({min(DEFAULT_K, k_limit)} when left out); up to the snapshot's k_max "
+                        "is served precomputed, more is computed live",
+         "schema": {"type": "integer", "minimum": 1, "maximum": k_limit, "default": min(DEFAULT_K, k_limit)}}
     inm = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
            "description": "An ETag from an earlier precomputed answer; 304 if unchanged"}
     items = {"name": "items", "in": "query", "required": True, "style": "form", "explode": False,

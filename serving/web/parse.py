@@ -17,6 +17,8 @@ ENVIRON_KEY = "hybridserve.lookup"
 INT64_MAX = 2**63 - 1
 _ID = re.compile(r"[0-9]{1,19}")
 _K = re.compile(r"-?[0-9]{1,19}")
+# k where a list request leaves it out (the README's ``?k=10``); documented in /openapi.json
+DEFAULT_K = 10
 
 # A partial request-log row as parsing gets further: (endpoint, item_id, user_id, k[, model, input]).
 Note = Callable[[tuple], None]
@@ -73,10 +75,15 @@ def parse_id(name: str, raw: str | None) -> int:
     return int(raw)
 
 
+def default_k(limits: Limits) -> int:
+    """DEFAULT_K, or serving.k_limit when that is lower (an omitted k is never refused)."""
+    return min(DEFAULT_K, limits.k_limit)
+
+
 def parse_k(raw: str | None, limits: Limits) -> int:
     limit = limits.k_limit
     if raw is None:
-        raise BadRequest(f"query parameter 'k' is required: an integer from 1 to {limit}")
+        return default_k(limits)
     if not _K.fullmatch(raw):
         raise BadRequest(f"k must be an integer from 1 to {limit}, got {show(raw)}")
     k = int(raw)
