@@ -40,7 +40,10 @@ def _hits(store, sid) -> list[str]:
     a, b = (int(i) for i in sim["item_id"].iloc[:2])
     urls += [f"/v1/recommendations?items={a}&k=5", f"/v1/recommendations?items={a},{b}&k=5",
              f"/v1/recommendations?items={b},{a}&k=3"]
-    return urls + [f"/v1/items/{hot}/similar?k=05", f"/v1/items/0{hot}/similar?k=5"]  # leading zeros: same key
+    urls += [f"/v1/items/{hot}/similar?k=05", f"/v1/items/0{hot}/similar?k=5"]  # leading zeros: same key
+    # k left out: parse.DEFAULT_K, still a hit
+    return urls + [f"/v1/items/{hot}/similar", f"/v1/users/{recs['user_id'].iloc[0]}/recommendations",
+                   f"/v1/recommendations?items={a}"]
 
 
 def _others(store, sid) -> list[str]:
@@ -69,8 +72,9 @@ def test_every_response_equals_the_flask_views(pair, origin):
     engine = fast.extensions["hybridserve"].engine
     sessions = [u for u in hits if u.startswith("/v1/recommendations")]
     for url in sessions:  # the lists prove these answers (Engine.lookup with live=False), so they are hits
-        items, k = url.split("items=")[1].split("&k=")
-        assert engine.lookup("recommender", "session", (tuple(map(int, items.split(","))),), int(k), live=False) is not None, url
+        items, _, k = url.split("items=")[1].partition("&k=")
+        assert engine.lookup("recommender", "session", (tuple(map(int, items.split(","))),), int(k or 10),
+                             live=False) is not None, url
     for url in hits + others:
         got, want = _response(fast.test_client(), url, headers), _response(slow.test_client(), url, headers)
         assert got == want, url
@@ -189,3 +193,32 @@ def test_a_new_snapshot_replaces_the_kept_hits(pair):
     kept = fast.wsgi_app._rendered.cache_info().currsize
     assert kept == len({u for u in [url] + new_urls if fast.test_client().get(u).json["source"] == "precomputed"
                         and not u.startswith("/v1/recommendations")})  # sessions are never kept
+
+
+def test_an_omitted_k_is_ten_and_answered_by_the_hit_path(pair):
+    """k defaults to parse.DEFAULT_K: the same answer as k=10, on the hit path (its own counter), and
+    k_limit where that is lower."""
+    fast, slow, clock, store, sid = pair
+    sim = _table(store, sid, "similar_items")
+    hot = int(sim["item_id"].iloc[0])
+    recs = _table(store, sid, "user_recs")
+    user = int(recs["user_id"].iloc[0])
+    client = fast.test_client()
+    for bare, with_k in ((f"/v1/items/{hot}/similar", f"/v1/items/{hot}/similar?k=10"),
+                         (f"/v1/users/{user}/recommendations", f"/v1/users/{user}/recommendations?k=10"),
+                         (f"/v1/recommendations?items={hot}", f"/v1/recommendations?items={hot}&k=10")):
+        before = fast.wsgi_app.answered
+        got = client.get(bare)
+        assert fast.wsgi_app.answered == before + 1, bare
+        want = client.get(with_k)
+        assert got.status_code == 200 and got.json["source"] == "precomputed", bare
+        assert got.json["k"] == 10 and got.json["items"] == want.json["items"] and len(got.json["items"]) == 10
+        assert got.headers["ETag"] == want.headers["ETag"]  # the same answer, so the same validator
+    assert list(sim["neighbor_ids"].iloc[0][:10]) == [x["item_id"] for x in client.get(f"/v1/items/{hot}/similar").json["items"]]
+    settings = fast.extensions["hybridserve"].settings
+    low = create_app(settings.replace(serving__k_limit=4), clock=clock, background=False)
+    try:
+        body = low.test_client().get(f"/v1/items/{hot}/similar").json
+        assert body["k"] == 4 and len(body["items"]) == 4
+    finally:
+        low.extensions["hybridserve"].close()

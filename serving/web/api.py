@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 
-from serving.errors import Unavailable
+from serving.errors import NotFound, Unavailable
 from serving.web import errors, parse, render
 from serving.web.parse import Lookup
 
@@ -58,7 +58,22 @@ def _answer(lookup: Lookup) -> Response:
     headers = render.answer_headers(ans, tag)
     if tag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains_weak(tag):
         return Response(status=304, headers=headers)
-    return Response(render.render(lookup, ans, svc.engine.clock()), mimetype="application/json", headers=headers)
+    items = _catalogue() if lookup.fields else None
+    return Response(render.render(lookup, ans, svc.engine.clock(), items), mimetype="application/json",
+                    headers=headers)
+
+
+def _snapshot():
+    """The live snapshot, or 503 saying why there is none."""
+    engine = services().engine
+    snap = engine.snapshot
+    if snap is None:
+        raise Unavailable(engine.last_reload_error or "no snapshot loaded")
+    return snap
+
+
+def _catalogue():
+    return _snapshot().items
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -93,6 +108,42 @@ def session_recommendations():
     prove the answer, else live, then cached)."""
     _begin("session")
     return _answer(_parsed(lambda: parse.session(_query_string(), services().limits, _note)))
+
+
+@bp.get("/v1/items/<item_id>")
+def item(item_id: str):
+    """One item's title and genres."""
+    _begin("item")
+    iid = parse.item(item_id, _query_string())
+    snap = _snapshot()
+    found = snap.items.get(iid)
+    if found is None:
+        raise NotFound(f"item {iid} is not in the catalogue")
+    return _from_snapshot(snap, {"item_id": iid, **found})
+
+
+@bp.get("/v1/items")
+def search():
+    """Items whose title contains q (case and accents ignored): title prefixes first, then by popularity."""
+    _begin("item_search")
+    q, limit = parse.search(_query_string())
+    snap = _snapshot()
+    items = snap.items
+    rows = items.search(q, limit)
+    found = [{"item_id": int(items.ids[r]), "title": items.titles[r], "genres": items.genres[r]} for r in rows]
+    return _from_snapshot(snap, {"q": q, "limit": limit, "items": found})
+
+
+def _from_snapshot(snap, fields: dict[str, Any]) -> Response:
+    """An answer read from the snapshot's items table: provenance as any precomputed answer's."""
+    engine = services().engine
+    g._hs.source = "precomputed"
+    now = engine.clock()
+    fields.update(source="precomputed", snapshot=snap.id, computed_at=render.iso(snap.created_at),
+                  age_s=round(max(0.0, now - snap.created_at), 3))
+    resp = _json(fields)
+    resp.headers.set(*render.cache_control(engine.max_age_s - (now - snap.created_at)))
+    return resp
 
 
 @bp.get("/v1/models/<name>/predict")

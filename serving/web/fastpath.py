@@ -27,9 +27,12 @@ _PATH = re.compile(rf"/v1/(?:items/{_ID}/similar|users/{_ID}/recommendations|pre
                    r"|models/([A-Za-z][A-Za-z0-9_]{0,62})/predict)")
 # The plainest spelling of each lookup's query, the only one the hit path takes (Flask parses the rest:
 # escapes, empty or reordered parameters); the parsing itself is serving.web.parse's, as Flask's.
-_PLAIN = {"list": re.compile(rf"k={_ID}"),
+# k may be left out (parse.DEFAULT_K) and item metadata asked for (fields=title,genres): such hits
+# stay here too.
+_K, _FIELDS = r"k=[0-9]{1,19}", r"fields=[a-z]{1,10}(?:,[a-z]{1,10}){0,3}"
+_PLAIN = {"list": re.compile(rf"(?:{_K}(?:&{_FIELDS})?|{_FIELDS}(?:&{_K})?)?"),
           "prediction": re.compile(rf"user_id={_ID}&item_id={_ID}|item_id={_ID}&user_id={_ID}"),
-          "session": re.compile(r"items=[0-9]{1,19}(?:,[0-9]{1,19})*&k=[0-9]{1,19}")}
+          "session": re.compile(rf"items=[0-9]{{1,19}}(?:,[0-9]{{1,19}})*(?:&{_K})?(?:&{_FIELDS})?")}
 _JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
 _FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
@@ -130,10 +133,10 @@ class HitPath:
         if lookup is None:
             raise _NotAHit
         ans: Answer | None = self.engine.lookup(lookup.model, lookup.query, lookup.key, lookup.k, live=False)
-        if ans is None or ans.snapshot != sid:  # not a hit, or a swap in between: not kept
+        snap, m = self.engine.model(lookup.model)
+        if ans is None or ans.snapshot != sid or snap.id != sid:  # not a hit, or a swap in between: not kept
             raise _NotAHit(lookup)
-        _, m = self.engine.model(lookup.model)
-        return Rendered(lookup.route, render.render_head(render.body(lookup, ans), ans),
+        return Rendered(lookup.route, render.render_head(render.body(lookup, ans, snap.items), ans),
                         render.etag_header(render.etag(lookup, ans)), ans.computed_at, self.engine.max_age(m),
                         lookup.log)
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.web.parse import (DEFAULT_K, FIELDS, SEARCH_DEFAULT_LIMIT, SEARCH_MAX_CHARS,
+                                SEARCH_MAX_LIMIT)
+
 
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description,
@@ -64,9 +67,23 @@ def _model_paths(specs, errors, ok) -> dict[str, Any]:
 def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
     """The document for these limits; every status a route can answer is listed on that route.
     ``models``: the registered models' specs (each gets its own predict path)."""
-    k = {"name": "k", "in": "query", "required": True,
-         "description": "How many results; up to the snapshot's k_max is served precomputed, more is computed live",
-         "schema": {"type": "integer", "minimum": 1, "maximum": k_limit}}
+    k = {"name": "k", "in": "query", "required": False,
+         "description": f"How many results ({min(DEFAULT_K, k_limit)} when left out); up to the snapshot's k_max "
+                        "is served precomputed, more is computed live",
+         "schema": {"type": "integer", "minimum": 1, "maximum": k_limit, "default": min(DEFAULT_K, k_limit)}}
+    fields = {"name": "fields", "in": "query", "required": False, "style": "form", "explode": False,
+              "description": "Item metadata to add to each listed item (from the snapshot's items table): "
+                             "title, genres or both, comma-separated",
+              "schema": {"type": "array", "minItems": 1, "maxItems": len(FIELDS), "uniqueItems": True,
+                         "items": {"type": "string", "enum": list(FIELDS)}}}
+    search_q = {"name": "q", "in": "query", "required": True,
+                "description": "Text of a title: case and accents are ignored; titles starting with it come first, "
+                               "then titles containing it, each most popular first",
+                "schema": {"type": "string", "minLength": 1, "maxLength": SEARCH_MAX_CHARS, "pattern": r"\S"}}
+    search_limit = {"name": "limit", "in": "query", "required": False,
+                    "description": f"Most items in the answer ({SEARCH_DEFAULT_LIMIT} when left out)",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": SEARCH_MAX_LIMIT,
+                               "default": SEARCH_DEFAULT_LIMIT}}
     inm = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
            "description": "An ETag from an earlier precomputed answer; 304 if unchanged"}
     items = {"name": "items", "in": "query", "required": True, "style": "form", "explode": False,
@@ -85,8 +102,10 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
         "computed_at": {"type": "string", "format": "date-time"},
         "age_s": {"type": "number", "description": "seconds since computed_at"},
     }
+    meta = {"title": {"type": "string", "nullable": True, "description": "null for an item without one"},
+            "genres": {"type": "array", "items": {"type": "string"}}}
     scored = {"type": "array", "items": {"type": "object", "required": ["item_id", "score"], "properties": {
-        "item_id": {"type": "integer"}, "score": {"type": "number"}}}}
+        "item_id": {"type": "integer"}, "score": {"type": "number"}, **meta}}}
 
     def get(summary, op_id, params, schema, codes=lookup_errors, etag=True):
         responses = {"200": _ok(schema, summary)}
@@ -108,17 +127,21 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
         "paths": {
             "/v1/items/{item_id}/similar": get(
                 "Items most similar to an item (cosine)", "similarItems",
-                [_id_param("item_id", "path", "Item id"), k, inm], "SimilarItems"),
+                [_id_param("item_id", "path", "Item id"), k, fields, inm], "SimilarItems"),
             "/v1/users/{user_id}/recommendations": get(
                 "Recommendations for a user: unseen items ranked by predicted rating", "userRecommendations",
-                [_id_param("user_id", "path", "User id"), k, inm], "UserRecommendations"),
+                [_id_param("user_id", "path", "User id"), k, fields, inm], "UserRecommendations"),
+            "/v1/items/{item_id}": get("An item's title and genres (from the snapshot's items table)", "item",
+                                       [_id_param("item_id", "path", "Item id")], "Item", etag=False),
+            "/v1/items": get("Items whose title contains q", "searchItems", [search_q, search_limit], "ItemSearch",
+                             codes=("400", "405", "414", "503"), etag=False),
             "/v1/predictions": get(
                 "Predicted rating of an item by a user", "prediction",
                 [_id_param("user_id", "query", "User id"), _id_param("item_id", "query", "Item id"), inm],
                 "Prediction"),
             "/v1/recommendations": get(
                 "Session recommendations from items just viewed (from the snapshot when the items' similar-item lists prove them, else live, then cached)", "sessionRecommendations",
-                [items, k], "SessionRecommendations", etag=False),
+                [items, k, fields], "SessionRecommendations", etag=False),
             "/v1/models": get("The registered models: name, version, inputs, output (400 for any query parameter)",
                               "models", [], "Models", codes=("400", "405", "414", "503"), etag=False),
             "/v1/models/{name}": get("One registered model", "model",
@@ -154,6 +177,13 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
             "SessionRecommendations": {"type": "object", "properties": {
                 "viewed": {"type": "array", "items": {"type": "integer"}}, "k": {"type": "integer"},
                 "items": scored, **provenance}},
+            "Item": {"type": "object", "required": ["item_id", "title", "genres"], "properties": {
+                "item_id": {"type": "integer"}, **meta, **provenance}},
+            "ItemSearch": {"type": "object", "required": ["q", "limit", "items"], "properties": {
+                "q": {"type": "string"}, "limit": {"type": "integer"},
+                "items": {"type": "array", "items": {"type": "object", "required": ["item_id", "title", "genres"],
+                                                     "properties": {"item_id": {"type": "integer"}, **meta}}},
+                **provenance}},
             "Snapshot": {"type": "object", "description": "The manifest plus age_s"},
             "Models": {"type": "object", "properties": {"models": {"type": "array", "items": {
                 "type": "object", "required": ["name", "version", "inputs"], "properties": {

@@ -17,6 +17,11 @@ ENVIRON_KEY = "hybridserve.lookup"
 INT64_MAX = 2**63 - 1
 _ID = re.compile(r"[0-9]{1,19}")
 _K = re.compile(r"-?[0-9]{1,19}")
+# k where a list request leaves it out (the README's ``?k=10``); documented in /openapi.json
+DEFAULT_K = 10
+FIELDS = ("title", "genres")  # item metadata a list answer may carry
+# GET /v1/items?q=: the longest query and the most results
+SEARCH_MAX_CHARS, SEARCH_DEFAULT_LIMIT, SEARCH_MAX_LIMIT = 100, 10, 50
 
 # A partial request-log row as parsing gets further: (endpoint, item_id, user_id, k[, model, input]).
 Note = Callable[[tuple], None]
@@ -46,6 +51,7 @@ class Lookup:
     log: tuple             # the request-log row's (endpoint, item_id, user_id, k[, model, input])
     tag: str               # names the answer within a snapshot (its ETag with the snapshot id)
     spec: ModelSpec | None = None
+    fields: tuple[str, ...] = ()  # item metadata asked for in a list answer (?fields=title,genres)
 
 
 def show(text: str, limit: int = 40) -> str:
@@ -73,16 +79,39 @@ def parse_id(name: str, raw: str | None) -> int:
     return int(raw)
 
 
+def default_k(limits: Limits) -> int:
+    """DEFAULT_K, or serving.k_limit when that is lower (an omitted k is never refused)."""
+    return min(DEFAULT_K, limits.k_limit)
+
+
 def parse_k(raw: str | None, limits: Limits) -> int:
     limit = limits.k_limit
     if raw is None:
-        raise BadRequest(f"query parameter 'k' is required: an integer from 1 to {limit}")
+        return default_k(limits)
     if not _K.fullmatch(raw):
         raise BadRequest(f"k must be an integer from 1 to {limit}, got {show(raw)}")
     k = int(raw)
     if k < 1 or k > limit:
         raise BadRequest(f"k must be an integer from 1 to {limit}, got {k}")
     return k
+
+
+def parse_fields(raw: str | None) -> tuple[str, ...]:
+    """``fields=title,genres``: the item metadata to add to each listed item, in FIELDS' order."""
+    if raw is None:
+        return ()
+    names = raw.split(",")
+    unknown = [n for n in names if n not in FIELDS]
+    if raw == "" or unknown:
+        got = show(unknown[0]) if unknown and unknown[0] else "an empty name"
+        raise BadRequest(f"fields must list one or more of {', '.join(FIELDS)}, comma-separated; got {got}")
+    if len(set(names)) != len(names):
+        raise BadRequest(f"fields names a field more than once: {show(raw)}")
+    return tuple(f for f in FIELDS if f in names)
+
+
+def _tagged(tag: str, fields: tuple[str, ...]) -> str:
+    return tag + "".join(f".{f}" for f in fields)
 
 
 def parse_items(raw: str | None, limits: Limits) -> tuple[int, ...]:
@@ -106,31 +135,57 @@ def parse_items(raw: str | None, limits: Limits) -> tuple[int, ...]:
 # --- one function per route ---------------------------------------------------------------
 def similar_items(item_raw: str, query_string: str, limits: Limits, note: Note = _nothing) -> Lookup:
     """GET /v1/items/<item_id>/similar?k="""
-    p = params(query_string, ("k",))
+    p = params(query_string, ("k", "fields"))
     iid = parse_id("item_id", item_raw)
     note(("similar_items", iid, None, None))
     k = parse_k(p.get("k"), limits)
+    fields = parse_fields(p.get("fields"))
     return Lookup("similar_items", RECOMMENDER, "similar_items", (iid,), k, ("similar_items", iid, None, k),
-                  f"similar.{iid}.{k}")
+                  _tagged(f"similar.{iid}.{k}", fields), fields=fields)
 
 
 def user_recs(user_raw: str, query_string: str, limits: Limits, note: Note = _nothing) -> Lookup:
     """GET /v1/users/<user_id>/recommendations?k="""
-    p = params(query_string, ("k",))
+    p = params(query_string, ("k", "fields"))
     uid = parse_id("user_id", user_raw)
     note(("user_recs", None, uid, None))
     k = parse_k(p.get("k"), limits)
-    return Lookup("user_recs", RECOMMENDER, "user_recs", (uid,), k, ("user_recs", None, uid, k), f"recs.{uid}.{k}")
+    fields = parse_fields(p.get("fields"))
+    return Lookup("user_recs", RECOMMENDER, "user_recs", (uid,), k, ("user_recs", None, uid, k),
+                  _tagged(f"recs.{uid}.{k}", fields), fields=fields)
 
 
 def session(query_string: str, limits: Limits, note: Note = _nothing) -> Lookup:
     """GET /v1/recommendations?items=&k= (the key is the items in the order asked; the model's cache
     key ignores the order)."""
-    p = params(query_string, ("items", "k"))
+    p = params(query_string, ("items", "k", "fields"))
     items = parse_items(p.get("items"), limits)
     k = parse_k(p.get("k"), limits)
+    fields = parse_fields(p.get("fields"))
     return Lookup("session", RECOMMENDER, "session", (items,), k, ("session", None, None, k),
-                  f"session.{'-'.join(map(str, items))}.{k}")
+                  _tagged(f"session.{'-'.join(map(str, items))}.{k}", fields), fields=fields)
+
+
+def item(item_raw: str, query_string: str) -> int:
+    """GET /v1/items/<item_id>: the id."""
+    params(query_string, ())
+    return parse_id("item_id", item_raw)
+
+
+def search(query_string: str) -> tuple[str, int]:
+    """GET /v1/items?q=&limit=: (the query as given, the limit)."""
+    p = params(query_string, ("q", "limit"))
+    q = p.get("q")
+    if q is None or q.strip() == "":
+        raise BadRequest("query parameter 'q' is required: some text of an item's title")
+    if len(q) > SEARCH_MAX_CHARS:
+        raise BadRequest(f"q is {len(q)} characters long; at most {SEARCH_MAX_CHARS} are allowed")
+    raw = p.get("limit")
+    if raw is None:
+        return q, SEARCH_DEFAULT_LIMIT
+    if not _K.fullmatch(raw) or not 1 <= int(raw) <= SEARCH_MAX_LIMIT:
+        raise BadRequest(f"limit must be an integer from 1 to {SEARCH_MAX_LIMIT}, got {show(raw)}")
+    return q, int(raw)
 
 
 def prediction(query_string: str, limits: Limits, note: Note = _nothing) -> Lookup:

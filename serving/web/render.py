@@ -22,20 +22,27 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def scored(ans: Answer) -> list[dict[str, Any]]:
+def scored(ans: Answer, fields: tuple[str, ...] = (), items=None) -> list[dict[str, Any]]:
+    """The ranked items; with ``fields``, each also carries that metadata from ``items`` (the
+    snapshot's serving.catalogue.Catalogue, in memory)."""
+    ids = ans.ids.tolist()
     scores = np.round(ans.scores.astype(np.float64), 6).tolist()
-    return [{"item_id": i, "score": s} for i, s in zip(ans.ids.tolist(), scores)]
+    out = [{"item_id": i, "score": s} for i, s in zip(ids, scores)]
+    if fields:
+        for row, extra in zip(out, items.fields(ids, fields)):
+            row.update(extra)
+    return out
 
 
-def body(lookup: Lookup, ans: Answer) -> dict[str, Any]:
-    """The route's own fields of an answer."""
+def body(lookup: Lookup, ans: Answer, items=None) -> dict[str, Any]:
+    """The route's own fields of an answer (``items``: the catalogue, for ``lookup.fields``)."""
     route, key = lookup.route, lookup.key
     if route == "similar_items":
-        return {"item_id": key[0], "k": lookup.k, "items": scored(ans)}
+        return {"item_id": key[0], "k": lookup.k, "items": scored(ans, lookup.fields, items)}
     if route == "user_recs":
-        return {"user_id": key[0], "k": lookup.k, "items": scored(ans)}
+        return {"user_id": key[0], "k": lookup.k, "items": scored(ans, lookup.fields, items)}
     if route == "session":
-        return {"viewed": list(key[0]), "k": lookup.k, "items": scored(ans)}
+        return {"viewed": list(key[0]), "k": lookup.k, "items": scored(ans, lookup.fields, items)}
     if lookup.spec is None:  # /v1/predictions
         return {"user_id": key[0], "item_id": key[1], "prediction": round(float(ans.value), 6)}
     return {"model": lookup.model, "model_version": ans.model_version,
@@ -56,8 +63,8 @@ def render_age(computed_at: float, now: float) -> bytes:
     return b',"age_s":' + orjson.dumps(round(max(0.0, now - computed_at), 3)) + b"}"
 
 
-def render(lookup: Lookup, ans: Answer, now: float) -> bytes:
-    return render_head(body(lookup, ans), ans) + render_age(ans.computed_at, now)
+def render(lookup: Lookup, ans: Answer, now: float, items=None) -> bytes:
+    return render_head(body(lookup, ans, items), ans) + render_age(ans.computed_at, now)
 
 
 def etag(lookup: Lookup, ans: Answer) -> str | None:
