@@ -420,6 +420,14 @@ class SklearnModel(Model):
         self.table = table or {}
 
     @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """The config's table checked before a run does any work: the artifact loads (its folder's
+        links checked) and matches the declared schema; the candidates file reads."""
+        spec, _, _ = resolve(spec)
+        if spec.candidates:
+            read_candidates(spec)
+
+    @classmethod
     def stage(cls, spec: ModelSpec, folder: Path) -> dict[str, Any]:
         """The artifact loaded and its schema checked (``resolve``), copied with spec.json into ``folder``."""
         spec, predictor, checksum = resolve(spec)
