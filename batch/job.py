@@ -27,8 +27,8 @@ from batch import models as registered_models
 from batch.backends import backend as make_backend
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
-from batch.requestlog import RequestLogFiles, log_files
 from batch.precompute import PREDICTIONS_PER_RANKED, Staged, forget, partitions, precompute_part, staged_models
+from batch.requestlog import RequestLogFiles, log_files
 from batch.evaluate import train_and_evaluate
 from batch.train import training_key
 from batch.validate import validate
