@@ -132,3 +132,35 @@ def test_the_docs_sql_examples_run_on_the_demos_store(serving_demand):  # noqa: 
     for doc, sql in examples:
         cols, rows, _ = query(store, sql)
         assert cols, (doc, sql)
+
+
+def test_in_a_terminal_a_run_shows_its_stages_and_bars(workspace):
+    """A real pseudo-terminal: the lines and the bars appear by themselves (no --progress)."""
+    import os
+    import pty
+    import sys
+    root, settings, cfg, first = workspace
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "--config", str(cfg), "run", "--retrain"], cwd=REPO,
+                            stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "PYTHONPATH": str(REPO)})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    for i, name in enumerate(STAGES, 1):
+        assert f"[{i}/8] {name} ..." in text and f"[{i}/8] {name} done in" in text, name
+    assert "rating model" in text and "sweep" in text  # the training's bar
+    assert re.search(r"recommender similar_items: +\d+%\|", text)  # the precompute's bars
