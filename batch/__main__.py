@@ -152,17 +152,25 @@ def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
 @click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged.")
 @click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop, or the "
               "config does not register a model the live snapshot serves (it is dropped).")
+@click.option("--progress/--no-progress", default=None,
+              help="A line per stage and bars on stderr [default: when stderr is a terminal].")
 @click.pass_obj
-def run(obj: _Ctx, retrain: bool, force: bool) -> None:
+def run(obj: _Ctx, retrain: bool, force: bool, progress: bool | None) -> None:
     """The whole job: inputs -> model -> popular keys -> precompute -> validate -> publish."""
     from batch.job import run as run_job
     settings = obj.settings
     click.echo(config_line(obj.config, settings))
-    result = run_job(settings, retrain=retrain, force=force)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    result = run_job(settings, retrain=retrain, force=force,
+                     progress=(lambda line: click.echo(line, err=True)) if progress else None)
     m = result.manifest
     click.echo(f"published snapshot {result.snapshot_id} (model {m['model_version']}, "
                f"{'retrained' if m['retrained'] else 'model reused'})")
     click.echo("rows: " + ", ".join(f"{k} {v:,}" for k, v in m["row_counts"].items()))
+    registered = _model_rows(m)
+    if registered:
+        click.echo("registered models: " + ", ".join(f"{k} {v:,} rows" for k, v in registered.items()))
     click.echo(f"expected hit rate on the selection window: {m['popularity']['expected_hit_rate']:.3f}")
     damaged = m.get("request_log", {}).get("damaged")
     if damaged:
@@ -175,6 +183,13 @@ def run(obj: _Ctx, retrain: bool, force: bool) -> None:
         # Exit 0 all the same: the snapshot is live; only the record of it is late.
         click.echo(f"warning: catalog not updated ({result.catalog_error}): the snapshot is published; "
                    f"the next run adds its record to the catalog", err=True)
+
+
+def _model_rows(manifest: dict) -> dict[str, int]:
+    """Rows precomputed per registered model (the rating model's are ``predictions`` in row_counts)."""
+    from serving.store import layout
+    return {name: int(entry.get("rows") or 0) for name, entry in (manifest.get("models") or {}).items()
+            if name != layout.RATING and isinstance(entry, dict)}
 
 
 @cli.command()
@@ -190,7 +205,7 @@ def snapshots(obj: _Ctx, as_json: bool) -> None:
     if not rows:
         click.echo("no snapshots")
     for r in rows:
-        counts = ", ".join(f"{k}={v}" for k, v in r.get("rows", {}).items())
+        counts = ", ".join(f"{k}={v}" for k, v in {**r.get("rows", {}), **r.get("models", {})}.items())
         click.echo(f"{'*' if r['current'] else ' '} {r['id']}  model {r.get('model_version')}  {counts}"
                    + (f"  ERROR {r['error']}" if "error" in r else ""))
 
@@ -218,25 +233,40 @@ def rollback(obj: _Ctx, snapshot_id: str | None) -> None:
               help="Rows printed at most [default: batch.sql_max_rows].")
 @click.option("--time-limit-ms", type=click.IntRange(min=1), default=None,
               help="Interrupt the query after this long [default: batch.sql_time_limit_ms].")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="A text table, CSV with a header row, or a JSON array of objects (both written as the rows "
+                   "stream in).")
+@click.option("--max-width", type=click.IntRange(min=0), default=None,
+              help="Cut table cells longer than this (0: never) [default: 80 in a terminal, never otherwise].")
 @click.pass_obj
-def sql(obj: _Ctx, query: str, max_rows: int | None, time_limit_ms: int | None) -> None:
-    """Run one reading SQL statement against the store's DuckDB catalog and print a table.
+def sql(obj: _Ctx, query: str, max_rows: int | None, time_limit_ms: int | None, fmt: str,
+        max_width: int | None) -> None:
+    """Run one reading SQL statement against the store's DuckDB catalog and print it.
 
     Read-only at the engine level: no COPY, ATTACH, EXPORT, INSTALL/LOAD or SET, and no file outside
     the store's snapshots/ and requests/ folders; a refused statement is one line and exit 1."""
     from batch.catalog import format_table
     from batch.catalog import query as run_query
+    from batch.sqlout import StreamWriter
     from serving.store import Store
     s = obj.settings
     max_rows = max_rows or s["batch.sql_max_rows"]
     store = Store(s["paths.store"])
+    out = sys.stdout
+    writer = StreamWriter(fmt, out) if fmt != "table" else None
     try:
-        cols, rows, truncated = run_query(store, query, max_rows, time_limit_ms or s["batch.sql_time_limit_ms"])
+        cols, rows, truncated = run_query(store, query, max_rows, time_limit_ms or s["batch.sql_time_limit_ms"],
+                                          sink=writer.rows if writer else None)
     except FileNotFoundError:
         raise HybridServeError(f"{store.catalog_path}: no catalog yet (run `python -m batch run` first)") from None
-    click.echo(format_table(cols, rows))
+    if writer is not None:
+        writer.close(cols)
+    else:
+        width = max_width if max_width is not None else (80 if out.isatty() else 0)
+        click.echo(format_table(cols, rows, width or None))
     if truncated:
-        click.echo(f"(truncated: the first {max_rows} rows are shown; --max-rows for more)")
+        click.echo(f"(truncated: the first {max_rows} rows are shown; --max-rows for more)",
+                   err=writer is not None)
 
 
 @cli.command()

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import duckdb
 
@@ -179,11 +179,11 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     # damaged file); `batch sql` lists them again at each query (query), so it sees every segment.
     con.execute(f"CREATE OR REPLACE VIEW requests AS {requests_select(log_files(store).paths)}")
     rows = [(s["id"], s.get("created_at"), s.get("model_version"), json.dumps(s.get("rows", {})), s["current"],
-             s.get("parent")) for s in store.list_snapshots()]
+             s.get("parent"), json.dumps(s.get("models", {}))) for s in store.list_snapshots()]
     con.execute("CREATE OR REPLACE TABLE snapshots (id VARCHAR, created_at TIMESTAMPTZ, model_version VARCHAR, "
-                "row_counts JSON, is_current BOOLEAN, parent VARCHAR)")
+                "row_counts JSON, is_current BOOLEAN, parent VARCHAR, model_rows JSON)")
     if rows:
-        con.executemany("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?)", rows)
+        con.executemany("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _model_views(con: duckdb.DuckDBPyConnection, store: Store, retained: list[str]) -> None:
@@ -251,14 +251,16 @@ def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
 
 
 def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time_limit_ms: int = 30_000,
-          ) -> tuple[list[str], list[tuple], bool]:
+          sink: Callable[[list[str], list[tuple]], None] | None = None) -> tuple[list[str], list[tuple], bool]:
     """Run one reading statement against the catalog of ``store`` (a Store, or its catalog's path);
     returns (column names, rows, truncated).
 
     At most ``max_rows`` rows are fetched, streamed in batches: a query with millions of rows
     stops after the first batches instead of being computed whole. The query is interrupted after
     ``time_limit_ms``. Refused statements, file access outside the store, a deadline passed and any
-    DuckDB error raise HybridServeError with one line.
+    DuckDB error raise HybridServeError with one line. ``sink(columns, rows)``: each batch of rows as it
+    is streamed (for CSV or JSON written as it comes; the connection refuses COPY); nothing is kept
+    then, and the rows returned are empty.
     """
     if not isinstance(store, Store):
         path = Path(store)
@@ -295,13 +297,20 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
         rows: list[tuple] = []
         reader = rel.to_arrow_reader(_BATCH_ROWS)
         truncated = False
+        seen = 0
         try:
             for batch in reader:
-                room = max_rows - len(rows)
+                room = max_rows - seen
                 if batch.num_rows > room:
                     batch, truncated = batch.slice(0, room), True
-                rows.extend(zip(*(column.to_pylist() for column in batch.columns)))
-                if truncated or len(rows) == max_rows and _more(reader):
+                got = list(zip(*(column.to_pylist() for column in batch.columns)))
+                seen += len(got)
+                if sink is not None:
+                    if got:
+                        sink(cols, got)
+                else:
+                    rows.extend(got)
+                if truncated or seen == max_rows and _more(reader):
                     truncated = True
                     break
         finally:
@@ -334,8 +343,9 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def format_table(cols: list[str], rows: list[tuple]) -> str:
-    cells = [[cell(v) for v in row] for row in rows]
+def format_table(cols: list[str], rows: list[tuple], width: int | None = 80) -> str:
+    """A text table; cells longer than ``width`` are cut with "..." (None: never cut)."""
+    cells = [[cell(v, width) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |", line]
@@ -344,8 +354,8 @@ def format_table(cols: list[str], rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
-def cell(v) -> str:
+def cell(v, width: int | None = 80) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     text = "NULL" if v is None else str(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if width is None or len(text) <= width else text[:width - 3] + "..."

@@ -27,8 +27,8 @@ from batch import models as registered_models
 from batch.backends import backend as make_backend
 from batch.embeddings import Vectors, ids_path, load_vectors
 from batch.inputs import Inputs, fingerprint_files, load_inputs
-from batch.requestlog import RequestLogFiles, log_files
 from batch.precompute import PREDICTIONS_PER_RANKED, Staged, forget, partitions, precompute_part, staged_models
+from batch.requestlog import RequestLogFiles, log_files
 from batch.evaluate import train_and_evaluate
 from batch.train import training_key
 from batch.validate import validate
@@ -54,20 +54,32 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)  # after publish: what failed without undoing it
 
 
-class _Stages:
-    """Seconds spent per stage, for the runs table."""
+STAGES = ("config", "inputs", "train", "models", "select", "precompute", "publish", "validate")
 
-    def __init__(self) -> None:
+
+class _Stages:
+    """Seconds spent per stage, for the runs table; ``progress(line)`` hears a line as each starts and
+    ends (the CLI prints them in a terminal: a run is silent until its summary otherwise)."""
+
+    def __init__(self, progress: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.progress = progress
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         LOG.info("stage %s ...", name)
+        step = f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}"
+        if self.progress:
+            self.progress(f"{step} ...")
+        ok = False
         try:
             yield
+            ok = True
         finally:
             self.seconds[name] = round(time.perf_counter() - t0, 3)
+            if self.progress:
+                self.progress(f"{step} {'done' if ok else 'stopped'} in {self.seconds[name]:.1f} s")
 
 
 # --- model --------------------------------------------------------------------------
@@ -318,7 +330,8 @@ def _keeps_served_models(store: Store, settings: Settings, force: bool) -> None:
 
 def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at: str | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-        should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[str], None] | None = None) -> RunResult:
     """One whole batch run under the store lock. Raises HybridServeError subclasses on failure;
     a run record reaches the catalog whatever the outcome (a run that finds the lock taken leaves
     its record for the running one to add). ``should_stop`` is checked between stages and last
@@ -336,15 +349,15 @@ def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at
             LOG.warning("record of the locked run not kept: %s: %s", write_error.filename, write_error.strerror)
         raise
     try:
-        return _run_locked(store, settings, retrain, force, crash_at, now, should_stop)
+        return _run_locked(store, settings, retrain, force, crash_at, now, should_stop, progress)
     finally:
         lock.release()
 
 
-def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> RunResult:
+def _run_locked(store, settings, retrain, force, crash_at, now, should_stop, progress=None) -> RunResult:
     started = now()
     run_id = f"run-{started:%Y%m%d-%H%M%S-%f}"
-    stages = _Stages()
+    stages = _Stages(progress)
     record: dict[str, Any] = {"run_id": run_id, "started_at": started.isoformat(), "status": "failed",
                               "retrained": False}
     result = RunResult(run_id=run_id, status="failed")
@@ -359,7 +372,9 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop) -> 
     try:
         store.ensure_layout()
         store.clean_temp()
-        _keeps_served_models(store, settings, force)
+        with stages("config"):  # before any work: a run with the wrong config, a registered model's mistake
+            _keeps_served_models(store, settings, force)
+            registered_models.check(settings.models)
         backend = make_backend(settings)  # before training: an unreachable cluster fails the run at once
         # Read once, damaged segments moved to requests/quarantine/ (this run holds the lock).
         request_log = log_files(store, quarantine=True)

@@ -34,6 +34,16 @@ def stage(folder_of, specs) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def check(specs) -> None:
+    """Every registered model's config checked before any work (the artifact loads and matches its
+    schema; its candidates read): a mistake in the fifth model's table stops the run before training,
+    not after it. Kinds without a ``check_spec`` are checked when staged."""
+    for spec in specs:
+        check_spec = getattr(kind_class(spec.kind), "check_spec", None)
+        if check_spec is not None:
+            check_spec(spec)
+
+
 def read_model_log(store: Store, now: datetime, half_life_hours: float = 0.0,
                    log: RequestLogFiles | None = None) -> dict[str, tuple[list, np.ndarray]]:
     """Request-log traffic per model: {model: (canonical keys, weights)}; answered requests only,
@@ -76,4 +86,4 @@ def catalog_views(store: Store, manifests: dict[str, dict]) -> list[tuple[str, s
     return views
 
 
-__all__ = ["stage", "read_model_log", "catalog_views"]
+__all__ = ["check", "stage", "read_model_log", "catalog_views"]

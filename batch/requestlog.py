@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from serving.store import REQUEST_LOG_SCHEMA, Store
 
@@ -99,20 +98,40 @@ def _relative(store: Store, path: Path) -> str:
 
 
 def log_files(store: Store, quarantine: bool = False) -> RequestLogFiles:
-    """The readable request-log files of ``store``: regular files only (Store.log_files), each with a
-    whole Parquet footer. ``quarantine``: move an unreadable one out of the way (a batch run, holding the
+    """The readable request-log files of ``store``: regular files only (Store.log_files), each framed
+    as a whole Parquet file (``_whole``). ``quarantine``: move an unreadable one out of the way (a batch run, holding the
     store lock); a read-only reader (``batch sql``) only skips it."""
     out = RequestLogFiles(store, [], quarantine=quarantine)
     for path in store.log_files():
         try:
-            pq.read_metadata(path)
+            _whole(path)
         except FileNotFoundError:  # gone since the listing
             continue
-        except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid: no footer, a truncated file
+        except (OSError, ValueError) as exc:
             out._skip(path, exc)
             continue
         out.paths.append(str(path.resolve()))
     return out
+
+
+_MAGIC = b"PAR1"
+
+
+def _whole(path: Path) -> None:
+    """Raise ValueError unless ``path`` has Parquet's frame: the magic at both ends and a footer length
+    that fits. A truncated file (the damage a disk fault or a cut copy leaves) never does. Three reads
+    rather than a parsed footer, on every `batch sql`: 0.57 s against pq.read_metadata's 1.32 s for 2,000
+    segments (load 25 on 2 cores); a damaged inside is found when a query reads it (RequestLogFiles.frame)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        size = fh.seek(0, 2)
+        if size < 12 or head != _MAGIC:
+            raise ValueError(f"not a Parquet file ({size} bytes, starts {head!r})")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+    footer = int.from_bytes(tail[:4], "little")
+    if tail[4:] != _MAGIC or footer > size - 12:
+        raise ValueError(f"truncated: no Parquet footer at the end of its {size} bytes")
 
 
 def requests_select(paths: list[str]) -> str:

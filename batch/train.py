@@ -16,6 +16,7 @@ import pandas as pd
 from scipy import sparse
 from sklearn.utils.extmath import randomized_svd
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from batch.embeddings import Vectors
 from serving.errors import ConfigError, InputError
@@ -175,7 +176,9 @@ def fit_rating_model(uidx, iidx, ratings, n_users, n_items, settings: Settings) 
     p = rng.normal(scale=0.1, size=(n_users, f))
     q = rng.normal(scale=0.1, size=(n_items, f))
     bu_mf, bi_mf = bu.copy(), bi.copy()
-    for _ in range(settings["train.rating_iterations"]):
+    # a bar in a terminal only (disable=None): on a large catalogue these sweeps are most of the training
+    for _ in tqdm(range(settings["train.rating_iterations"]), desc="rating model", unit="sweep", disable=None,
+                  leave=False):
         x = _ridge_rows(uidx, iidx, r - mu - bi_mf[iidx], np.column_stack([q, np.ones(n_items)]), reg, n_users)
         p, bu_mf = x[:, :f], x[:, f]
         x = _ridge_rows(iidx, uidx, r - mu - bu_mf[uidx], np.column_stack([p, np.ones(n_users)]), reg, n_items)

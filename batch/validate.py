@@ -34,16 +34,20 @@ def validate(folder: Path, manifest: dict[str, Any], tables: dict[tuple[str, str
             continue
         cols = [table.column(c).take(pa.array(rows)).to_pylist() for c in m.key_columns(query)]
         k = k_max if m.queries[query].ranked else None
-        bad = 0
+        bad, first = 0, ""
         for key in zip(*cols):
             stored = m.stored(query, key, k)
-            bad += int(stored is None or not same_answer(stored, m.answer_one(query, key, k)))
+            live = m.answer_one(query, key, k)
+            if stored is None or not same_answer(stored, live):
+                bad += 1
+                first = first or (f"first: {_key(m.key_columns(query), key)}: stored {_show(stored)}, "
+                                  f"live {_show(live)}")
         q = m.queries[query]
         out[f"{q.endpoint}_mismatches"] = out.get(f"{q.endpoint}_mismatches", 0) + bad
         if not q.ranked:
             out["models"][name] = {"checked": int(len(rows)), "mismatches": bad}
         if bad:
-            problems.append(f"{name}: {bad}/{len(rows)} {q.label}s differ when recomputed live")
+            problems.append(f"{name}: {bad}/{len(rows)} {q.label}s differ when recomputed live ({first})")
     for name, m in models.items():
         for figure, value in m.audit(rng, n).items():
             out[figure] = value
@@ -64,3 +68,17 @@ def validate(folder: Path, manifest: dict[str, Any], tables: dict[tuple[str, str
     if problems:
         raise ValidationFailed("validation refused the snapshot: " + "; ".join(problems))
     return out
+
+
+def _key(columns: list[str], key: tuple) -> str:
+    return ", ".join(f"{c}={v!r}" for c, v in zip(columns, key))
+
+
+def _show(answer: Any) -> str:
+    """An answer in a refusal: its type with its value (1 and "1" differ), a list by its first ids."""
+    if answer is None:
+        return "nothing"
+    if isinstance(answer, tuple):
+        ids = [int(i) for i in np.asarray(answer[0])[:5]]
+        return f"ids {ids}{'...' if len(answer[0]) > 5 else ''}"
+    return f"{answer!r} ({type(answer).__name__})"

@@ -13,7 +13,6 @@ import time
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
-import pytest
 
 from batch.__main__ import main
 from batch.catalog import query
@@ -125,14 +124,14 @@ def test_planted_symlink_and_fifo_are_ignored_by_the_job_and_the_view(workspace,
                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert sql.returncode == 0, sql.stderr
     assert "| 1 | 1 |" in sql.stdout.replace("  ", " "), sql.stdout
-    job = subprocess.run([sys.executable, "-c", textwrap_job(cfg)], capture_output=True, text=True, timeout=120,
+    job = subprocess.run([sys.executable, "-c", _job_script(cfg)], capture_output=True, text=True, timeout=120,
                          env=env, cwd=REPO)
     assert job.returncode == 0, job.stderr
     assert json.loads(job.stdout.strip().splitlines()[-1]) == {"n": 1, "items": [1]}
     assert (store.requests_dir / "seg-planted-fifo.parquet").exists()  # ignored, not removed
 
 
-def textwrap_job(cfg) -> str:
+def _job_script(cfg) -> str:
     """What the batch job reads of the log: the counts its selection starts from."""
     return (
         "import json, datetime\n"

@@ -484,12 +484,19 @@ def columns_of(keys: Sequence[tuple]) -> list[np.ndarray]:
     return cols
 
 
+def _null(v: Any) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
 def same_answer(a: Any, b: Any) -> bool:
     """Whether two answers of one key agree: lists id for id; numbers to float32 precision (NaN equals
-    NaN: a model may answer NaN, and must then have stored NaN); anything else exactly."""
+    NaN: a model may answer NaN, and must then have stored NaN); anything else by type and value."""
     if isinstance(a, tuple) and isinstance(b, tuple):
         return np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    if _null(a) and _null(b):  # None and NaN are both served as null
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):  # True is no 1.0: compared by type as well as value
         fa, fb = float(a), float(b)
         if math.isnan(fa) or math.isnan(fb):
             return math.isnan(fa) and math.isnan(fb)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import shutil
 import threading
@@ -381,7 +382,26 @@ def resolve(spec: ModelSpec) -> tuple[ModelSpec, SklearnPredictor, str]:
 def read_table(folder: Path) -> dict[str, Any]:
     """A model's precomputed Parquet as a dict keyed by the canonical input."""
     t = pq.read_table(Path(folder) / TABLE_FILE, columns=["input", "prediction"])
-    return dict(zip(t.column("input").to_pylist(), t.column("prediction").to_pylist()))
+    values = t.column("prediction").to_pylist()
+    if (t.schema.field("prediction").metadata or {}).get(_ENCODING) == b"json":
+        values = [json.loads(v) for v in values]
+    return dict(zip(t.column("input").to_pylist(), values))
+
+
+_ENCODING = b"hybridserve.encoding"
+_MISSING = object()
+
+
+def _prediction_array(pred: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes] | None]:
+    """The stored predictions and their field's metadata: numbers as float64 (NaN kept), a string array
+    (class labels) as strings; an object array -- mixed types, such as 1, "a" and NaN from one model --
+    as JSON text marked so in the field's metadata, so the value read back has the type and value the
+    model answered (str(1) is "1", not 1)."""
+    if pred.dtype.kind in "biuf":
+        return pa.array(pred.astype(np.float64), pa.float64()), None
+    if pred.dtype.kind in "US":
+        return pa.array(pred.astype(str).tolist(), pa.string()), None
+    return pa.array([json.dumps(plain(v)) for v in pred], pa.string()), {_ENCODING: b"json"}
 
 
 PREDICT = "predict"
@@ -398,6 +418,14 @@ class SklearnModel(Model):
         self.predictor, self.spec = predictor, predictor.spec
         self.name, self.version, self.max_age_s = self.spec.name, predictor.version, self.spec.max_age_s
         self.table = table or {}
+
+    @classmethod
+    def check_spec(cls, spec: ModelSpec) -> None:
+        """The config's table checked before a run does any work: the artifact loads (its folder's
+        links checked) and matches the declared schema; the candidates file reads."""
+        spec, _, _ = resolve(spec)
+        if spec.candidates:
+            read_candidates(spec)
 
     @classmethod
     def stage(cls, spec: ModelSpec, folder: Path) -> dict[str, Any]:
@@ -422,7 +450,12 @@ class SklearnModel(Model):
         return plain(self.predictor.answer_one(key))
 
     def stored(self, query: str, key: tuple, k: int | None = None) -> Any:
-        return self.table.get(canonical_key(key))
+        value = self.table.get(canonical_key(key), _MISSING)
+        if value is _MISSING:
+            return None
+        # A stored null (the model answered None) is precomputed all the same: NaN, which is served as
+        # null too; None would read as "not precomputed".
+        return math.nan if value is None else value
 
     def cache_key(self, query: str, key: tuple) -> str:
         return canonical_key(key)
@@ -444,10 +477,13 @@ class SklearnModel(Model):
         pred = np.asarray(answers)
         arrays = {inp.name: _arrow(inp, col) for inp, col in zip(spec.inputs, columns)}
         arrays["input"] = canonical_key_array(columns) if len(columns) else pa.array([], pa.string())
-        arrays["prediction"] = (pa.array(pred.astype(np.float64), pa.float64()) if pred.dtype.kind in "biuf"
-                                else pa.array([None if v is None else str(v) for v in pred], pa.string()))
+        arrays["prediction"], encoding = _prediction_array(pred)
         arrays["model_version"] = pa.array([self.version] * n, pa.string())
-        return pa.table(arrays)
+        table = pa.table(arrays)
+        if encoding:
+            i = table.schema.get_field_index("prediction")
+            table = table.cast(table.schema.set(i, table.schema.field(i).with_metadata(encoding)))
+        return table
 
     def assemble(self, query: str, table: pa.Table, folder: Path, k_max: int) -> dict[str, Any]:
         pq.write_table(table, Path(folder) / TABLE_FILE, compression="zstd")

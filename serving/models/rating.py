@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from serving.errors import NotFound
 from serving.models.base import Input, Model, ModelSpec, Plan, Query
 from serving.models.vectors import lookup, lookup_one
+from serving.store.writer import save_array
 
 PREDICT = "predict"
 _ARRAYS = ("user_ids", "item_ids", "user_bias", "item_bias", "user_factors", "item_factors")
@@ -78,7 +79,7 @@ class RatingModel(Model):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for key in _ARRAYS:
-            np.save(folder / f"{key}.npy", np.ascontiguousarray(getattr(self, key)))
+            save_array(folder / f"{key}.npy", np.ascontiguousarray(getattr(self, key)))
         (folder / _META).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
 
     @classmethod
@@ -173,8 +174,8 @@ class RatingModel(Model):
         ok = (u >= 0) & (i >= 0)
         keys = u[ok] * self.n_items + i[ok]
         order = np.argsort(keys, kind="stable")
-        np.save(Path(folder) / "pred_keys.npy", keys[order].astype(np.int64))
-        np.save(Path(folder) / "pred_values.npy", table.column("prediction").to_numpy()[ok][order].astype(np.float32))
+        save_array(Path(folder) / "pred_keys.npy", keys[order].astype(np.int64))
+        save_array(Path(folder) / "pred_values.npy", table.column("prediction").to_numpy()[ok][order].astype(np.float32))
         return {"rows": int(table.num_rows)}
 
     def key_columns(self, query: str) -> list[str]:

@@ -23,6 +23,7 @@ from serving.errors import NotFound
 from serving.models.base import Lists, Model, Plan, Query
 from serving.models.vectors import (fold_in, lookup, lookup_one, normalise, read_index, search_parameters,
                                     set_search_params, tie_groups)
+from serving.store.writer import save_array
 
 LOG = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class ModelBundle:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name in _ARRAYS:
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+            save_array(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
         faiss.write_index(self.index, str(folder / _INDEX_FILE))
         (folder / _META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
 
@@ -597,7 +598,7 @@ class RecommenderModel(Model):
         folder = Path(folder)
         for name, arr in ((row_name, rows_of(dense, b.n_items if query == SIMILAR else b.n_users)),
                           (ids_file, ids), (scores_file, scores)):
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(arr))
+            save_array(folder / f"{name}.npy", np.ascontiguousarray(arr))
         return {"rows": int(table.num_rows)}
 
     def key_columns(self, query: str) -> list[str]:
@@ -611,6 +612,6 @@ class RecommenderModel(Model):
 def save_lists(folder: Path, query: str, n_keys: int) -> None:
     """Empty precomputed arrays for ``query`` (a model with none of its keys precomputed)."""
     row_name, ids_file, scores_file = _LISTS[query][2]
-    np.save(Path(folder) / f"{row_name}.npy", np.full(n_keys, -1, np.int32))
-    np.save(Path(folder) / f"{ids_file}.npy", np.zeros((0, 0), np.int64))
-    np.save(Path(folder) / f"{scores_file}.npy", np.zeros((0, 0), np.float32))
+    save_array(Path(folder) / f"{row_name}.npy", np.full(n_keys, -1, np.int32))
+    save_array(Path(folder) / f"{ids_file}.npy", np.zeros((0, 0), np.int64))
+    save_array(Path(folder) / f"{scores_file}.npy", np.zeros((0, 0), np.float32))

@@ -339,6 +339,8 @@ class Store:
                 continue
             out.append({"id": sid, "current": sid == current, "created_at": m.get("created_at"),
                         "model_version": m.get("model_version"), "rows": m.get("row_counts", {}),
+                        "models": {n: e.get("rows", 0) for n, e in (m.get("models") or {}).items()
+                                   if n != layout.RATING and isinstance(e, dict)},
                         "parent": m.get("parent")})
         return out
 

@@ -54,22 +54,29 @@ def sha256_files(paths: list[Path]) -> dict[Path, str]:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync ``path``; an error (EIO from a failing disk) names it."""
+    with naming(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync the folder ``path`` (a rename in it); an error names it."""
+    with naming(path):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+# numpy's tofile (np.save) reports a short write as "150000 requested and 109552 written", with no errno:
+# the disk or the quota is full.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 def os_error_at(exc: OSError, path: Path | str) -> OSError:
@@ -81,6 +88,8 @@ def os_error_at(exc: OSError, path: Path | str) -> OSError:
     code = exc.errno
     if code is None and (m := _ERRNO_IN_TEXT.search(str(exc))):
         code = int(m.group(1))
+    if code is None and _SHORT_WRITE.match(str(exc)):
+        code = errno.ENOSPC
     out = OSError(code, os.strerror(code) if code else str(exc), str(path))
     out.__cause__ = exc
     return out
@@ -104,6 +113,14 @@ def naming(path: Path | str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise os_error_at(exc, path) from exc
+
+
+def save_array(path: Path | str, array: Any) -> None:
+    """``np.save`` with an error naming the file (a full disk is a short write numpy reports without
+    errno or path)."""
+    import numpy as np
+    with naming(path):
+        np.save(path, array)
 
 
 def write_atomic(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
