@@ -1,0 +1,145 @@
+"""The caching front: a real nginx with config/nginx.conf (its ports substituted) in front of a real
+server process, on a 3.2 s freshness bound. Hits come from the front, errors and max-age=0 answers are
+never kept, a burst of one miss reaches the API once, no answer through the front is older than its
+bound, and a new snapshot shows through it within the bound."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from batch.job import run
+from batch.tools.demo import ApiServer, http_get as get
+from conftest import make_settings
+from serving.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+from bench_front import Front, nginx_binary  # noqa: E402
+
+BOUND_S = 3.2   # not a whole number: a cache counting whole seconds overshoots a floor()ed max-age most
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory, published):
+    """(nginx front, API server, settings, the items with and without precomputed lists)."""
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed: this test runs a real one (make test-tools installs it)")
+    src, _, first = published
+    root = tmp_path_factory.mktemp("front")
+    shutil.copytree(src / "inputs", root / "inputs")
+    shutil.copytree(src / "store", root / "store", symlinks=True)
+    # one worker: one live tier, so the test knows which cached answer the API holds
+    settings, cfg = make_settings(root, serving={"max_age_s": BOUND_S, "cache_ttl_s": 300.0, "workers": 1,
+                                                 "reload_interval_s": 0.2, "log_flush_interval_s": 0.0})
+    store = Store(settings["paths.store"])
+    items = store.read_table(first.snapshot_id, "items").to_pandas()["item_id"].tolist()
+    with ApiServer(cfg) as api, Front(api.port) as nginx:
+        yield nginx, api, settings, iter(items)
+
+
+def _origin_requests(api) -> float:
+    """Requests the API answered (its /metrics, which counts none of its own)."""
+    _, _, body = get(api.base + "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith("hybridserve_requests_total{"))
+
+
+def _age_at(sent: float, body: dict) -> float:
+    """How old the answer was when the request was sent (it was served after that, so at least this
+    old then), from its computed_at: the age_s in a kept body is the API's. +1 ms: computed_at is
+    written truncated to milliseconds."""
+    return sent - datetime.fromisoformat(body["computed_at"].replace("Z", "+00:00")).timestamp() - 0.001
+
+
+def test_hits_come_from_the_front_errors_never_kept(front):
+    nginx, api, settings, items = front
+    url = f"/v1/items/{next(items)}/similar?k=5"
+    n0 = _origin_requests(api)
+    status, h1, b1 = get(nginx.base + url)
+    status2, h2, b2 = get(nginx.base + url)
+    assert status == status2 == 200 and b2 == b1
+    assert (h1["X-Cache-Status"], h2["X-Cache-Status"]) == ("MISS", "HIT")
+    assert h1["X-Origin-Cache-Control"].startswith("public, max-age=") and h2["Cache-Control"] == "no-cache"
+    for bad in ("/v1/items/999999999/similar?k=5", "/v1/items/1/similar?k=0", "/v1/snapshot"):
+        got = [get(nginx.base + bad) for _ in range(2)]
+        assert [h["X-Cache-Status"] for _, h, _ in got] == ["MISS", "MISS"], bad
+        assert all(h["Cache-Control"] == "no-store" for _, h, _ in got), bad
+    assert _origin_requests(api) - n0 == 1 + 6
+
+
+def test_no_answer_through_the_front_is_older_than_its_bound(front):
+    """Polled through the front for 8 s (2-3 lifetimes of a cached answer): every answer younger than
+    BOUND_S by its own computed_at, most of them hits. With max-age = floor(freshness left), nginx
+    (which keeps an entry through the second its max-age ends) served answers up to 4 s old."""
+    nginx, api, settings, items = front
+    url = f"/v1/items/{next(items)}/similar?k=5"
+    ages, states = [], []
+    end = time.time() + 8.0
+    while (sent := time.time()) < end:
+        status, headers, body = get(nginx.base + url)
+        assert status == 200
+        ages.append(_age_at(sent, json.loads(body)))
+        states.append(headers["X-Cache-Status"])
+        time.sleep(0.04)
+    assert max(ages) <= BOUND_S, (max(ages), states)
+    assert states.count("HIT") > len(states) / 2 and states.count("HIT") < len(states) - 1  # renewed, mostly hits
+
+
+def test_an_answer_with_max_age_0_is_not_kept(front):
+    """An answer the API marks max-age=0 (here: its cached live answer with under 2 s left; a
+    stale-if-error answer says the same) goes to the API on every request through the front."""
+    nginx, api, settings, items = front
+    url = f"/v1/items/{next(items)}/similar?k=5"
+    assert get(api.base + url)[0] == 200  # computed and cached by the API, fresh for BOUND_S
+    time.sleep(BOUND_S - 1.8)
+    n0 = _origin_requests(api)
+    for _ in range(3):
+        status, headers, body = get(nginx.base + url)
+        assert status == 200 and json.loads(body)["source"] == "cache"
+        assert headers["X-Origin-Cache-Control"] == "public, max-age=0" and headers["X-Cache-Status"] == "MISS"
+    assert _origin_requests(api) - n0 == 3
+
+
+def test_a_burst_of_one_miss_reaches_the_api_once(front):
+    """20 requests at once for an answer nobody asked before: proxy_cache_lock lets one through."""
+    nginx, api, settings, items = front
+    url = f"/v1/items/{next(items)}/similar?k=9"
+    n0 = _origin_requests(api)
+    barrier, out = threading.Barrier(20), []
+
+    def one():
+        barrier.wait()
+        out.append(get(nginx.base + url))
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(out) == 20 and {s for s, _, _ in out} == {200} and len({b for _, _, b in out}) == 1
+    assert _origin_requests(api) - n0 == 1
+
+
+def test_a_new_snapshot_shows_through_the_front_within_the_bound(front):
+    """A batch run publishes a snapshot: within the bound (plus the API's reload interval) the front
+    answers from it, and never from the old one again."""
+    nginx, api, settings, items = front
+    url = f"/v1/items/{next(items)}/similar?k=5"
+    old = json.loads(get(nginx.base + url)[2])["snapshot"]
+    assert get(nginx.base + url)[1]["X-Cache-Status"] == "HIT"
+    new = run(settings).snapshot_id
+    published = time.time()
+    assert new != old
+    seen = []
+    while time.time() < published + BOUND_S + 3.0:
+        seen.append((time.time() - published, json.loads(get(nginx.base + url)[2])["snapshot"]))
+        time.sleep(0.05)
+    first_new = next((t for t, sid in seen if sid == new), None)
+    assert first_new is not None and first_new <= BOUND_S + settings["serving.reload_interval_s"] + 0.5, seen
+    assert all(sid == new for t, sid in seen if t >= first_new), seen
