@@ -143,3 +143,17 @@ def test_a_new_snapshot_shows_through_the_front_within_the_bound(front):
     first_new = next((t for t, sid in seen if sid == new), None)
     assert first_new is not None and first_new <= BOUND_S + settings["serving.reload_interval_s"] + 0.5, seen
     assert all(sid == new for t, sid in seen if t >= first_new), seen
+
+
+def test_the_front_benchmark_runs_end_to_end(tmp_path, workspace):
+    """tests/bench/bench_front.py at a tiny size with the Python load generator (make bench runs wrk):
+    every path a hit through the front, the same bytes as the static copy, no request failed."""
+    import bench_front
+    r = bench_front.run(seconds=0.3, rounds=1, loadgen="python", out_dir=tmp_path, n_paths=20, config=workspace[2])
+    saved = json.loads((tmp_path / "front.json").read_text())
+    assert saved["paths"] == 20 and sum(saved["sources"].values()) == 20
+    for name in ("front", "static"):
+        for key in ("at_16", "at_1"):
+            assert r[name][key]["requests"] > 0 and r[name][key]["non_2xx"] == 0, (name, key)
+    assert r["origin_lookups_during_run"] == 0  # every measured request was answered by nginx
+    assert r["front_vs_static_rps"] > 0

@@ -76,24 +76,27 @@ class Front:
     container), its workers run as root too: nginx's default for root, nobody, cannot enter the
     private temporary folders a test runs in."""
 
-    def __init__(self, api_port: int, static_bodies: dict[str, bytes] | None = None):
+    def __init__(self, api_port: int, static: bool = False):
+        """``static``: also serve ``write_static``'s files from one more server block (``static_base``)."""
         self.api_port = api_port
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.prefix = Path(tempfile.mkdtemp(prefix="hybridserve-front-"))
         (self.prefix / "tmp").mkdir()
-        static = None
-        if static_bodies is not None:
-            for path, body in static_bodies.items():
-                f = self.prefix / "static" / (path.split("?")[0].lstrip("/") + ".json")
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_bytes(body)
+        static_block = None
+        if static:
             self.static_port = free_port()
             self.static_base = f"http://127.0.0.1:{self.static_port}"
-            static = (self.static_port, self.prefix)
+            static_block = (self.static_port, self.prefix)
         self.conf = self.prefix / "nginx.conf"
-        self.conf.write_text(front_conf(api_port, self.port, static))
+        self.conf.write_text(front_conf(api_port, self.port, static_block))
         self.proc: subprocess.Popen | None = None
+
+    def write_static(self, path: str, body: bytes) -> None:
+        """``body`` as the static server's answer at ``path`` (its query ignored)."""
+        f = self.prefix / "static" / (path.split("?")[0].lstrip("/") + ".json")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(body)
 
     def start(self, timeout: float = 20.0) -> "Front":
         binary = nginx_binary()
@@ -142,7 +145,8 @@ class Front:
 
 def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000, seconds: float = 4.0,
         rounds: int = 5, loadgen: str = "wrk", workdir: Path | None = None, out_dir: Path | None = None,
-        n_paths: int = 1000) -> dict:
+        n_paths: int = 1000, config: Path | None = None) -> dict:
+    """``config``: serve that config's store instead of preparing one of the given size."""
     from bench_api import _median_run, prepare
     from common import write_result
     from cpu import measured
@@ -150,33 +154,39 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
 
     measure = LOADGENS[loadgen]
     load_start = list(os.getloadavg())
-    cfg, settings, store = prepare(items, users, interactions, workdir)
+    if config is not None:
+        from serving.settings import load_settings
+        from serving.store import Store
+        cfg = Path(config)
+        store = Store(load_settings(cfg, env={})["paths.store"])
+    else:
+        cfg, _, store = prepare(items, users, interactions, workdir)
     sid = store.current_id()
     hot = store.read_table(sid, "similar_items").column("item_id").to_numpy()
     paths = [f"/v1/items/{i}/similar?k=10" for i in np.random.default_rng(0).permutation(hot)[:n_paths]]
-    result: dict = {"items": items, "snapshot": sid, "paths": len(paths), "loadgen": loadgen,
+    result: dict = {"items": len(store.read_table(sid, "items")), "snapshot": sid, "paths": len(paths), "loadgen": loadgen,
                     "seconds_per_run": seconds, "rounds": rounds,
                     "method": "one nginx (config/nginx.conf + a static server block); every path a HIT "
                               "before measuring; short runs alternate; medians of per-round ratios"}
     api = ApiServer(cfg).start()
     front = None
     try:
-        bodies = {}
-        for p in paths:
-            status, _, body = http_get(api.base + p)
-            if status != 200:
-                raise RuntimeError(f"{p}: {status} {body[:200]!r}")
-            bodies[p] = body
-        front = Front(api.port, bodies).start()
-        sources = {}
-        for p in paths:  # fill the cache, then every path must be a hit
+        front = Front(api.port, static=True).start()
+        sources, sizes = {}, []
+        for p in paths:  # fill the cache, then every path must be a hit; the static copy is its bytes
             http_get(front.base + p)
             status, headers, body = http_get(front.base + p)
             if status != 200 or headers.get("X-Cache-Status") != "HIT":
                 raise RuntimeError(f"{p} through the front: {status} {headers.get('X-Cache-Status')}")
-            sources[json.loads(body)["source"]] = sources.get(json.loads(body)["source"], 0) + 1
+            front.write_static(p, body)
+            source = json.loads(body)["source"]
+            sources[source] = sources.get(source, 0) + 1
+            sizes.append(len(body))
+        for p in paths[:5]:
+            if http_get(front.static_base + p)[2] != http_get(front.base + p)[2]:
+                raise RuntimeError(f"{p}: the static copy differs from the front's hit")
         result["sources"] = sources
-        result["body_bytes_median"] = float(np.median([len(b) for b in bodies.values()]))
+        result["body_bytes_median"] = float(np.median(sizes))
         before = _origin_lookups(api.base)
         roots = [front.proc.pid]
         runs: dict[str, dict[str, list]] = {n: {"at_16": [], "at_1": []} for n in ("front", "static")}
