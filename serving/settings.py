@@ -123,8 +123,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "header_read_timeout_s", 10.0, "A client is disconnected when its request head is not complete this "
             "many seconds after its first byte, or after its previous answer (so also an idle keep-alive connection)",
             minimum=0.001, maximum=60.0),
-    Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers; a "
-            "larger one, or more than 100 headers, gets 431 from the server before the app", minimum=8192),
+    Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers: "
+            "a head not complete once its buffer holds this much, or more than 100 headers, gets 431 from the server "
+            "before the app (a head that arrives in one read may pass up to about twice this)", minimum=8192),
     Setting("serving", "keepalive", True, "Keep client connections open across requests (HTTP/1.1 keep-alive)"),
     Setting("serving", "shutdown_timeout_s", 30, "On SIGTERM/SIGINT a worker finishes its requests and flushes its request log; "
             "one still running after this many seconds is killed (its unflushed rows are lost)", minimum=1),
