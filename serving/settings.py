@@ -132,6 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "mode", "hybrid", "hybrid: snapshot, then cache, then live; ttl-cache: cache then live (no snapshot answers); live-only: every request computed live",
             choices=("hybrid", "ttl-cache", "live-only")),
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
+    Setting("serving", "max_age_cap_s", 0, "Longest Cache-Control max-age an answer gets, in seconds (0: none, its whole "
+            "freshness left); a cache in front asks again after at most this long (If-None-Match: 304 while the "
+            "snapshot is the same), so a new snapshot shows through it within this time", minimum=0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
     Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
