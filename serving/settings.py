@@ -141,14 +141,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "header_read_timeout_s", 10.0, "A client is disconnected when its request head is not complete this "
             "many seconds after its first byte, or after its previous answer (so also an idle keep-alive connection)",
             minimum=0.001, maximum=60.0),
-    Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers; a "
-            "larger one, or more than 100 headers, gets 431 from the server before the app", minimum=8192),
+    Setting("serving", "max_head_bytes", 65_536, "Largest request head (request line and headers) a worker buffers: "
+            "a head not complete once its buffer holds this much, or more than 100 headers, gets 431 from the server "
+            "before the app (a head that arrives in one read may pass up to about twice this)", minimum=8192),
     Setting("serving", "keepalive", True, "Keep client connections open across requests (HTTP/1.1 keep-alive)"),
     Setting("serving", "shutdown_timeout_s", 30, "On SIGTERM/SIGINT a worker finishes its requests and flushes its request log; "
             "one still running after this many seconds is killed (its unflushed rows are lost)", minimum=1),
     Setting("serving", "mode", "hybrid", "hybrid: snapshot, then cache, then live; ttl-cache: cache then live (no snapshot answers); live-only: every request computed live",
             choices=("hybrid", "ttl-cache", "live-only")),
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
+    Setting("serving", "max_age_cap_s", 0, "Longest Cache-Control max-age an answer gets, in seconds (0: none, its whole "
+            "freshness left); a cache in front asks again after at most this long (If-None-Match: 304 while the "
+            "snapshot is the same), so a new snapshot shows through it within this time", minimum=0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
     Setting("serving", "live_deadline_ms", 2000.0, "A live answer not computed within this many milliseconds gets 503 "

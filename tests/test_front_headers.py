@@ -108,3 +108,28 @@ def test_errors_and_status_endpoints_are_never_stored(env):
         r = client.get(url)
         assert r.status_code == status and r.headers.get("Cache-Control") == "no-store", (url, r.status_code,
                                                                                          r.headers)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["hit-path", "flask"])
+def test_max_age_cap_bounds_every_answer(workspace, fast_path):
+    """serving.max_age_cap_s: no answer says more (a front revalidates within it), none says more than
+    its freshness left either; errors stay no-store."""
+    root, settings, cfg, first = workspace
+    settings = settings.replace(serving__max_age_s=MAX_AGE_S, serving__cache_ttl_s=TTL_S, serving__max_age_cap_s=30,
+                                serving__fast_path=fast_path, serving__log_flush_interval_s=0.0)
+    created = pd.Timestamp(first.manifest["created_at"]).timestamp()
+    clock = Clock(created + 10.3)
+    app = create_app(settings, clock=clock, background=False)
+    try:
+        client = app.test_client()
+        hot, missing = _items(Store(settings["paths.store"]), first.snapshot_id)
+        r = client.get(f"/v1/items/{hot}/similar?k=5")
+        assert r.json["source"] == "precomputed" and _max_age(r) == 30
+        r304 = client.get(f"/v1/items/{hot}/similar?k=5", headers={"If-None-Match": r.headers["ETag"]})
+        assert r304.status_code == 304 and _max_age(r304) == 30
+        clock.t = created + MAX_AGE_S - 10.5  # 10.5 s left: under the cap, so the answer's own
+        assert _max_age(client.get(f"/v1/items/{hot}/similar?k=5")) == 9
+        assert _max_age(client.get(f"/v1/items/{missing}/similar?k=5")) == 30  # live, fresh for 60 s
+        assert client.get("/v1/items/999999999/similar?k=5").headers["Cache-Control"] == "no-store"
+    finally:
+        app.extensions["hybridserve"].close()

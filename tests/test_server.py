@@ -314,7 +314,9 @@ def test_requests_rejected_before_the_app(shared):
         assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close" in out, out
         assert b"content-length: 0\r\n" in out and out.endswith(b"\r\n\r\n")  # no body, then closed
     limit = settings["serving.max_head_bytes"]
-    for big in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * limit + b"\r\n\r\n",
+    # hyper checks the size of its read buffer, not of the head: one arriving in a single read may pass
+    # up to about twice the limit (docs/server.md), so the head here is over twice it
+    for big in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * limit) + b"\r\n\r\n",
                 b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n"):
         out = _raw(srv.port, big)
         assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n") and b"content-length: 0" in out, out

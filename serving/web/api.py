@@ -55,7 +55,7 @@ def _answer(lookup: Lookup) -> Response:
     ans = svc.engine.lookup(lookup.model, lookup.query, lookup.key, lookup.k)
     st.source = ans.source
     tag = render.etag(lookup, ans)
-    headers = render.answer_headers(ans, tag)
+    headers = render.answer_headers(ans, tag, svc.settings["serving.max_age_cap_s"])
     if tag is not None and "HTTP_IF_NONE_MATCH" in request.environ and request.if_none_match.contains_weak(tag):
         return Response(status=304, headers=headers)
     items = _catalogue() if lookup.fields else None

@@ -76,6 +76,7 @@ class HitPath:
         self.engine = services.engine
         self.limits = services.limits
         self.max_url = services.settings["serving.max_url_bytes"]
+        self.max_age_cap = services.settings["serving.max_age_cap_s"]
         self.cors_headers = cors_headers
         self.answered = self.passed = 0
         entries = services.settings["serving.hit_cache_entries"]
@@ -92,7 +93,7 @@ class HitPath:
             return self.wsgi_app(environ, start_response)
         hit, remaining, now = found
         data = hit.head + render.render_age(hit.computed_at, now)
-        headers = [_JSON, ("Content-Length", str(len(data))), render.cache_control(remaining), hit.etag]
+        headers = [_JSON, ("Content-Length", str(len(data))), render.cache_control(remaining, self.max_age_cap), hit.etag]
         if self.cors_headers is not None:
             headers += self.cors_headers(environ.get("HTTP_ORIGIN"))
         start_response("200 OK", headers)

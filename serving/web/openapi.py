@@ -15,8 +15,10 @@ def _problem(description: str) -> dict[str, Any]:
 def _ok(schema: str, description: str) -> dict[str, Any]:
     return {"description": description,
             "headers": {"Cache-Control": {"schema": {"type": "string"},
-                                          "description": "max-age = how long this answer stays fresh"},
-                        "ETag": {"schema": {"type": "string"}, "description": "on precomputed answers"}},
+                                          "description": "max-age = whole seconds this answer stays fresh, less one "
+                                                         "(0: no cache may keep it)"},
+                        "ETag": {"schema": {"type": "string"},
+                                 "description": "on precomputed answers: weak, names the snapshot"}},
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 

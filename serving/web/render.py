@@ -83,16 +83,19 @@ def etag_header(tag: str) -> tuple[str, str]:
     return ("ETag", quote_etag(tag, weak=True))
 
 
-def cache_control(fresh_for_s: float) -> tuple[str, str]:
+def cache_control(fresh_for_s: float, cap_s: int = 0) -> tuple[str, str]:
     """The one Cache-Control rule, for every answer on both paths: ``max-age`` is the whole seconds
-    the answer stays fresh, less one.
+    the answer stays fresh, less one, and at most ``cap_s`` (``serving.max_age_cap_s``; 0: no cap).
 
     HTTP caches count age in whole seconds: nginx keeps an entry while ``valid_sec >= now`` with
     ``valid_sec = now + max_age``, both truncated to the second, so it serves an entry up to
     max-age + 1 s after it got it. Less one, an answer with 3.7 s left says max-age=2 and no cache
     serves it past its freshness bound (tests/test_front.py). An answer with under 2 s left, or one
     with ``fresh_for_s`` 0 (served past its bound), says max-age=0: no cache keeps it."""
-    return ("Cache-Control", f"public, max-age={max(0, math.floor(fresh_for_s) - 1)}")
+    seconds = max(0, math.floor(fresh_for_s) - 1)
+    if cap_s and seconds > cap_s:
+        seconds = cap_s
+    return ("Cache-Control", f"public, max-age={seconds}")
 
 
 # Errors and the status endpoints (health, readiness, the manifest, metrics): never kept by a cache,
@@ -100,10 +103,10 @@ def cache_control(fresh_for_s: float) -> tuple[str, str]:
 NO_STORE = ("Cache-Control", "no-store")
 
 
-def answer_headers(ans: Answer, tag: str | None) -> list[tuple[str, str]]:
-    """Cache-Control for the answer's remaining freshness (max-age=0 for a stale one, so no front cache
-    keeps it), and its ETag when it has one."""
-    headers = [cache_control(ans.fresh_for_s)]
+def answer_headers(ans: Answer, tag: str | None, cap_s: int = 0) -> list[tuple[str, str]]:
+    """Cache-Control for the answer's remaining freshness (at most ``cap_s``; max-age=0 for a stale one,
+    so no front cache keeps it), and its ETag when it has one."""
+    headers = [cache_control(ans.fresh_for_s, cap_s)]
     if tag is not None:
         headers.append(etag_header(tag))
     return headers

@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
+import bench_front  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
@@ -132,6 +133,15 @@ def summary(results_dir: Path = RESULTS) -> str:
         rows.append(_row("server: hits at 16 with 50 trickling + 50 half-sent connections open: p99, failed or reset",
                          f"{v['slow_clients_granian_p99_ms']:.2f} ms, {v['slow_clients_granian_failed']}",
                          "< 50 ms, 0", v["slow_clients_granian_p99_ms"] < 50 and v["slow_clients_granian_failed"] == 0))
+    fr = load("front")
+    if fr:
+        per_round = fr["front_vs_static_rps_per_round"]
+        rows.append(_row(f"front: hits through config/nginx.conf's proxy_cache vs nginx serving the same bytes "
+                         f"statically, req/s at 16 ({fr['front']['at_16']['requests_per_s']:,.0f} vs "
+                         f"{fr['static']['at_16']['requests_per_s']:,.0f})",
+                         f"{fr['front_vs_static_rps']:.2f}x (rounds {min(per_round):.2f}-{max(per_round):.2f}x; "
+                         f"by CPU per request {fr['front_vs_static_cpu']:.2f}x)", ">= 0.8x",
+                         fr["front_vs_static_rps"] >= 0.8))
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
@@ -166,7 +176,8 @@ def main(quick: bool = False, only: str = "") -> None:
         for name in only.split(","):
             {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run}[name]()
+             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run,
+             "front": bench_front.run}[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -177,6 +188,8 @@ def main(quick: bool = False, only: str = "") -> None:
         bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000, workdir=work, out_dir=out,
                         rounds=2)
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
+        bench_front.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work, out_dir=out,
+                        n_paths=300)
         bench_quality.run(out_dir=out, folds=2)
         bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
                          out_dir=out, live_n=300, grid_steps=101)
@@ -185,6 +198,7 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_batch.run(1_000_000, 64, "auto")
     bench_api.run()
     bench_server.run()
+    bench_front.run()
     bench_modes.run(rounds=5)  # the main comparison: five rounds, as the hybrid replay is the noisiest figure
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
@@ -197,6 +211,6 @@ def main(quick: bool = False, only: str = "") -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality, models")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, front, modes, snapshot, quality, models")
     a = ap.parse_args()
     main(a.quick, a.only)
