@@ -133,14 +133,18 @@ class DaskBackend:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=settings["batch.dask_threads_per_worker"],
                                             processes=True, dashboard_address=settings["batch.dask_dashboard"] or None)
                 self.client = Client(self.cluster, timeout=timeout, set_as_default=False)
-            self.client.wait_for_workers(1, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             self.close()
-            where = f"batch.dask_scheduler: {address}" if address else "batch.backend: dask: the LocalCluster"
-            raise BackendError(f"{where}: {_one_line(exc)}") from None
+            raise BackendError(f"{_where(address)}: {_one_line(exc)}") from None
         except BaseException:
             self.close()
             raise
+        try:
+            self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            self.close()
+            raise BackendError(f"{_where(address)}: no worker connected within {timeout:g} s "
+                               "(batch.dask_timeout_s)") from None
         if address and self.local_store:
             far = [w for w in self.client.scheduler_info(n_workers=-1)["workers"] if not _loopback(w)]
             if far:
@@ -187,6 +191,10 @@ class DaskBackend:
         exc = future.exception()
         if isinstance(exc, (HybridServeError, OSError)):
             return exc  # a domain error's own line (a full disk, a missing snapshot) says it best
+        if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker
+            last = getattr(getattr(exc, "last_worker", None), "address", "unknown")
+            return BackendError(f"model {part.model} {part.query}: partition {part.number}: every worker that ran "
+                                f"it died (the last: {last}); see the workers' logs")
         return BackendError(f"model {part.model} {part.query}: partition {part.number} failed "
                             f"(retried {self.retries} times): {type(exc).__name__}: {_one_line(exc)}")
 
@@ -201,6 +209,11 @@ class DaskBackend:
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _where(address: str) -> str:
+    """What the one line of a cluster that could not be used starts with."""
+    return f"batch.dask_scheduler: {address}" if address else "batch.backend: dask: the LocalCluster"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c:
         yield c
 
 
@@ -214,3 +214,27 @@ def test_the_refusal_needs_no_cluster_for_a_loopback_name(tmp_path):
     settings, _ = make_settings(tmp_path, batch={"backend": "dask", "dask_scheduler": "tls://10.0.0.5:8786"})
     with pytest.raises(ConfigError, match="cannot read the local store"):
         DaskBackend(settings)
+
+
+def test_dask_benchmark_small(tmp_path, cluster):
+    """The Dask benchmark end to end on a tiny catalogue, on the module's cluster: both backends wrote
+    every row, and the same rows (never a timing)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import bench_dask
+    result = bench_dask.run(items=3000, dim=16, scheduler=cluster.scheduler_address, out_dir=tmp_path)
+    saved = __import__("json").loads((tmp_path / "batch_dask.json").read_text())
+    assert saved["items"] == 3000 and saved["rows"] == 3000 and saved["parts"] == 1
+    assert result["same_rows_bit_for_bit"] is True
+    assert result["dask_queries_per_s"] > 0 and result["local_queries_per_s"] > 0
+
+
+def test_a_scheduler_without_workers_fails_in_one_line(tmp_path):
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1",
+                                  dashboard_address=":0") as empty:
+        settings, _ = make_settings(tmp_path, batch={"backend": "dask", "dask_scheduler": empty.scheduler_address,
+                                                     "dask_timeout_s": 1.0})
+        with pytest.raises(BackendError) as failed:
+            DaskBackend(settings)
+    assert str(failed.value) == (f"batch.dask_scheduler: {empty.scheduler_address}: no worker connected within 1 s "
+                                 "(batch.dask_timeout_s)")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
+import bench_dask  # noqa: E402
 import bench_front  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
@@ -45,6 +46,11 @@ def summary(results_dir: Path = RESULTS) -> str:
                  _row("batch: recall@10 vs exact", f"{b['recall_at_10']:.3f}", ">= 0.95", b["recall_at_10"] >= 0.95),
                  _row("batch: total minutes", f"{b['job_minutes']:.2f}", "<= 3", b["job_minutes"] <= 3),
                  _row("batch: peak RSS", f"{b['peak_rss_mb']:,.0f} MB", "<= 3,072 MB", b["peak_rss_mb"] <= 3072)]
+    dk = load("batch_dask")
+    if dk:
+        rows.append(_row(f"batch: Dask backend, {dk['dask']['workers']} local workers, vs local backend precompute "
+                         f"queries/s ({dk['items']:,} items; same rows: {'yes' if dk['same_rows_bit_for_bit'] else 'no'})",
+                         f"{dk['dask_vs_local']:.2f}x", ">= 0.8x", dk["dask_vs_local"] >= 0.8))
     a = load("api_latency")
     if a:
         rows += [_row(f"API: hit path vs minimal Flask route, req/s at 16 ({a['items']:,} items)",
@@ -174,7 +180,7 @@ def summary(results_dir: Path = RESULTS) -> str:
 def main(quick: bool = False, only: str = "") -> None:
     if only:  # e.g. "server" or "server,modes": the named parts of the full run, then the summary
         for name in only.split(","):
-            {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
+            {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "dask": bench_dask.run, "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
              "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run,
              "front": bench_front.run}[name]()
@@ -184,6 +190,7 @@ def main(quick: bool = False, only: str = "") -> None:
         out = RESULTS / "quick"
         work = HERE / ".work" / "quick"
         bench_batch.run(items=20_000, dim=32, index="auto", out_dir=out)
+        bench_dask.run(items=20_000, dim=32, out_dir=out)
         bench_api.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work, out_dir=out)
         bench_modes.run(items=3000, users=1000, interactions=30_000, requests=3000, workdir=work, out_dir=out,
                         rounds=2)
@@ -196,6 +203,7 @@ def main(quick: bool = False, only: str = "") -> None:
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
+    bench_dask.run()
     bench_api.run()
     bench_server.run()
     bench_front.run()
@@ -211,6 +219,6 @@ def main(quick: bool = False, only: str = "") -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, front, modes, snapshot, quality, models")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, front, modes, snapshot, quality, models, dask")
     a = ap.parse_args()
     main(a.quick, a.only)
