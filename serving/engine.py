@@ -76,7 +76,8 @@ class Engine:
     def __init__(self, store: Store, max_age_s: float, cache_ttl_s: float, cache_size: int,
                  clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid",
                  deadline_ms: float = 2000.0, deadlines_ms: dict[str, float] | None = None,
-                 live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0):
+                 live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0,
+                 cache_max_bytes: int | None = None):
         """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
         designs hybridserve is compared with are configurations of the same engine.
 
@@ -91,7 +92,7 @@ class Engine:
         self.clock = clock
         self.counts: Counter = Counter()
         self.reloader = Reloader(store, verify_checksums, self.counts)
-        self.live_tier = LiveTier(cache_size, clock)
+        self.live_tier = LiveTier(cache_size, clock, cache_max_bytes)
         self.deadline_ms, self.deadlines_ms = deadline_ms, dict(deadlines_ms or {})
         self.live_threads, self.live_queue = live_threads, live_queue
         self._runners: dict[str, Runner] = {}
@@ -278,7 +279,7 @@ class Engine:
                                 "live_only_model": snap.manifest["model_version"] if live_only else None,
                                 "current": self.reloader.pointer, "error": self.last_reload_error,
                                 "refused": self.counts["reload_failures"],
-                                "cache_entries": len(self.live_tier)}
+                                "cache_entries": len(self.live_tier), "cache_bytes": self.live_tier.bytes}
         if snap is not None:
             info["age_s"] = round(self.clock() - snap.created_at, 3)
             info["fresh"] = info["age_s"] <= self.max_age_s

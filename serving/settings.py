@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "max_age_s", 86400.0, "Precomputed answers older than this are computed live instead", minimum=0.0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
+    Setting("serving", "cache_max_mb", 256.0, "Memory the cached live results may take at most (per process, in MB; "
+            "each entry estimated with its key and the cache's own structures), beside cache_size", minimum=0.01),
     Setting("serving", "live_deadline_ms", 2000.0, "A live answer not computed within this many milliseconds gets 503 "
             "naming the model (or its precomputed answer marked stale, if only its freshness bound had passed); the "
             "computation goes on and may still fill the cache. A model's own: deadline_ms in its [models.<name>] "
