@@ -77,13 +77,14 @@ class Engine:
                  clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid",
                  deadline_ms: float = 2000.0, deadlines_ms: dict[str, float] | None = None,
                  live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0,
-                 cache_max_bytes: int | None = None):
+                 cache_max_bytes: int | None = None, shared=None):
         """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
         designs hybridserve is compared with are configurations of the same engine.
 
         Live answers are computed on each model's own ``live_threads`` threads (at most ``live_queue``
         more waiting) and waited for up to the model's deadline: ``deadlines_ms[name]``, else
-        ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count)."""
+        ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count).
+        ``shared``: the fleet's tier between the local cache and live (serving.shared.SharedTier), or None."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.use_precomputed, self.use_cache = mode == "hybrid", mode != "live-only"
@@ -98,6 +99,7 @@ class Engine:
         self._runners: dict[str, Runner] = {}
         self._runners_lock = threading.Lock()
         self.failures = Throttled(LOG, error_log_interval_s, clock)
+        self.shared = shared
         self.on_stale: Callable[[str], None] | None = None
         self.on_live: Callable[[str, float, str], None] | None = None  # (endpoint, cpu s, model)
         self.on_model_error: Callable[[str], None] | None = None
@@ -151,6 +153,8 @@ class Engine:
         """Let the live threads go (computations running finish; queued ones are dropped)."""
         for r in list(self._runners.values()):
             r.shutdown()
+        if self.shared is not None:
+            self.shared.close()
 
     # --- the one lookup -------------------------------------------------------------
     def lookup(self, model: str, query: str, key: tuple, k: int | None = None, live: bool = True) -> Answer | None:
@@ -208,6 +212,8 @@ class Engine:
                 state, result = STARTED, self._wait(m.name, runner.submit(compute), since)
             else:
                 cache_key = (snap.id, m.name, m.version, query, m.cache_key(query, key), k)
+                if self.shared is not None:  # the fleet's result, else computed once across the fleet
+                    compute = self._through_shared(cache_key, compute, self.deadline(m.name) / 1000)
                 while True:
                     state, got = self.live_tier.lookup(cache_key, runner.submit, compute)
                     self.counts["coalesced"] = self.live_tier.coalesced
@@ -223,6 +229,11 @@ class Engine:
         source = LIVE if state == STARTED and not result.shared else CACHE
         left = ttl if not self.use_cache else max(0.0, result.expires - self.clock())
         return _answer(source, snap.id, result.computed_at, left, m.version, result.answer, ranked)
+
+    def _through_shared(self, cache_key: tuple, compute: Callable[[], Live], wait_s: float) -> Callable[[], Live]:
+        from serving.shared import shared_key
+        key, shared = shared_key(cache_key), self.shared
+        return lambda: shared.get_or_compute(key, compute, wait_s)
 
     def _wait(self, name: str, future: Future, since: float) -> Live:
         """The future's result, waited for until the model's deadline after ``since``."""

@@ -146,6 +146,13 @@ SETTINGS: tuple[Setting, ...] = (
             "per this many seconds, with how often it failed meanwhile (a client cannot flood the log)", minimum=0.0),
     Setting("serving", "live_queue", 32, "Live computations of one model waiting for its threads at most (per "
             "worker); past that a request gets 503 at once", minimum=0),
+    Setting("serving", "shared_cache", "", "The fleet's shared tier of live results, between each worker's cache and "
+            "live compute: redis://[:password@]host:port/db, rediss://... (TLS) or unix://path; empty = the local "
+            "tiers only (docs/server.md)", pattern=r"|(redis|rediss|unix)://\S+"),
+    Setting("serving", "shared_cache_timeout_ms", 50.0, "Every call to the shared cache gives up after this many "
+            "milliseconds (the answer then comes from the local tiers and live)", minimum=1.0),
+    Setting("serving", "shared_cache_retry_s", 5.0, "After 3 failed calls in a row the shared cache is skipped this "
+            "many seconds, then tried again", minimum=0.01),
     Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
     Setting("serving", "session_max_items", 50, "Most item ids in a session query", minimum=1),
     Setting("serving", "cors_origins", "*", "Comma-separated origins allowed by CORS ('*' for any, empty for no CORS headers at all)"),
