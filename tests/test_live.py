@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -132,3 +133,25 @@ def test_the_live_cache_holds_to_its_entry_bound_when_entries_are_small():
     assert len(tier) == 50 and tier.bytes <= 10 * 1024 * 1024
     tier.put(("m", "huge"), Live(clock(), clock() + 300.0, np.zeros(2 * 1024 * 1024)))  # 16 MB: not kept
     assert tier.too_large == 1 and len(tier) == 50
+
+
+def test_the_shared_cache_url_is_checked_and_rediss_means_tls(tmp_path):
+    """rediss:// and a password go to redis-py's from_url (TLS and AUTH); anything else is one line."""
+    from redis.connection import SSLConnection
+
+    from serving.errors import ConfigError
+    from serving.settings import load_settings
+    from serving.shared import SharedTier
+
+    tier = SharedTier("rediss://:pw@cache.example:6380/2", 0.05, 1.0, time.time)
+    try:
+        kwargs = tier.client.connection_pool.connection_kwargs
+        assert tier.client.connection_pool.connection_class is SSLConnection
+        assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == ("cache.example", 6380, 2, "pw")
+        assert kwargs["socket_timeout"] == 0.05 and tier.url == "rediss://:***@cache.example:6380/2"
+    finally:
+        tier.close()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[serving]\nshared_cache = "http://cache:6379"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: serving\.shared_cache: 'http://cache:6379' does not match"):
+        load_settings(cfg, env={})
