@@ -77,14 +77,15 @@ class Engine:
                  clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid",
                  deadline_ms: float = 2000.0, deadlines_ms: dict[str, float] | None = None,
                  live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0,
-                 cache_max_bytes: int | None = None, shared=None):
+                 cache_max_bytes: int | None = None, shared=None, max_waiting: int = 6):
         """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
         designs hybridserve is compared with are configurations of the same engine.
 
         Live answers are computed on each model's own ``live_threads`` threads (at most ``live_queue``
         more waiting) and waited for up to the model's deadline: ``deadlines_ms[name]``, else
         ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count).
-        ``shared``: the fleet's tier between the local cache and live (serving.shared.SharedTier), or None."""
+        ``shared``: the fleet's tier between the local cache and live (serving.shared.SharedTier), or None.
+        At most ``max_waiting`` requests wait for live answers at once; another is refused (Busy) at once."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.use_precomputed, self.use_cache = mode == "hybrid", mode != "live-only"
@@ -100,6 +101,8 @@ class Engine:
         self._runners_lock = threading.Lock()
         self.failures = Throttled(LOG, error_log_interval_s, clock)
         self.shared = shared
+        self.max_waiting = max_waiting
+        self._waiting = threading.BoundedSemaphore(max_waiting)
         self.on_stale: Callable[[str], None] | None = None
         self.on_live: Callable[[str, float, str], None] | None = None  # (endpoint, cpu s, model)
         self.on_model_error: Callable[[str], None] | None = None
@@ -236,13 +239,21 @@ class Engine:
         return lambda: shared.get_or_compute(key, compute, wait_s)
 
     def _wait(self, name: str, future: Future, since: float) -> Live:
-        """The future's result, waited for until the model's deadline after ``since``."""
+        """The future's result, waited for until the model's deadline after ``since``, by at most
+        ``max_waiting`` requests at once (each holds an app thread meanwhile)."""
+        if future.done():
+            return future.result()
         deadline_ms = self.deadline(name)
+        if not self._waiting.acquire(blocking=False):
+            raise Busy(f"model {name!r} is busy: {self.max_waiting} requests of this worker are waiting for live "
+                       "answers already; try again shortly")
         try:
             return future.result(timeout=max(0.0, deadline_ms / 1000 - (time.monotonic() - since)))
         except FutureTimeout:
             raise DeadlineExceeded(f"model {name!r} did not answer within its deadline of {deadline_ms:g} ms; "
                                    "try again shortly") from None
+        finally:
+            self._waiting.release()
 
     def _refused(self, name: str, exc: Unavailable, stale: Answer | None) -> Answer:
         """Count a live answer that missed its deadline, found the queue full or failed; the stale

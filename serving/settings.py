@@ -142,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
             "table", minimum=1.0),
     Setting("serving", "live_threads", 2, "Threads per model (per worker) that compute its live answers, so a slow "
             "model holds its own threads, never the app's", minimum=1),
+    Setting("serving", "live_max_waiting", 6, "Requests of a worker waiting for live answers at once, at most; "
+            "past that one gets 503 (or its stale answer) at once, so some app threads (blocking_threads) always "
+            "stay free for hits and health however many slow misses arrive", minimum=1),
     Setting("serving", "error_log_interval_s", 60.0, "A model that keeps failing is logged with its traceback once "
             "per this many seconds, with how often it failed meanwhile (a client cannot flood the log)", minimum=0.0),
     Setting("serving", "live_queue", 32, "Live computations of one model waiting for its threads at most (per "

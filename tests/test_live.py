@@ -155,3 +155,40 @@ def test_the_shared_cache_url_is_checked_and_rediss_means_tls(tmp_path):
     cfg.write_text('[serving]\nshared_cache = "http://cache:6379"\n')
     with pytest.raises(ConfigError, match=r"c\.toml: serving\.shared_cache: 'http://cache:6379' does not match"):
         load_settings(cfg, env={})
+
+
+def test_past_live_max_waiting_a_request_is_refused_at_once(workspace):
+    """However many slow misses arrive, at most live_max_waiting requests hold app threads waiting."""
+    root, settings, cfg, first = workspace
+    app = create_app(settings.replace(serving__live_max_waiting=1, serving__live_deadline_ms=60000.0),
+                     background=False)
+    try:
+        rating = app.extensions["hybridserve"].engine.snapshot.models["rating"]
+        entered, release = threading.Event(), threading.Event()
+        answer_one = rating.answer_one
+
+        def held(query, key, k=None):
+            if key == held.first:
+                entered.set()
+                release.wait(30)
+            return answer_one(query, key, k)
+
+        (u1, i1), (u2, i2) = _unstored_pairs(Store(settings["paths.store"]), first.snapshot_id, 2)
+        held.first = (u1, i1)
+        rating.answer_one = held
+        out = {}
+        t = threading.Thread(target=lambda: out.update(
+            first=app.test_client().get(f"/v1/predictions?user_id={u1}&item_id={i1}")))
+        t.start()
+        assert entered.wait(30)
+        refused = app.test_client().get(f"/v1/predictions?user_id={u2}&item_id={i2}")
+        assert refused.status_code == 503 and refused.json["detail"] == (
+            "model 'rating' is busy: 1 requests of this worker are waiting for live answers already; try again shortly")
+        release.set()
+        t.join(30)
+        assert out["first"].status_code == 200 and out["first"].json["source"] == "live"
+        again = app.test_client().get(f"/v1/predictions?user_id={u2}&item_id={i2}")
+        assert again.status_code == 200  # the refused request's computation went on (cached, or joined now)
+    finally:
+        release.set()
+        app.extensions["hybridserve"].close()

@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
                     deadlines_ms={m.name: m.deadline_ms for m in settings.models if m.deadline_ms is not None},
                     live_threads=settings["serving.live_threads"], live_queue=settings["serving.live_queue"],
                     error_log_interval_s=settings["serving.error_log_interval_s"],
-                    cache_max_bytes=int(settings["serving.cache_max_mb"] * 1024 * 1024), shared=shared)
+                    cache_max_bytes=int(settings["serving.cache_max_mb"] * 1024 * 1024), shared=shared,
+                    max_waiting=settings["serving.live_max_waiting"])
     engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
     engine.reloader.on_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
