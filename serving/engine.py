@@ -76,13 +76,16 @@ class Engine:
     def __init__(self, store: Store, max_age_s: float, cache_ttl_s: float, cache_size: int,
                  clock: Callable[[], float] = time.time, verify_checksums: bool = True, mode: str = "hybrid",
                  deadline_ms: float = 2000.0, deadlines_ms: dict[str, float] | None = None,
-                 live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0):
+                 live_threads: int = 2, live_queue: int = 32, error_log_interval_s: float = 60.0,
+                 cache_max_bytes: int | None = None, shared=None, max_waiting: int = 6):
         """``mode``: 'hybrid' (snapshot, cache, live), 'ttl-cache' (cache, live) or 'live-only' -- the
         designs hybridserve is compared with are configurations of the same engine.
 
         Live answers are computed on each model's own ``live_threads`` threads (at most ``live_queue``
         more waiting) and waited for up to the model's deadline: ``deadlines_ms[name]``, else
-        ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count)."""
+        ``deadline_ms``. A failing model is logged once per ``error_log_interval_s`` (with a count).
+        ``shared``: the fleet's tier between the local cache and live (serving.shared.SharedTier), or None.
+        At most ``max_waiting`` requests wait for live answers at once; another is refused (Busy) at once."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
         self.use_precomputed, self.use_cache = mode == "hybrid", mode != "live-only"
@@ -91,12 +94,15 @@ class Engine:
         self.clock = clock
         self.counts: Counter = Counter()
         self.reloader = Reloader(store, verify_checksums, self.counts)
-        self.live_tier = LiveTier(cache_size, clock)
+        self.live_tier = LiveTier(cache_size, clock, cache_max_bytes)
         self.deadline_ms, self.deadlines_ms = deadline_ms, dict(deadlines_ms or {})
         self.live_threads, self.live_queue = live_threads, live_queue
         self._runners: dict[str, Runner] = {}
         self._runners_lock = threading.Lock()
         self.failures = Throttled(LOG, error_log_interval_s, clock)
+        self.shared = shared
+        self.max_waiting = max_waiting
+        self._waiting = threading.BoundedSemaphore(max_waiting)
         self.on_stale: Callable[[str], None] | None = None
         self.on_live: Callable[[str, float, str], None] | None = None  # (endpoint, cpu s, model)
         self.on_model_error: Callable[[str], None] | None = None
@@ -150,6 +156,8 @@ class Engine:
         """Let the live threads go (computations running finish; queued ones are dropped)."""
         for r in list(self._runners.values()):
             r.shutdown()
+        if self.shared is not None:
+            self.shared.close()
 
     # --- the one lookup -------------------------------------------------------------
     def lookup(self, model: str, query: str, key: tuple, k: int | None = None, live: bool = True) -> Answer | None:
@@ -207,6 +215,8 @@ class Engine:
                 state, result = STARTED, self._wait(m.name, runner.submit(compute), since)
             else:
                 cache_key = (snap.id, m.name, m.version, query, m.cache_key(query, key), k)
+                if self.shared is not None:  # the fleet's result, else computed once across the fleet
+                    compute = self._through_shared(cache_key, compute, self.deadline(m.name) / 1000)
                 while True:
                     state, got = self.live_tier.lookup(cache_key, runner.submit, compute)
                     self.counts["coalesced"] = self.live_tier.coalesced
@@ -223,14 +233,27 @@ class Engine:
         left = ttl if not self.use_cache else max(0.0, result.expires - self.clock())
         return _answer(source, snap.id, result.computed_at, left, m.version, result.answer, ranked)
 
+    def _through_shared(self, cache_key: tuple, compute: Callable[[], Live], wait_s: float) -> Callable[[], Live]:
+        from serving.shared import shared_key
+        key, shared = shared_key(cache_key), self.shared
+        return lambda: shared.get_or_compute(key, compute, wait_s)
+
     def _wait(self, name: str, future: Future, since: float) -> Live:
-        """The future's result, waited for until the model's deadline after ``since``."""
+        """The future's result, waited for until the model's deadline after ``since``, by at most
+        ``max_waiting`` requests at once (each holds an app thread meanwhile)."""
+        if future.done():
+            return future.result()
         deadline_ms = self.deadline(name)
+        if not self._waiting.acquire(blocking=False):
+            raise Busy(f"model {name!r} is busy: {self.max_waiting} requests of this worker are waiting for live "
+                       "answers already; try again shortly")
         try:
             return future.result(timeout=max(0.0, deadline_ms / 1000 - (time.monotonic() - since)))
         except FutureTimeout:
             raise DeadlineExceeded(f"model {name!r} did not answer within its deadline of {deadline_ms:g} ms; "
                                    "try again shortly") from None
+        finally:
+            self._waiting.release()
 
     def _refused(self, name: str, exc: Unavailable, stale: Answer | None) -> Answer:
         """Count a live answer that missed its deadline, found the queue full or failed; the stale
@@ -278,7 +301,7 @@ class Engine:
                                 "live_only_model": snap.manifest["model_version"] if live_only else None,
                                 "current": self.reloader.pointer, "error": self.last_reload_error,
                                 "refused": self.counts["reload_failures"],
-                                "cache_entries": len(self.live_tier)}
+                                "cache_entries": len(self.live_tier), "cache_bytes": self.live_tier.bytes}
         if snap is not None:
             info["age_s"] = round(self.clock() - snap.created_at, 3)
             info["fresh"] = info["age_s"] <= self.max_age_s

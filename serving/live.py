@@ -8,13 +8,16 @@ own threads and never the app's; a request waits for its Future up to the model'
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
+import numpy as np
 from cachetools import TLRUCache
 
 from serving.errors import Busy
@@ -33,21 +36,77 @@ class Live:
     expires: float
     answer: Any
     shared: bool = False
+    nbytes: int = 0  # what it holds in the cache, with its key (entry_bytes), once it is put there
+
+
+# The cache's own structures per entry (cachetools' TLRU: its data, size and order dicts, heap items and
+# their links), measured with tracemalloc under eviction churn at 306-407 bytes (the dicts keep the
+# slots of deleted entries until they resize; TLRU only marks an evicted entry's heap item removed and
+# cleans the heap once it holds twice as many items as entries). Such a removed item still holds its
+# key, so entry_bytes counts each key twice.
+ENTRY_OVERHEAD = 448
+
+
+def size_of(obj: Any) -> int:
+    """Bytes an object of a cached answer holds: ndarrays with their buffer (or the array they view),
+    tuples, lists and dicts with their items, anything else as sys.getsizeof says."""
+    if isinstance(obj, np.ndarray):
+        base = obj.base
+        return sys.getsizeof(obj) + (size_of(base) if isinstance(base, np.ndarray) else 0)
+    if isinstance(obj, (tuple, list)):
+        return sys.getsizeof(obj) + sum(size_of(x) for x in obj)
+    if isinstance(obj, dict):
+        return sys.getsizeof(obj) + sum(size_of(k) + size_of(v) for k, v in obj.items())
+    return sys.getsizeof(obj)
+
+
+def entry_bytes(key: Hashable, live: Live) -> int:
+    """An honest estimate of one cache entry's memory: its key, the Live and its answer, and the cache's
+    own structures for it (tests/test_live.py checks it against tracemalloc)."""
+    fields = sys.getsizeof(live.computed_at) + sys.getsizeof(live.expires) + sys.getsizeof(1 << 20)  # nbytes
+    return ENTRY_OVERHEAD + 2 * size_of(key) + sys.getsizeof(live) + fields + size_of(live.answer)
 
 
 class LiveTier:
-    """``lookup(key, submit, compute)`` -> (CACHED, Live) | (JOINED, Future) | (STARTED, Future)."""
+    """``lookup(key, submit, compute)`` -> (CACHED, Live) | (JOINED, Future) | (STARTED, Future).
 
-    def __init__(self, maxsize: int, clock: Callable[[], float]):
+    Bounded twice: at most ``maxsize`` entries and ``max_bytes`` bytes (entry_bytes). One cachetools
+    TLRUCache holds both: its size is in bytes, and an entry counts as at least max_bytes / maxsize, so
+    no more than maxsize of them fit either."""
+
+    def __init__(self, maxsize: int, clock: Callable[[], float], max_bytes: int | None = None):
         self.clock = clock
-        # cachetools' TLRU: each entry lives until its own expiry (a model's freshness bound may be shorter)
-        self._cache: TLRUCache = TLRUCache(maxsize=maxsize, ttu=lambda _key, live, _now: live.expires, timer=clock)
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes if max_bytes is not None else maxsize * 4096
+        floor = max(1, self.max_bytes // maxsize)
+        # cachetools' TLRU: each entry lives until its own expiry (a model's freshness bound may be shorter).
+        # Its size is floor * maxsize <= max_bytes: so at most maxsize entries of at least the floor fit.
+        self._cache: TLRUCache = TLRUCache(maxsize=floor * maxsize, ttu=lambda _key, live, _now: live.expires,
+                                           timer=clock, getsizeof=lambda live: max(live.nbytes, floor))
         self._lock = threading.Lock()
         self._inflight: dict[Hashable, Future] = {}
         self.coalesced = 0
+        self.too_large = 0
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    @property
+    def bytes(self) -> int:
+        """The cache's size as it counts it (entries at their estimate, or the floor)."""
+        return int(self._cache.currsize)
+
+    def put(self, key: Hashable, live: Live) -> Live:
+        """Cache ``live`` under ``key`` until it expires, evicting the least recently used entries as the
+        bounds need; one larger than the whole byte bound is not kept (counted)."""
+        live = dataclasses.replace(live, nbytes=entry_bytes(key, live))
+        if live.expires > self.clock():
+            with self._lock:
+                try:
+                    self._cache[key] = live
+                except ValueError:  # cachetools: larger than maxsize
+                    self.too_large += 1
+        return live
 
     def lookup(self, key: Hashable, submit: Callable[[Callable[[], Live]], Future],
                compute: Callable[[], Live]) -> tuple[str, Any]:
@@ -65,11 +124,7 @@ class LiveTier:
 
             def task() -> Live:
                 try:
-                    live = compute()
-                    if live.expires > self.clock():
-                        with self._lock:
-                            self._cache[key] = live
-                    return live
+                    return self.put(key, compute())
                 finally:
                     with self._lock:
                         self._inflight.pop(key, None)

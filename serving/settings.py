@@ -155,16 +155,28 @@ SETTINGS: tuple[Setting, ...] = (
             "snapshot is the same), so a new snapshot shows through it within this time", minimum=0),
     Setting("serving", "cache_ttl_s", 300.0, "Seconds a live result is cached (per process)", minimum=0.0),
     Setting("serving", "cache_size", 100_000, "Live results cached at most (per process)", minimum=1),
+    Setting("serving", "cache_max_mb", 256.0, "Memory the cached live results may take at most (per process, in MB; "
+            "each entry estimated with its key and the cache's own structures), beside cache_size", minimum=0.01),
     Setting("serving", "live_deadline_ms", 2000.0, "A live answer not computed within this many milliseconds gets 503 "
             "naming the model (or its precomputed answer marked stale, if only its freshness bound had passed); the "
             "computation goes on and may still fill the cache. A model's own: deadline_ms in its [models.<name>] "
             "table", minimum=1.0),
     Setting("serving", "live_threads", 2, "Threads per model (per worker) that compute its live answers, so a slow "
             "model holds its own threads, never the app's", minimum=1),
+    Setting("serving", "live_max_waiting", 6, "Requests of a worker waiting for live answers at once, at most; "
+            "past that one gets 503 (or its stale answer) at once, so some app threads (blocking_threads) always "
+            "stay free for hits and health however many slow misses arrive", minimum=1),
     Setting("serving", "error_log_interval_s", 60.0, "A model that keeps failing is logged with its traceback once "
             "per this many seconds, with how often it failed meanwhile (a client cannot flood the log)", minimum=0.0),
     Setting("serving", "live_queue", 32, "Live computations of one model waiting for its threads at most (per "
             "worker); past that a request gets 503 at once", minimum=0),
+    Setting("serving", "shared_cache", "", "The fleet's shared tier of live results, between each worker's cache and "
+            "live compute: redis://[:password@]host:port/db, rediss://... (TLS) or unix://path; empty = the local "
+            "tiers only (docs/server.md)", pattern=r"|(redis|rediss|unix)://\S+"),
+    Setting("serving", "shared_cache_timeout_ms", 50.0, "Every call to the shared cache gives up after this many "
+            "milliseconds (the answer then comes from the local tiers and live)", minimum=1.0),
+    Setting("serving", "shared_cache_retry_s", 5.0, "After 3 failed calls in a row the shared cache is skipped this "
+            "many seconds, then tried again", minimum=0.01),
     Setting("serving", "k_limit", 1000, "Hard limit on k; above the snapshot's k_max answers are computed live", minimum=1),
     Setting("serving", "session_max_items", 50, "Most item ids in a session query", minimum=1),
     Setting("serving", "cors_origins", "*", "Comma-separated origins allowed by CORS ('*' for any, empty for no CORS headers at all)"),

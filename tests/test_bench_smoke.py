@@ -165,3 +165,12 @@ def test_cpu_per_request_counts_the_whole_process_tree(tmp_path):
         for pid in reversed(tree(parent.pid)):
             subprocess.run(["kill", str(pid)], check=False)
         parent.wait(10)
+
+
+def test_summary_reports_the_fleet_ratio(tmp_path):
+    import run_all
+    (tmp_path / "fleet_shared_cache.json").write_text(json.dumps(
+        {"replicas": 4, "shared_computations_per_missed_key": 1.0, "local_computations_per_missed_key": 1.3}))
+    text = run_all.summary(tmp_path)
+    assert ("| fleet: 4 replicas, live computations per distinct missed key of the serving-modes trace, with the "
+            "shared Redis tier (without: 1.30x) | 1.000x | <= 1.05x | yes |") in text

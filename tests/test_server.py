@@ -257,11 +257,13 @@ def _threads(pid: int) -> int:
 
 
 def test_one_openmp_thread_on_the_request_path(workspace):
-    """Live predictions (the rating model's OpenMP) and FAISS searches on granian's request thread
-    start no thread pool: the worker's thread count stays as it was after its first request."""
+    """Live predictions (the rating model's OpenMP) and FAISS searches on the models' live threads start
+    no thread pool: after its first request the worker gains only one live thread per model."""
     root, settings, cfg, first = workspace
     store = Store(settings["paths.store"])
-    env = {"HYBRIDSERVE_SERVING_MAX_AGE_S": "0", "HYBRIDSERVE_SERVING_CACHE_TTL_S": "0"}  # everything live
+    env = {"HYBRIDSERVE_SERVING_MAX_AGE_S": "0", "HYBRIDSERVE_SERVING_CACHE_TTL_S": "0",  # everything live
+           # one app thread and one live thread per model: any other new thread would be a pool's
+           "HYBRIDSERVE_SERVING_LIVE_THREADS": "1", "HYBRIDSERVE_SERVING_BLOCKING_THREADS": "1"}
     env.pop("OMP_NUM_THREADS", None)
     with ApiServer(cfg, workers=1, env=env) as srv:
         srv.env.pop("OMP_NUM_THREADS", None)
@@ -275,7 +277,7 @@ def test_one_openmp_thread_on_the_request_path(workspace):
             assert status == 200 and json.loads(body)["source"] == "live"
             status, _, body = get(f"{srv.base}/v1/users/{u}/recommendations?k=10")
             assert status == 200 and json.loads(body)["source"] == "live"
-        assert _threads(pid) == before
+        assert _threads(pid) == before + 2  # the rating model's and the recommender's one live thread each
 
 
 def _read_response(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:

@@ -11,6 +11,7 @@ from flask import Flask
 from flask_cors import CORS
 
 from serving.engine import Engine, one_thread_per_pool
+from serving.errors import ConfigError
 from serving.requestlog import RequestLog
 from serving.settings import Settings, load_settings
 from serving.store import Store
@@ -55,19 +56,24 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     one_thread_per_pool()
     store = Store(settings["paths.store"])
     metrics = Metrics()
+    shared = _shared_tier(settings, clock)
     engine = Engine(store, settings["serving.max_age_s"], settings["serving.cache_ttl_s"],
                     settings["serving.cache_size"], clock=clock,
                     verify_checksums=settings["serving.verify_checksums"], mode=settings["serving.mode"],
                     deadline_ms=settings["serving.live_deadline_ms"],
                     deadlines_ms={m.name: m.deadline_ms for m in settings.models if m.deadline_ms is not None},
                     live_threads=settings["serving.live_threads"], live_queue=settings["serving.live_queue"],
-                    error_log_interval_s=settings["serving.error_log_interval_s"])
+                    error_log_interval_s=settings["serving.error_log_interval_s"],
+                    cache_max_bytes=int(settings["serving.cache_max_mb"] * 1024 * 1024), shared=shared,
+                    max_waiting=settings["serving.live_max_waiting"])
     engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
     engine.reloader.on_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
     engine.on_live = metrics.live
     engine.on_model_error = lambda name: metrics.model_errors.labels(name).inc()
     engine.on_live_refused = metrics.refused
+    if shared is not None:
+        shared.on_outcome = lambda outcome: metrics.shared_cache.labels(outcome).inc()
     requestlog = RequestLog(store, settings["serving.log_flush_rows"], settings["serving.log_flush_interval_s"],
                             settings["serving.log_max_buffer"], clock=clock)
     requestlog.on_flush_failure = metrics.requestlog_failures.inc
@@ -99,6 +105,20 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
         threading.Thread(target=_close_after_main, args=(services,), name="requestlog-close-at-exit",
                          daemon=False).start()
     return app
+
+
+def _shared_tier(settings: Settings, clock: Callable[[], float]):
+    """The fleet's Redis tier when serving.shared_cache names one (no connection is made here)."""
+    url = settings["serving.shared_cache"]
+    if not url:
+        return None
+    try:
+        from serving.shared import SharedTier
+    except ImportError:
+        raise ConfigError(f"{settings.source}: serving.shared_cache: needs the redis extra "
+                          "(pip install 'hybridserve[redis]')") from None
+    return SharedTier(url, settings["serving.shared_cache_timeout_ms"] / 1000, settings["serving.shared_cache_retry_s"],
+                      clock, settings["serving.error_log_interval_s"])
 
 
 def _close_after_main(services: Services) -> None:

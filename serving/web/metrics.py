@@ -42,6 +42,10 @@ class Metrics:
         self.live_refused = Counter("hybridserve_live_refused", "Requests whose live answer was not had: past the "
                                     "model's deadline, its queue full, or the model failed (503, or stale if "
                                     "there was a precomputed answer)", ["model", "reason"], registry=r)
+        self.shared_cache = Counter("hybridserve_shared_cache", "Lookups in the fleet's shared cache (Redis) by "
+                                    "outcome: hit, waited (another replica computed it), miss (computed here), "
+                                    "error (Redis failed or timed out), skipped (Redis skipped after failures)",
+                                    ["outcome"], registry=r)
         self.stale_served = Counter("hybridserve_stale_served", "Precomputed answers past their freshness bound "
                                     "served marked stale, because the live answer was not had",
                                     ["model", "reason"], registry=r)

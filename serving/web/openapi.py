@@ -61,8 +61,8 @@ def _model_paths(specs, errors, ok) -> dict[str, Any]:
                           "400": _problem("An unknown, repeated, missing, mistyped or out-of-domain input: the "
                                           "detail names it and what was expected"),
                           "404": errors["404"], "405": errors["405"], "414": errors["414"],
-                          "503": _problem("No snapshot loaded, or the model failed to predict (the detail "
-                                          "names it)")}}}
+                          "503": _problem("No snapshot loaded, or the model failed, missed its deadline or "
+                                          "is busy (the detail names it and the deadline)")}}}
     return paths
 
 
@@ -96,13 +96,17 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                               "the detail says which"),
               "404": _problem("Unknown user or item"), "405": _problem("Only GET is allowed (see Allow)"),
               "414": _problem("URL longer than serving.max_url_bytes"),
-              "503": _problem("No snapshot or model loaded yet")}
+              "503": _problem("No snapshot or model loaded yet, or the live answer failed, missed its "
+                              "model's deadline or found its queue full (the detail names the model)")}
     lookup_errors = ("400", "404", "405", "414", "503")
     provenance = {
         "source": {"type": "string", "enum": ["precomputed", "cache", "live"]},
         "snapshot": {"type": "string", "description": "id of the snapshot (and model) that answered"},
         "computed_at": {"type": "string", "format": "date-time"},
         "age_s": {"type": "number", "description": "seconds since computed_at"},
+        "stale": {"type": "boolean", "description": "present (true) only on a precomputed answer past its "
+                                                    "freshness bound, served because the live answer failed or "
+                                                    "missed its deadline (Cache-Control: max-age=0)"},
     }
     meta = {"title": {"type": "string", "nullable": True, "description": "null for an item without one"},
             "genres": {"type": "array", "items": {"type": "string"}}}

@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 import bench_api  # noqa: E402
 import bench_batch  # noqa: E402
 import bench_dask  # noqa: E402
+import bench_fleet  # noqa: E402
 import bench_front  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
@@ -87,6 +88,13 @@ def summary(results_dir: Path = RESULTS) -> str:
         if "ceiling_vs_live_only_rps" in m:
             rows.append(f"| modes ({what}): ceiling, every request a snapshot hit, vs live-only req/s | "
                         f"{m['ceiling_vs_live_only_rps']:.1f}x | (the most any hit rate can give) | - |")
+    f = load("fleet_shared_cache")
+    if f:
+        rows.append(_row(f"fleet: {f['replicas']} replicas, live computations per distinct missed key of the "
+                         f"serving-modes trace, with the shared Redis tier (without: "
+                         f"{f['local_computations_per_missed_key']:.2f}x)",
+                         f"{f['shared_computations_per_missed_key']:.3f}x", "<= 1.05x",
+                         f["shared_computations_per_missed_key"] <= 1.05))
     md = load("models")
     if md:
         lv, g = md["live"], md["grid"]
@@ -177,13 +185,25 @@ def summary(results_dir: Path = RESULTS) -> str:
     return text
 
 
+# What --only NAME runs: one entry a line, so a bench added is a line added.
+PARTS = {
+    "batch": lambda: bench_batch.run(1_000_000, 64, "auto"),
+    "dask": lambda: bench_dask.run(),
+    "api": lambda: bench_api.run(),
+    "server": lambda: bench_server.run(),
+    "front": lambda: bench_front.run(),
+    "fleet": lambda: bench_fleet.run(),
+    "modes": lambda: bench_modes.run(rounds=5),
+    "snapshot": lambda: bench_snapshot.run(),
+    "quality": lambda: bench_quality.run(),
+    "models": lambda: bench_models.run(),
+}
+
+
 def main(quick: bool = False, only: str = "") -> None:
     if only:  # e.g. "server" or "server,modes": the named parts of the full run, then the summary
         for name in only.split(","):
-            {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "dask": bench_dask.run, "api": bench_api.run,
-             "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run,
-             "front": bench_front.run}[name]()
+            PARTS[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -210,6 +230,7 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(rounds=5)  # the main comparison: five rounds, as the hybrid replay is the noisiest figure
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
+    bench_fleet.run()
     bench_snapshot.run()
     bench_quality.run()
     bench_models.run()
@@ -219,6 +240,6 @@ def main(quick: bool = False, only: str = "") -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, front, modes, snapshot, quality, models, dask")
+    ap.add_argument("--only", default="", help="comma-separated: " + ", ".join(PARTS))
     a = ap.parse_args()
     main(a.quick, a.only)
