@@ -184,6 +184,7 @@ def test_session_clicks_user_recs_and_the_url(server, page):
     other.goto(url)
     expect(other.locator("#session-recs li button.title")).to_have_text([x["title"] for x in two["items"]])
     expect(other.locator("#recs li button.title")).to_have_text(want)
+    expect(other.locator("#session-items li")).to_contain_text([_title(store, sid, a), _title(store, sid, b)])
     # what the API refuses is shown as it words it
     for typed in ("abc", "999999999"):
         page.locator("#user-id").fill(typed)
@@ -257,6 +258,6 @@ def test_the_page_survives_a_server_restart(server, page):
     expect(page.locator("#status")).to_contain_text("retrying")
     srv.start()
     want = [_title(store, sid, i) for i in recs.item_ids.iloc[2][:10]]
-    expect(page.locator("#recs li button.title")).to_have_text(want, timeout=20_000)
+    expect(page.locator("#recs li button.title")).to_have_text(want, timeout=45_000)
     # the browser's own lines for the refused connections, which the page retried
     assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e] == []

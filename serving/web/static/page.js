@@ -9,7 +9,9 @@ const titles = new Map();  // item id -> title, from every answer seen (session 
 const FIELDS = "fields=title,genres";
 
 // --- fetching: retried while the server restarts or swaps its snapshot ---------------------
-const RETRIES = 8;  // 0.25, 0.5, 1, 2, 2, ... s apart: about 12 s, a server restart's worth
+// 0.25, 0.5, 1, 2, 2, ... s apart: about 40 s for a server that does not answer (a restart on a busy
+// machine); an answer of 503 (no snapshot yet, a model that failed) is shown after three tries
+const RETRIES = 22, RETRIES_503 = 3;
 
 class ApiError extends Error {
   constructor(status, detail) { super(detail); this.status = status; }
@@ -43,6 +45,7 @@ async function api(path, opts = {}) {
     const detail = body && body.detail ? body.detail : `${resp.status} ${resp.statusText || "error"}`;
     last = new ApiError(resp.status, `${resp.status} ${(body && body.title) || ""}: ${detail}`.replace(" :", ":"));
     if (![502, 503, 504].includes(resp.status) || opts.noRetry) break;
+    if (resp.status === 503 && attempt >= RETRIES_503) break;
   }
   setStatus(last.status ? "connected" : "server unreachable; the next action retries");
   throw last;
@@ -216,12 +219,27 @@ function removeFromSession(id) {
 
 let sessionCtl = null;
 
-async function refreshSession() {
-  writeUrl();
+const asked = new Set();  // session items whose title was fetched
+
+function refreshChips() {
   $("session-items").replaceChildren(...state.session.map((id) =>
     el("li", {}, titles.get(Number(id)) || `item ${id}`, " ",
        el("button", { class: "small", type: "button", "aria-label": `remove item ${id} from the session`,
                       onclick: () => removeFromSession(id) }, "×"))));
+}
+
+async function refreshSession() {
+  writeUrl();
+  refreshChips();
+  // a session opened from a link: its items' titles, once each
+  for (const id of state.session) {
+    if (!titles.has(Number(id)) && !asked.has(id)) {
+      asked.add(id);
+      api(`v1/items/${encodeURIComponent(id)}`, { noRetry: true }).then(({ body }) => {
+        if (body.title) { titles.set(body.item_id, body.title); refreshChips(); }
+      }).catch(() => {});  // an unknown id: the session's own answer says so
+    }
+  }
   if (sessionCtl) sessionCtl.abort();
   if (!state.session.length) { $("session-recs").replaceChildren(); $("session-meta").replaceChildren(); return; }
   sessionCtl = new AbortController();
@@ -309,8 +327,9 @@ function parseCounts(text) {
     const m = SAMPLE.exec(line.trim());
     if (!m) continue;
     const labels = Object.fromEntries([...m[1].matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1], x[2]]));
+    if (!SOURCES.includes(labels.source)) continue;  // "none": not a lookup (/v1/models, /v1/snapshot)
     const row = by.get(labels.endpoint) || Object.fromEntries(SOURCES.map((s) => [s, 0]));
-    const src = SOURCES.includes(labels.source) ? labels.source : "error";
+    const src = labels.source;
     row[src] += Number(m[2]);
     by.set(labels.endpoint, row);
   }
