@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from batch.tools.demo import ApiServer, free_port, http_get
 from conftest import make_settings
@@ -51,12 +52,6 @@ def test_the_page_can_be_turned_off(published, tmp_path):
             app.extensions["hybridserve"].close()
 
 
-if CHROMIUM is None:
-    pytest.skip("no chromium on PATH (make test-tools installs Debian's chromium)", allow_module_level=True)
-
-from playwright.sync_api import expect, sync_playwright  # noqa: E402  (only once chromium exists)
-
-
 @pytest.fixture(scope="module")
 def server(published, tmp_path_factory):
     """(server, store, snapshot id): one worker on a copy of the published store."""
@@ -72,6 +67,8 @@ def server(published, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: make test-tools installs Debian's (Playwright downloads no browser here)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         yield b
@@ -112,7 +109,7 @@ def _title(store, sid, iid) -> str:
     return items.loc[iid, "title"]
 
 
-def test_load_search_and_similar_titles(server, page):
+def test_load_search_and_similar_titles(page, server):
     srv, store, sid = server
     sim = store.read_table(sid, "similar_items").to_pandas()
     hot = int(sim.item_id.iloc[0])
@@ -154,7 +151,7 @@ def test_load_search_and_similar_titles(server, page):
     assert page.errors == []
 
 
-def test_session_clicks_user_recs_and_the_url(server, page):
+def test_session_clicks_user_recs_and_the_url(page, server):
     srv, store, sid = server
     sim = store.read_table(sid, "similar_items").to_pandas()
     hot = int(sim.item_id.iloc[1])
@@ -195,7 +192,7 @@ def test_session_clicks_user_recs_and_the_url(server, page):
     assert _unhandled(page.errors, "400", "404") == [] and other.evaluate("1") == 1
 
 
-def test_model_form_shows_the_apis_message(server, page):
+def test_model_form_shows_the_apis_message(page, server):
     srv, store, sid = server
     page.goto(f"{srv.base}/?model=rating")
     expect(page.locator("#in-user_id")).to_be_visible()
@@ -220,7 +217,7 @@ def test_model_form_shows_the_apis_message(server, page):
     assert _unhandled(page.errors, "400") == []
 
 
-def test_a_page_on_another_origin_calls_the_api(server, page, tmp_path):
+def test_a_page_on_another_origin_calls_the_api(page, server, tmp_path):
     """CORS: a page served from another port fetches the API and reads its answer."""
     srv, store, sid = server
     (tmp_path / "index.html").write_text("<!doctype html><title>other origin</title><link rel=icon href='data:,'>")
@@ -245,7 +242,7 @@ def test_a_page_on_another_origin_calls_the_api(server, page, tmp_path):
         other.server_close()
 
 
-def test_the_page_survives_a_server_restart(server, page):
+def test_the_page_survives_a_server_restart(page, server):
     """Stopped and started again on the same port: the page's next request retries until it answers."""
     srv, store, sid = server
     recs = store.read_table(sid, "user_recs").to_pandas()

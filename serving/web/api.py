@@ -142,7 +142,7 @@ def search():
     snap = _snapshot()
     items = snap.items
     rows = items.search(q, limit)
-    found = [{"item_id": int(items.ids[r]), "title": items.titles[r], "genres": items.genres[r]} for r in rows]
+    found = [{"item_id": int(items.ids[r]), "title": items.titles[r], "genres": items.genres_of(r)} for r in rows]
     return _from_snapshot(snap, {"q": q, "limit": limit, "items": found})
 
 
