@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
 import unicodedata
 from typing import Any, Iterable
 
@@ -51,20 +52,23 @@ class Catalogue:
         self._row = rows
         self._genre_values = genres.flatten().to_pylist()
         self._genre_offsets = (np.asarray(genres.offsets) - genres.offsets[0].as_py()).tolist() if len(genres) else [0]
-        pop = np.asarray(popularity, dtype=np.int64)[order]
-        # search order: most popular first, then by id; untitled items are not searchable
-        rank = [int(i) for i in np.lexsort((self.ids, -pop)) if self.titles[i]]
-        folded = fold(_SEP.join(self.titles[i].replace(_SEP, " ") for i in rank)).split(_SEP) if rank else []
-        if len(folded) != len(rank):  # folding never makes or removes a separator, but be sure
-            raise ValueError("title folding changed the number of titles")
-        self._rank = rank
-        self._text = _SEP + _SEP.join(folded) + _SEP
-        lengths = np.fromiter((len(t) + 1 for t in folded), dtype=np.int64, count=len(folded))
-        self._starts: list[int] = (1 + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist() if rank else []
-        # prefix matches: the folded titles sorted, each with its place in the search order
-        by_text = sorted(range(len(folded)), key=folded.__getitem__)
-        self._sorted = [folded[r] for r in by_text]
-        self._sorted_rank = np.asarray(by_text, dtype=np.int64)
+        self._pop = np.asarray(popularity, dtype=np.int64)[order]
+        # the search index is built on the first search, not at load: a snapshot of 1M items would
+        # spend seconds on it before it could serve, and an API-only deployment may never search
+        self._index: _Index | None = None
+        self._index_lock = threading.Lock()
+
+    def _search_index(self) -> "_Index":
+        if self._index is None:
+            with self._index_lock:
+                if self._index is None:
+                    self._index = _Index(self.ids, self.titles, self._pop)
+        return self._index
+
+    def build_search_in_background(self) -> None:
+        """Build the search index on a daemon thread (a served snapshot: ready before the first
+        search usually, without delaying the swap)."""
+        threading.Thread(target=self._search_index, name="catalogue-search-index", daemon=True).start()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,11 +142,12 @@ class Catalogue:
         if not q or limit <= 0:
             return []
         # titles starting with q: a range of the sorted titles, the most popular of it first
-        lo = bisect.bisect_left(self._sorted, q)
-        hi = bisect.bisect_left(self._sorted, q + "\U0010ffff", lo)
-        text, starts = self._text, self._starts
+        ix = self._search_index()
+        lo = bisect.bisect_left(ix.sorted, q)
+        hi = bisect.bisect_left(ix.sorted, q + "\U0010ffff", lo)
+        text, starts = ix.text, ix.starts
         if hi - lo <= 32 * limit:
-            first = self._sorted_rank[lo:hi]
+            first = ix.sorted_rank[lo:hi]
             if len(first) > limit:
                 first = np.partition(first, limit - 1)[:limit]
             hits = np.sort(first).tolist()
@@ -162,4 +167,22 @@ class Catalogue:
                 taken.add(r)
             # the next title: one hit per title is enough
             pos = text.find(q, starts[r + 1] if r + 1 < len(starts) else len(text))
-        return [self._rank[r] for r in hits]
+        return [ix.rank[r] for r in hits]
+
+
+class _Index:
+    """The folded titles in search order (most popular first, then by id) as one string, where each
+    starts, and sorted (for prefixes), each with its place in that order. Untitled items are left out."""
+
+    def __init__(self, ids: np.ndarray, titles: list[str | None], popularity: np.ndarray):
+        rank = [int(i) for i in np.lexsort((ids, -popularity)) if titles[i]]
+        folded = fold(_SEP.join(titles[i].replace(_SEP, " ") for i in rank)).split(_SEP) if rank else []
+        if len(folded) != len(rank):  # folding never makes or removes a separator, but be sure
+            raise ValueError("title folding changed the number of titles")
+        self.rank = rank
+        self.text = _SEP + _SEP.join(folded) + _SEP
+        lengths = np.fromiter((len(t) + 1 for t in folded), dtype=np.int64, count=len(folded))
+        self.starts: list[int] = (1 + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist() if rank else []
+        by_text = sorted(range(len(folded)), key=folded.__getitem__)
+        self.sorted = [folded[r] for r in by_text]
+        self.sorted_rank = np.asarray(by_text, dtype=np.int64)

@@ -22,6 +22,7 @@ import bench_batch  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
+import bench_search  # noqa: E402
 import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
@@ -132,6 +133,11 @@ def summary(results_dir: Path = RESULTS) -> str:
         rows.append(_row("server: hits at 16 with 50 trickling + 50 half-sent connections open: p99, failed or reset",
                          f"{v['slow_clients_granian_p99_ms']:.2f} ms, {v['slow_clients_granian_failed']}",
                          "< 50 ms, 0", v["slow_clients_granian_p99_ms"] < 50 and v["slow_clients_granian_failed"] == 0))
+    se = load("item_search")
+    if se:
+        rows.append(_row(f"search as you type through the server, p99 ({se['items']:,} items; GET /v1/items/<id> "
+                         f"{se['item_by_id']['p99_ms']:.2f} ms)", f"{se['search']['p99_ms']:.2f} ms", "<= 50 ms",
+                         se["search"]["p99_ms"] <= 50))
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
@@ -166,7 +172,8 @@ def main(quick: bool = False, only: str = "") -> None:
         for name in only.split(","):
             {"batch": lambda: bench_batch.run(1_000_000, 64, "auto"), "api": bench_api.run,
              "modes": lambda: bench_modes.run(rounds=5), "server": bench_server.run,
-             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run}[name]()
+             "snapshot": bench_snapshot.run, "quality": bench_quality.run, "models": bench_models.run,
+             "search": bench_search.run}[name]()
         print(summary())
         return
     if quick:  # small sizes, into results/quick/ so the real results stay as they are
@@ -180,6 +187,8 @@ def main(quick: bool = False, only: str = "") -> None:
         bench_quality.run(out_dir=out, folds=2)
         bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
                          out_dir=out, live_n=300, grid_steps=101)
+        bench_search.run(items=3000, users=1000, interactions=30_000, titles_typed=30, workdir=work / "search",
+                         out_dir=out)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -191,12 +200,13 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_snapshot.run()
     bench_quality.run()
     bench_models.run()
+    bench_search.run()
     print(summary())
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality, models")
+    ap.add_argument("--only", default="", help="comma-separated: batch, api, server, modes, snapshot, quality, models, search")
     a = ap.parse_args()
     main(a.quick, a.only)
