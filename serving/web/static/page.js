@@ -344,7 +344,7 @@ async function refreshLive() {
     const by = parseCounts(await resp.text());
     const rows = [...by.entries()].sort((a, b) => a[0].localeCompare(b[0])).map(([ep, c]) => {
       const answered = c.precomputed + c.cache + c.live;
-      const rate = answered ? `${(100 * c.precomputed / answered).toFixed(1)} %` : "-";
+      const rate = answered ? `${(100 * c.precomputed / answered).toFixed(0)} %` : "-";
       return el("tr", {}, el("td", {}, ep), ...SOURCES.map((s) => el("td", {}, String(c[s]))), el("td", {}, rate));
     });
     $("live-table").tBodies[0].replaceChildren(...rows);
