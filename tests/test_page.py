@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def server(published, tmp_path_factory):
     shutil.copytree(root / "inputs", work / "inputs")
     shutil.copytree(root / "store", work / "store", symlinks=True)
     settings, cfg = make_settings(work)
+    cfg.write_text(cfg.read_text() + "[serving]\nreload_interval_s = 0.2\n")
     srv = ApiServer(cfg, workers=1).start()
+    srv.settings = settings  # for the test that publishes a new snapshot
     yield srv, Store(settings["paths.store"]), first.snapshot_id
     srv.stop()
 
@@ -258,3 +261,23 @@ def test_the_page_survives_a_server_restart(page, server):
     expect(page.locator("#recs li button.title")).to_have_text(want, timeout=45_000)
     # the browser's own lines for the refused connections, which the page retried
     assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e] == []
+
+
+def test_a_snapshot_swap_needs_no_reload(page, server):
+    """A batch run publishes a new snapshot while the page is open: its next answers come from it."""
+    from batch.job import run
+
+    srv, store, sid = server
+    hot = int(store.read_table(sid, "similar_items").column("item_id")[0].as_py())
+    page.goto(f"{srv.base}/?item={hot}")
+    expect(page.locator("#similar-meta")).to_contain_text(f"snapshot {sid}")
+    second = run(srv.settings).snapshot_id
+    assert second != sid
+    deadline = time.time() + 30
+    while _api(srv, "/v1/snapshot")["id"] != second and time.time() < deadline:
+        time.sleep(0.2)
+    page.locator("#q").fill("a")  # the same page, no reload
+    expect(page.locator("#search-meta")).to_contain_text(f"snapshot {second}")
+    page.locator("#search-results li button.title").first.click()
+    expect(page.locator("#similar-meta")).to_contain_text(f"snapshot {second}")
+    assert page.errors == []
