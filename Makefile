@@ -13,7 +13,7 @@ else
 CONFIG_ARG := --config config/default.toml
 endif
 
-.PHONY: install test-tools lock test demo batch sample train schedule serve bench bench-server bench-tools clean
+.PHONY: install test-tools lock test demo batch sample train schedule serve screenshot bench bench-server bench-tools clean
 
 # Installs the versions in config/constraints.txt (what make test last passed with), never simply the
 # newest of the day; `make lock` moves them forward on purpose.
@@ -59,6 +59,12 @@ schedule: install
 # granian (serving/server.py); --host/--port/--workers after ARGS=, e.g. make serve ARGS="--port 8080"
 serve: install
 	$(PY) -m serving.server $(CONFIG_ARG) $(ARGS)
+
+# docs/page.png: the page at / in Debian's chromium (the browser the tests drive), served from the
+# configured store (the batch job runs first when it has no snapshot)
+screenshot: install test-tools
+	$(PY) -m batch $(CONFIG_ARG) generate-sample --if-missing
+	$(PY) -m batch.tools.screenshot $(CONFIG_ARG) --out docs/page.png
 
 # What the benchmarks compare against: nginx, Redis and wrk from apt; FastAPI, uvicorn, the Redis
 # client and gunicorn (the former server, as a baseline) from the bench extra.

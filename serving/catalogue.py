@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
 import unicodedata
 from typing import Any, Iterable
 
@@ -29,11 +30,15 @@ class Catalogue:
     """Items by id: title (None where the items table has none) and genres; title search.
 
     ``ids`` (n,) int64 (any order, unique); ``titles`` n strings or None; ``genres`` n lists of
-    strings; ``popularity`` (n,) interactions per item in the training data (ranks search hits)."""
+    strings (or a pyarrow list<string> array); ``popularity`` (n,) interactions per item in the
+    training data (ranks search hits)."""
 
-    def __init__(self, ids: np.ndarray, titles: list[str | None], genres: list[list[str]],
-                 popularity: np.ndarray):
+    def __init__(self, ids: np.ndarray, titles: list[str | None], genres, popularity: np.ndarray):
         ids = np.asarray(ids, dtype=np.int64)
+        if not isinstance(genres, (pa.Array, pa.ChunkedArray)):
+            genres = pa.array([list(g) for g in genres], pa.list_(pa.string()))
+        if isinstance(genres, pa.ChunkedArray):
+            genres = genres.combine_chunks()
         if not (len(ids) == len(titles) == len(genres) == len(popularity)):
             raise ValueError("ids, titles, genres and popularity differ in length")
         order = np.argsort(ids, kind="stable")
@@ -41,24 +46,36 @@ class Catalogue:
         if len(self.ids) > 1 and (np.diff(self.ids) == 0).any():
             raise ValueError("duplicate item ids")
         self._ids_list = self.ids.tolist()
-        self.titles = [titles[i] for i in order.tolist()]
-        self.genres = [list(genres[i]) for i in order.tolist()]
-        pop = np.asarray(popularity, dtype=np.int64)[order]
-        # search order: most popular first, then by id; untitled items are not searchable
-        rank = [int(i) for i in np.lexsort((self.ids, -pop)) if self.titles[i]]
-        folded = fold(_SEP.join(self.titles[i].replace(_SEP, " ") for i in rank)).split(_SEP) if rank else []
-        if len(folded) != len(rank):  # folding never makes or removes a separator, but be sure
-            raise ValueError("title folding changed the number of titles")
-        self._rank = rank
-        self._text = _SEP + _SEP.join(folded) + _SEP
-        self._starts: list[int] = []
-        pos = 1
-        for t in folded:
-            self._starts.append(pos)
-            pos += len(t) + 1
+        rows = order.tolist()
+        self.titles = [titles[i] for i in rows]
+        # genres as one flat list and offsets in the input's row order: no list per item to build
+        self._row = rows
+        self._genre_values = genres.flatten().to_pylist()
+        self._genre_offsets = (np.asarray(genres.offsets) - genres.offsets[0].as_py()).tolist() if len(genres) else [0]
+        self._pop = np.asarray(popularity, dtype=np.int64)[order]
+        # the search index is built on the first search, not at load: a snapshot of 1M items would
+        # spend seconds on it before it could serve, and an API-only deployment may never search
+        self._index: _Index | None = None
+        self._index_lock = threading.Lock()
+
+    def _search_index(self) -> "_Index":
+        if self._index is None:
+            with self._index_lock:
+                if self._index is None:
+                    self._index = _Index(self.ids, self.titles, self._pop)
+        return self._index
+
+    def build_search_in_background(self) -> None:
+        """Build the search index on a daemon thread (a served snapshot: ready before the first
+        search usually, without delaying the swap)."""
+        threading.Thread(target=self._search_index, name="catalogue-search-index", daemon=True).start()
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def genres_of(self, position: int) -> list[str]:
+        row = self._row[position]
+        return self._genre_values[self._genre_offsets[row]:self._genre_offsets[row + 1]]
 
     @classmethod
     def empty(cls) -> "Catalogue":
@@ -75,16 +92,22 @@ class Catalogue:
             return cls(known, [None] * len(known), [[] for _ in known], support)
         t_ids = table.column("item_id").to_numpy().astype(np.int64)
         titles = [t if t else None for t in table.column("title").to_pylist()]
-        genres = [g or [] for g in table.column("genres").to_pylist()]
+        genres = table.column("genres").combine_chunks()
         sort = np.argsort(known)
-        pos = np.searchsorted(known[sort], t_ids)
-        pos = np.minimum(pos, max(len(known) - 1, 0))
-        found = (known[sort][pos] == t_ids) if len(known) else np.zeros(len(t_ids), bool)
-        pop = np.where(found, support[sort][pos] if len(known) else 0, 0)
-        extra = np.setdiff1d(known, t_ids)
-        extra_pop = support[sort][np.searchsorted(known[sort], extra)] if len(extra) else np.zeros(0, np.int64)
-        return cls(np.concatenate([t_ids, extra]), titles + [None] * len(extra),
-                   genres + [[] for _ in range(len(extra))], np.concatenate([pop, extra_pop]))
+        k_sorted, s_sorted = known[sort], support[sort]
+        if len(known):
+            pos = np.minimum(np.searchsorted(k_sorted, t_ids), len(known) - 1)
+            found = k_sorted[pos] == t_ids
+            pop = np.where(found, s_sorted[pos], 0)
+            listed = np.zeros(len(known), bool)
+            listed[pos[found]] = True
+            extra, extra_pop = k_sorted[~listed], s_sorted[~listed]
+        else:
+            pop, extra, extra_pop = np.zeros(len(t_ids), np.int64), known, support
+        if len(extra):
+            genres = pa.concat_arrays([genres, pa.array([[]] * len(extra), genres.type)])
+        return cls(np.concatenate([t_ids, extra]), titles + [None] * len(extra), genres,
+                   np.concatenate([pop, extra_pop]))
 
     # --- by id ----------------------------------------------------------------------
     def position(self, item_id: int) -> int:
@@ -95,7 +118,7 @@ class Catalogue:
     def get(self, item_id: int) -> dict[str, Any] | None:
         """{"title", "genres"} of an item, None when the catalogue has no such item."""
         i = self.position(item_id)
-        return None if i < 0 else {"title": self.titles[i], "genres": self.genres[i]}
+        return None if i < 0 else {"title": self.titles[i], "genres": self.genres_of(i)}
 
     def fields(self, item_ids: Iterable[int], names: tuple[str, ...]) -> list[dict[str, Any]]:
         """For each id, the asked-for fields (title None and genres [] for an item it does not hold)."""
@@ -107,7 +130,7 @@ class Catalogue:
                 if name == "title":
                     row["title"] = self.titles[i] if i >= 0 else None
                 else:
-                    row["genres"] = self.genres[i] if i >= 0 else []
+                    row["genres"] = self.genres_of(i) if i >= 0 else []
             out.append(row)
         return out
 
@@ -118,15 +141,24 @@ class Catalogue:
         q = fold(query).replace(_SEP, " ")
         if not q or limit <= 0:
             return []
-        text, starts, rank = self._text, self._starts, self._rank
-        hits: list[int] = []
-        taken: set[int] = set()
-        pos = text.find(_SEP + q)
-        while pos >= 0 and len(hits) < limit:
-            r = bisect.bisect_right(starts, pos + 1) - 1
-            hits.append(r)
-            taken.add(r)
-            pos = text.find(_SEP + q, pos + 1)
+        # titles starting with q: a range of the sorted titles, the most popular of it first
+        ix = self._search_index()
+        lo = bisect.bisect_left(ix.sorted, q)
+        hi = bisect.bisect_left(ix.sorted, q + "\U0010ffff", lo)
+        text, starts = ix.text, ix.starts
+        if hi - lo <= 32 * limit:
+            first = ix.sorted_rank[lo:hi]
+            if len(first) > limit:
+                first = np.partition(first, limit - 1)[:limit]
+            hits = np.sort(first).tolist()
+        else:  # many: the search-ordered text holds enough of them near its start
+            hits = []
+            pos = text.find(_SEP + q)
+            while pos >= 0 and len(hits) < limit:
+                hits.append(bisect.bisect_right(starts, pos + 1) - 1)
+                pos = text.find(_SEP + q, pos + 1)
+        taken = set(hits)
+        # then titles containing it elsewhere, in search order: one scan, stopped at the limit
         pos = text.find(q)
         while pos >= 0 and len(hits) < limit:
             r = bisect.bisect_right(starts, pos) - 1
@@ -135,4 +167,22 @@ class Catalogue:
                 taken.add(r)
             # the next title: one hit per title is enough
             pos = text.find(q, starts[r + 1] if r + 1 < len(starts) else len(text))
-        return [rank[r] for r in hits]
+        return [ix.rank[r] for r in hits]
+
+
+class _Index:
+    """The folded titles in search order (most popular first, then by id) as one string, where each
+    starts, and sorted (for prefixes), each with its place in that order. Untitled items are left out."""
+
+    def __init__(self, ids: np.ndarray, titles: list[str | None], popularity: np.ndarray):
+        rank = [int(i) for i in np.lexsort((ids, -popularity)) if titles[i]]
+        folded = fold(_SEP.join(titles[i].replace(_SEP, " ") for i in rank)).split(_SEP) if rank else []
+        if len(folded) != len(rank):  # folding never makes or removes a separator, but be sure
+            raise ValueError("title folding changed the number of titles")
+        self.rank = rank
+        self.text = _SEP + _SEP.join(folded) + _SEP
+        lengths = np.fromiter((len(t) + 1 for t in folded), dtype=np.int64, count=len(folded))
+        self.starts: list[int] = (1 + np.concatenate([[0], np.cumsum(lengths)[:-1]])).tolist() if rank else []
+        by_text = sorted(range(len(folded)), key=folded.__getitem__)
+        self.sorted = [folded[r] for r in by_text]
+        self.sorted_rank = np.asarray(by_text, dtype=np.int64)

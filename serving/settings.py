@@ -187,6 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serving", "log_max_buffer", 200_000, "Request-log rows kept in memory at most (older are dropped and counted)", minimum=1),
     Setting("serving", "max_url_bytes", 2048, "Longer request URLs get 414", minimum=64),
     Setting("serving", "fast_path", True, "Answer plain precomputed hits below Flask's routing (same bytes and headers, a fraction of the CPU); false sends every request through Flask"),
+    Setting("serving", "page", True, "Serve the page at / (search items, similar items, recommendations, sessions, "
+            "the models' forms, the hit rate); false for an API-only deployment (/ answers 404)"),
     Setting("serving", "hit_cache_entries", 10000, "Hit-path URLs whose rendered answer each worker keeps (about 1 KB each; only the age and Cache-Control are redone per request); 0 renders every hit", minimum=0),
 )
 

@@ -50,6 +50,7 @@ class LoadedSnapshot:
         except Exception as exc:  # a damaged model of any kind refuses the snapshot
             raise SnapshotError(f"snapshot {snapshot_id}: does not load: {exc}") from exc
         snap = cls(snapshot_id, manifest, models, time.perf_counter() - t0, items)
+        items.build_search_in_background()  # seconds at 1M items: not part of the load
         LOG.info("loaded snapshot %s in %.2fs (%s)", snapshot_id, snap.loaded_in_s,
                  ", ".join(f"{n} {m.precomputed()}" for n, m in models.items()))
         return snap

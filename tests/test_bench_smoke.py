@@ -174,3 +174,14 @@ def test_summary_reports_the_fleet_ratio(tmp_path):
     text = run_all.summary(tmp_path)
     assert ("| fleet: 4 replicas, live computations per distinct missed key of the serving-modes trace, with the "
             "shared Redis tier (without: 1.30x) | 1.000x | <= 1.05x | yes |") in text
+
+
+def test_search_benchmark_small(tmp_path):
+    """The search-as-you-type benchmark end to end on a tiny catalogue: every request answered 200."""
+    import bench_search
+    r = bench_search.run(items=600, users=200, interactions=6000, titles_typed=10, workdir=tmp_path / "work",
+                         out_dir=tmp_path)
+    saved = json.loads((tmp_path / "item_search.json").read_text())
+    assert saved["items"] == 600 and set(saved["search_by_kind"]) == {"prefix", "substring", "no match"}
+    assert r["search"]["requests"] == sum(k["requests"] for k in r["search_by_kind"].values()) > 100
+    assert 0 < r["search"]["p50_ms"] <= r["search"]["p99_ms"] and r["item_by_id"]["requests"] == r["search"]["requests"]

@@ -83,7 +83,7 @@ def test_movielens_titles_are_found_without_their_accents():
     assert "Misérables, Les (1995)" in found
     assert [cat.titles[r] for r in cat.search("CEREMONIE", 5)] == ["Cérémonie, La (1995)"]
     toy = cat.search("toy story", 3)
-    assert cat.titles[toy[0]] == "Toy Story (1995)" and cat.genres[toy[0]] == ["Animation", "Children's", "Comedy"]
+    assert cat.titles[toy[0]] == "Toy Story (1995)" and cat.genres_of(toy[0]) == ["Animation", "Children's", "Comedy"]
 
 
 def test_an_item_and_items_without_metadata(app_env):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
@@ -12,6 +13,7 @@ from serving.web import errors, parse, render
 from serving.web.parse import Lookup
 
 bp = Blueprint("api", __name__)
+STATIC = Path(__file__).resolve().parent / "static"  # the page's files (packaged: pyproject package-data)
 
 
 def services():
@@ -110,6 +112,16 @@ def session_recommendations():
     return _answer(_parsed(lambda: parse.session(_query_string(), services().limits, _note)))
 
 
+@bp.get("/")
+def page():
+    """The page: a browser view of the API (serving.page)."""
+    if not services().settings["serving.page"]:
+        raise NotFound("no page here: serving.page is off (an API-only deployment)")
+    # a few KB read whole (a streamed file would hold its handle until a client closes the response)
+    return Response((STATIC / "index.html").read_bytes(), mimetype="text/html",
+                    headers={"Cache-Control": "no-cache"})
+
+
 @bp.get("/v1/items/<item_id>")
 def item(item_id: str):
     """One item's title and genres."""
@@ -130,7 +142,7 @@ def search():
     snap = _snapshot()
     items = snap.items
     rows = items.search(q, limit)
-    found = [{"item_id": int(items.ids[r]), "title": items.titles[r], "genres": items.genres[r]} for r in rows]
+    found = [{"item_id": int(items.ids[r]), "title": items.titles[r], "genres": items.genres_of(r)} for r in rows]
     return _from_snapshot(snap, {"q": q, "limit": limit, "items": found})
 
 

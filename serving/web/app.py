@@ -80,7 +80,9 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     requestlog.on_drop = metrics.requestlog_dropped.inc
     engine.reload()  # a worker with no valid snapshot still starts; /readyz says why
 
-    app = Flask("serving.web", static_folder=None)  # the page at / comes with its own route
+    # the page at / (api.page) and its files under /static/, unless serving.page is off
+    app = Flask("serving.web", static_folder=api.STATIC if settings["serving.page"] else None,
+                static_url_path="/static")
     app.json.sort_keys = False
     limits = Limits(settings["serving.k_limit"], settings["serving.session_max_items"])
     services = Services(settings, engine, requestlog, metrics, limits, threading.Event())

@@ -134,8 +134,10 @@ class HitPath:
         if lookup is None:
             raise _NotAHit
         ans: Answer | None = self.engine.lookup(lookup.model, lookup.query, lookup.key, lookup.k, live=False)
+        if ans is None or ans.snapshot != sid:  # not a hit, or a swap in between: not kept
+            raise _NotAHit(lookup)
         snap, m = self.engine.model(lookup.model)
-        if ans is None or ans.snapshot != sid or snap.id != sid:  # not a hit, or a swap in between: not kept
+        if snap.id != sid:  # swapped since: its items table may differ
             raise _NotAHit(lookup)
         return Rendered(lookup.route, render.render_head(render.body(lookup, ans, snap.items), ans),
                         render.etag_header(render.etag(lookup, ans)), ans.computed_at, self.engine.max_age(m),

@@ -141,6 +141,11 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                                        [_id_param("item_id", "path", "Item id")], "Item", etag=False),
             "/v1/items": get("Items whose title contains q", "searchItems", [search_q, search_limit], "ItemSearch",
                              codes=("400", "405", "414", "503"), etag=False),
+            "/": {"get": {"summary": "The page: a browser view of the API (serving.page)", "operationId": "page",
+                          "parameters": [],
+                          "responses": {"200": {"description": "The page", "content": {"text/html": {}}},
+                                        "404": _problem("serving.page is off (an API-only deployment)"),
+                                        "405": errors["405"], "414": errors["414"]}}},
             "/v1/predictions": get(
                 "Predicted rating of an item by a user", "prediction",
                 [_id_param("user_id", "query", "User id"), _id_param("item_id", "query", "Item id"), inm],

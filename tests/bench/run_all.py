@@ -25,6 +25,7 @@ import bench_front  # noqa: E402
 import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
+import bench_search  # noqa: E402
 import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
@@ -156,6 +157,11 @@ def summary(results_dir: Path = RESULTS) -> str:
                          f"{fr['front_vs_static_rps']:.2f}x (rounds {min(per_round):.2f}-{max(per_round):.2f}x; "
                          f"by CPU per request {fr['front_vs_static_cpu']:.2f}x)", ">= 0.8x",
                          fr["front_vs_static_rps"] >= 0.8))
+    se = load("item_search")
+    if se:
+        rows.append(_row(f"search as you type through the server, p99 ({se['items']:,} items; GET /v1/items/<id> "
+                         f"{se['item_by_id']['p99_ms']:.2f} ms)", f"{se['search']['p99_ms']:.2f} ms", "<= 50 ms",
+                         se["search"]["p99_ms"] <= 50))
     s = load("snapshot_load_memory")
     if s:
         rows += [_row(f"snapshot load ({s['items']:,} items, {s['snapshot_mb']:,.0f} MB), fresh worker",
@@ -197,6 +203,7 @@ PARTS = {
     "snapshot": lambda: bench_snapshot.run(),
     "quality": lambda: bench_quality.run(),
     "models": lambda: bench_models.run(),
+    "search": lambda: bench_search.run(),
 }
 
 
@@ -220,6 +227,8 @@ def main(quick: bool = False, only: str = "") -> None:
         bench_quality.run(out_dir=out, folds=2)
         bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
                          out_dir=out, live_n=300, grid_steps=101)
+        bench_search.run(items=3000, users=1000, interactions=30_000, titles_typed=30, workdir=work / "search",
+                         out_dir=out)
         print(summary(out))
         return
     bench_batch.run(1_000_000, 64, "auto")
@@ -234,6 +243,7 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_snapshot.run()
     bench_quality.run()
     bench_models.run()
+    bench_search.run()
     print(summary())
 
 
