@@ -59,7 +59,7 @@ SETTINGS: tuple[Setting, ...] = (
             "train.dim for FAISS; catalogues up to train.ease_max_items), svd (PureSVD), or auto (chosen with its "
             "ease_lambda and history_half_life on a validation split cut from the training data; docs/recommender.md)",
             choices=("auto", "ease", "svd")),
-    Setting("train", "ease_max_items", 10_000, "Largest catalogue EASE is trained for (its item x item matrix is dense: "
+    Setting("train", "ease_max_items", 5_000, "Largest catalogue EASE is trained for (its item x item matrix is dense: "
             "memory and time grow as items^2 and items^3); above it auto uses svd and method = 'ease' is refused",
             minimum=2),
     Setting("train", "ease_lambda", 250.0, "EASE ridge penalty when train.method = 'ease' (auto chooses it on validation)",
