@@ -1,8 +1,11 @@
 """Offline evaluation by the two standard protocols, against simple baselines.
 
 - ranking: a per-user temporal split (each user's newest ``holdout_share`` of interactions held out;
-  users with fewer than 5 keep all in training); recall@10 and NDCG@10 over users with held-out
-  items, items seen in training excluded; baseline most-popular.
+  users with fewer than 5 keep all in training); recall@10 (hits over min(10, |held out|)) and
+  NDCG@10 over users with held-out items, items seen in training excluded; the model's answers are
+  ModelBundle.recommend's, the function the API answers with. References: EASE (Steck 2019, dense,
+  lambda 250, where the catalogue has at most train.ease_max_items items), most-popular, and items
+  ranked by their bias or their mean rating.
 - rating: 5-fold cross-validation (KFold, shuffled, seed 0) RMSE; baselines item mean and the
   regularised user + item bias model.
 Plus the similar-items support check: how many of famous items' top-10 neighbours are rare.
@@ -14,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from sklearn.model_selection import KFold
 
 from batch.embeddings import Vectors
-from batch.train import fit_biases, fit_rating_model, train_bundle, train_rating
+from batch.protocol import MIN_INTERACTIONS, ranking_metrics, temporal_split  # noqa: F401 (re-exported)
+from batch.train import fit_biases, fit_rating_model, resolve_method, train_bundle, train_rating
 from serving.models.rating import RatingModel
 from serving.models.recommender import ModelBundle
 from serving.settings import Settings
@@ -25,35 +30,11 @@ from serving.settings import Settings
 LOG = logging.getLogger(__name__)
 
 K = 10
-MIN_INTERACTIONS = 5
+EASE_REFERENCE_LAMBDA = 250.0  # the reference of the issue and of Steck's paper for MovieLens
 # Famous titles (MovieLens spellings); when none is in the catalogue the most-rated items stand in.
 FAMOUS = (r"Toy Story \(1995\)", r"Star Wars(: Episode IV - A New Hope)? \(1977\)", r"Godfather, The \(1972\)",
           r"Pulp Fiction \(1994\)", r"Fargo \(1996\)")
 RARE_BELOW = 20
-
-
-def temporal_split(interactions: pd.DataFrame, share: float, min_interactions: int = MIN_INTERACTIONS
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each user's newest ``share`` of interactions (at least one; ties by item id) -> test, the rest
-    -> train; users with fewer than ``min_interactions`` keep all in train."""
-    ordered = interactions.sort_values(["user_id", "ts", "item_id"], kind="stable")
-    pos = ordered.groupby("user_id").cumcount().to_numpy()
-    n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
-    n_test = np.where(n >= min_interactions, np.maximum(1, (n * share).astype(np.int64)), 0)
-    test = pos >= n - n_test
-    return ordered[~test], ordered[test]
-
-
-def ranking_metrics(rec_ids: np.ndarray, truth: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(n, k) recommended ids (-1 padded) and n arrays of held-out ids -> recall@k (n,), NDCG@k (n,)."""
-    k = rec_ids.shape[1]
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    recall, ndcg = np.zeros(len(truth)), np.zeros(len(truth))
-    for r, want in enumerate(truth):
-        hit = np.isin(rec_ids[r], want) & (rec_ids[r] >= 0)
-        recall[r] = hit.sum() / len(want)
-        ndcg[r] = (hit * disc).sum() / disc[:min(len(want), k)].sum()
-    return recall, ndcg
 
 
 def most_popular(train: pd.DataFrame, user_ids: np.ndarray, k: int) -> np.ndarray:
@@ -69,10 +50,72 @@ def most_popular(train: pd.DataFrame, user_ids: np.ndarray, k: int) -> np.ndarra
     return out
 
 
+def rank_by_item_score(train: pd.DataFrame, score: pd.Series, user_ids: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) ids: items by ``score`` (item_id -> float, desc; ties by id), each user's seen items excluded."""
+    ranked = score.index.to_numpy()[np.lexsort((score.index.to_numpy(), -score.to_numpy()))]
+    seen = train.groupby("user_id")["item_id"].apply(lambda s: set(s.tolist()))
+    out = np.full((len(user_ids), k), -1, dtype=np.int64)
+    for r, uid in enumerate(user_ids):
+        s = seen.get(uid, set())
+        top = [i for i in ranked[:k + len(s)].tolist() if i not in s][:k]
+        out[r, :len(top)] = top
+    return out
+
+
+def ease_reference(train: pd.DataFrame, items: pd.DataFrame, user_ids: np.ndarray, k: int,
+                   lam: float = EASE_REFERENCE_LAMBDA, block: int = 1024) -> np.ndarray:
+    """(n, k) ids: dense EASE (Steck 2019), B = I - P / diag(P), P = (X^T X + lam I)^-1 on the binary
+    matrix of ``train``, exact scores x_u B, seen items excluded, ties by id. The reference, not a
+    served model: an items x items matrix, so callers keep it to catalogues that fit."""
+    item_ids = np.sort(items["item_id"].to_numpy(np.int64))
+    all_users = np.unique(train["user_id"].to_numpy(np.int64))
+    u = np.searchsorted(all_users, train["user_id"].to_numpy(np.int64))
+    i = np.searchsorted(item_ids, train["item_id"].to_numpy(np.int64))
+    x = sparse.csr_matrix((np.ones(len(u)), (u, i)), shape=(len(all_users), len(item_ids)))
+    x.data[:] = 1.0
+    g = np.asarray((x.T @ x).todense(), dtype=np.float64)
+    g[np.diag_indices_from(g)] += lam
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    rows = np.searchsorted(all_users, user_ids)
+    out = np.full((len(user_ids), k), -1, dtype=np.int64)
+    for start in range(0, len(rows), block):
+        xs = x[rows[start:start + block]]
+        s = np.asarray(xs @ b)
+        s[xs.toarray() > 0] = -np.inf
+        order = np.lexsort((np.broadcast_to(np.arange(len(item_ids)), s.shape), -s), axis=1)[:, :k]
+        out[start:start + block] = np.where(np.isfinite(np.take_along_axis(s, order, axis=1)), item_ids[order], -1)
+    return out
+
+
+def reference_rankings(train: pd.DataFrame, items: pd.DataFrame, users: np.ndarray, settings: Settings
+                       ) -> dict[str, np.ndarray | str]:
+    """The reference rows' answers for ``users``: EASE (or why it was skipped), most-popular, and items
+    by their regularised bias and by their mean rating (the rating baselines as rankers)."""
+    out: dict[str, np.ndarray | str] = {}
+    n_items, limit = len(items), settings["train.ease_max_items"]
+    if n_items <= limit:
+        out["ease"] = ease_reference(train, items, users, K)
+    else:
+        out["ease"] = f"skipped: {n_items:,} items, above train.ease_max_items ({limit:,})"
+    out["most_popular"] = most_popular(train, users, K)
+    ids = np.unique(train["item_id"].to_numpy(np.int64))
+    users_all = np.unique(train["user_id"].to_numpy(np.int64))
+    r = train["rating"].to_numpy(np.float64)
+    _, _, bi = fit_biases(np.searchsorted(users_all, train["user_id"].to_numpy(np.int64)),
+                          np.searchsorted(ids, train["item_id"].to_numpy(np.int64)), r, len(users_all), len(ids),
+                          settings["train.bias_reg"])
+    out["bias"] = rank_by_item_score(train, pd.Series(bi, index=ids), users, K)
+    out["item_mean"] = rank_by_item_score(train, train.groupby("item_id")["rating"].mean(), users, K)
+    return out
+
+
 def ranking_report(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, settings: Settings,
                    supplied: dict[str, Vectors | None] | None = None, max_users: int | None = None,
-                   bundle: ModelBundle | None = None) -> dict[str, Any]:
-    """recall@10 / NDCG@10 of the model trained on ``train`` and of most-popular, on ``test``."""
+                   bundle: ModelBundle | None = None, references: bool = False) -> dict[str, Any]:
+    """recall@10 / NDCG@10 on ``test`` of the model trained on ``train`` and of most-popular (and with
+    ``references`` of EASE, item bias and item mean too)."""
     bundle = bundle or train_bundle(train, items, settings, supplied=supplied)
     test = test[test["user_id"].isin(bundle.user_ids)]
     users = np.unique(test["user_id"].to_numpy())
@@ -85,12 +128,23 @@ def ranking_report(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame,
     if not len(users):
         return out
     recs, _ = bundle.recommend(bundle.user_index(users), K)
-    for name, ids in (("model", recs), ("most_popular", most_popular(train, users, K))):
+    answers: dict[str, Any] = {"model": recs}
+    if references:
+        answers.update(reference_rankings(train, items, users, settings))
+    else:
+        answers["most_popular"] = most_popular(train, users, K)
+    for name, ids in answers.items():
+        if isinstance(ids, str):
+            out[name] = {"skipped": ids}
+            continue
         recall, ndcg = ranking_metrics(ids, truth)
         out[name] = {"recall_at_10": float(recall.mean()), "ndcg_at_10": float(ndcg.mean())}
     for m in ("recall_at_10", "ndcg_at_10"):
-        base = out["most_popular"][m]
-        out[f"{m}_vs_most_popular"] = out["model"][m] / base if base > 0 else None
+        for ref in ("most_popular", "ease"):
+            base = out.get(ref, {}).get(m)
+            if base is not None:
+                out[f"{m}_vs_{ref}"] = out["model"][m] / base if base > 0 else None
+    out["method"] = {k: v for k, v in bundle.meta.get("method", {}).items() if k != "validation"}
     return out
 
 
@@ -161,11 +215,12 @@ def similar_support(bundle: ModelBundle, items: pd.DataFrame, interactions: pd.D
 
 
 def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                   supplied: dict[str, Vectors | None] | None = None) -> dict[str, Any]:
+                   supplied: dict[str, Vectors | None] | None = None,
+                   method: dict[str, Any] | None = None) -> dict[str, Any]:
     """The batch job's check on its model: the temporal split, recall on a sample of users, RMSE on
-    the held-out ratings (model against item mean)."""
+    the held-out ratings (model against item mean). ``method``: as train_bundle's."""
     train, test = temporal_split(interactions, settings["train.holdout_share"])
-    bundle = train_bundle(train, items, settings, supplied)
+    bundle = train_bundle(train, items, settings, supplied, method)
     rank = ranking_report(train, test, items, settings, supplied, settings["train.eval_users"], bundle)
     known = test[test["user_id"].isin(bundle.user_ids) & test["item_id"].isin(bundle.item_ids)]
     rmse = rmse_baselines(train, known, settings) if len(known) else {}
@@ -176,37 +231,50 @@ def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Se
             "recall_at_10_popular": rank.get("most_popular", {}).get("recall_at_10"),
             "ndcg_at_10": rank.get("model", {}).get("ndcg_at_10"),
             "ndcg_at_10_popular": rank.get("most_popular", {}).get("ndcg_at_10"),
-            "eval_users": rank["users"]}
+            "eval_users": rank["users"], "method": rank.get("method")}
 
 
 def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
                        supplied: dict[str, Vectors | None] | None = None
                        ) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
     """What the batch job trains: evaluate on the per-user temporal hold-out (``holdout_report``), then
-    fit the recommender and the rating model that ship on all interactions (batch.train)."""
+    fit the recommender and the rating model that ship on all interactions (batch.train).
+
+    The method (train.method 'auto') is chosen once, on a validation split cut from the hold-out's
+    training part, and used for both models: the hold-out's test users never take part in the
+    choice, and the shipped model carries it (the trained-model cache then keeps it for every run
+    on the same inputs and settings)."""
     lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
-    evaluation = holdout_report(interactions, items, settings, supplied)
+    method = None
+    if not (supplied or {}).get("items"):
+        train, _ = temporal_split(interactions, settings["train.holdout_share"])
+        method = resolve_method(train, items, settings)
+    evaluation = holdout_report(interactions, items, settings, supplied, method)
     LOG.info("evaluation: %s", evaluation)
-    return (train_bundle(interactions, items, settings, supplied), train_rating(interactions, items, settings, lohi),
-            evaluation)
+    return (train_bundle(interactions, items, settings, supplied, method),
+            train_rating(interactions, items, settings, lohi), evaluation)
 
 
 def evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
              supplied: dict[str, Vectors | None] | None = None, folds: int = 5) -> dict[str, Any]:
     """Both protocols and the support check on the given inputs: the report `batch evaluate` prints."""
     train, test = temporal_split(interactions, settings["train.holdout_share"])
-    ranking = ranking_report(train, test, items, settings, supplied)
+    method = None if (supplied or {}).get("items") else resolve_method(train, items, settings)
+    bundle = train_bundle(train, items, settings, supplied, method)
+    ranking = ranking_report(train, test, items, settings, supplied, bundle=bundle, references=True)
+    ranking["validation"] = (method or {}).get("validation")
     LOG.info("ranking: %s", ranking)
     rating = cross_validate(interactions, settings, folds)
     LOG.info("rating: %s", rating)
-    full = train_bundle(interactions, items, settings, supplied=supplied)
+    full = train_bundle(interactions, items, settings, supplied, method)
     return {"interactions": int(len(interactions)), "users": int(interactions["user_id"].nunique()),
             "items": int(len(items)),
             "ranking": {"protocol": f"per-user temporal split, newest {settings['train.holdout_share']:.0%} of each "
                                     f"user with >= {MIN_INTERACTIONS} interactions held out", **ranking},
             "rating": {"protocol": f"{folds}-fold cross-validation, KFold shuffle seed 0", **rating},
             "similar_items": similar_support(full, items, interactions),
-            "settings": {k: settings[k] for k in ("train.dim", "train.popularity_damping", "train.rating_dim",
+            "settings": {k: settings[k] for k in ("train.method", "train.ease_max_items", "train.ease_lambda",
+                                                  "train.history_half_life", "train.dim", "train.popularity_damping", "train.rating_dim",
                                                   "train.rating_reg", "train.bias_reg", "train.similar_min_support",
                                                   "embeddings.item_vectors", "embeddings.metric")}}
 
@@ -214,18 +282,21 @@ def evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[tuple]]:
     """The report as (columns, rows) for a printed table: one row per method."""
     rk, rt = report["ranking"], report["rating"]
-    cols = ["method", "recall@10", "NDCG@10", "RMSE (5-fold)", "recall vs most-popular", "NDCG vs most-popular"]
-    pop = rk.get("most_popular", {})
+    cols = ["method", "recall@10", "NDCG@10", "RMSE (5-fold)", "recall vs EASE", "NDCG vs EASE",
+            "recall vs most-popular", "NDCG vs most-popular"]
+    pop, ease = rk.get("most_popular", {}), rk.get("ease", {})
 
     def ratio(x, base):
-        return f"{x / base:.2f}x" if x is not None and base else None
+        return f"{x / base:.3f}x" if x is not None and base else None
 
-    model = rk.get("model", {})
-    return cols, [
-        ("model", model.get("recall_at_10"), model.get("ndcg_at_10"), rt["model"]["rmse"],
-         ratio(model.get("recall_at_10"), pop.get("recall_at_10")), ratio(model.get("ndcg_at_10"), pop.get("ndcg_at_10"))),
-        ("most-popular", pop.get("recall_at_10"), pop.get("ndcg_at_10"), None, "1.00x", "1.00x"),
-        ("user+item bias", None, None, rt["bias"]["rmse"], None, None),
-        ("item mean", None, None, rt["item_mean"]["rmse"], None, None),
-    ]
+    def row(label, key, rmse=None):
+        m = rk.get(key, {})
+        r, n = m.get("recall_at_10"), m.get("ndcg_at_10")
+        return (label, r, n, rmse, ratio(r, ease.get("recall_at_10")), ratio(n, ease.get("ndcg_at_10")),
+                ratio(r, pop.get("recall_at_10")), ratio(n, pop.get("ndcg_at_10")))
 
+    chosen = rk.get("method") or {}
+    label = f"model ({chosen['method']})" if chosen.get("method") else "model"
+    ease_label = f"EASE (lambda {EASE_REFERENCE_LAMBDA:g})" if "skipped" not in ease else f"EASE ({ease['skipped']})"
+    return cols, [row(label, "model", rt["model"]["rmse"]), row(ease_label, "ease"), row("most-popular", "most_popular"),
+                  row("user+item bias", "bias", rt["bias"]["rmse"]), row("item mean", "item_mean", rt["item_mean"]["rmse"])]

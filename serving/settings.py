@@ -55,7 +55,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sample", "days", 180, "Days of history the sample's timestamps span", minimum=1),
     Setting("sample", "seed", 42, "Random seed of the sample generator"),
     # training
-    Setting("train", "dim", 64, "Retrieval vector dimension (PureSVD components; capped by the data's size)", minimum=2, maximum=1024),
+    Setting("train", "method", "auto", "How recommendation vectors are trained: ease (dense EASE item-item model, factored to "
+            "train.dim for FAISS; catalogues up to train.ease_max_items), svd (PureSVD), or auto (chosen with its "
+            "ease_lambda and history_half_life on a validation split cut from the training data; docs/recommender.md)",
+            choices=("auto", "ease", "svd")),
+    Setting("train", "ease_max_items", 5_000, "Largest catalogue EASE is trained for (its item x item matrix is dense: "
+            "memory and time grow as items^2 and items^3); above it auto uses svd and method = 'ease' is refused",
+            minimum=2),
+    Setting("train", "ease_lambda", 250.0, "EASE ridge penalty when train.method = 'ease' (auto chooses it on validation)",
+            minimum=0.0),
+    Setting("train", "history_half_life", 0.0, "With a pinned method: a user's interaction weighs half as much in their "
+            "vector per this many newer interactions of theirs (0 = all alike; auto chooses it on validation)",
+            minimum=0.0),
+    Setting("train", "dim", 64, "Retrieval vector dimension (PureSVD components, or the rank EASE is factored to; capped by the data's size)", minimum=2, maximum=1024),
     Setting("train", "popularity_damping", 0.25, "PureSVD: each item's column is scaled by its count ** -this before the SVD "
             "(0 = plain PureSVD; larger lifts less popular items)", minimum=0.0, maximum=1.0),
     Setting("train", "holdout_share", 0.2, "Share of each user's newest interactions held out for evaluation "
@@ -70,7 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
             "slower queries (the default's recall, measured: docs/performance.md)", minimum=1),
     Setting("train", "ivf_nprobe", 32, "IVF nprobe: lists searched per query; more is higher recall and slower "
             "queries (the default's recall, measured: docs/performance.md)", minimum=1),
-    Setting("train", "similar_min_support", 5, "Items with fewer interactions than this never appear as similar items "
+    Setting("train", "similar_min_support", 5, "Items with fewer interactions than this never appear as similar items, "
+            "in user recommendations or in sessions "
             "(rare items' vectors are noise); 0 keeps every item", minimum=0),
     Setting("train", "rating_dim", 32, "Factors of the rating model (biased matrix factorisation by ALS)", minimum=1, maximum=512),
     Setting("train", "rating_reg", 0.1, "Rating model: ridge penalty per rating on each factor vector (ALS-WR)", minimum=0.0),

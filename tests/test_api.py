@@ -182,11 +182,11 @@ def test_session_recommendations_live_then_cached(env):
     # the order of the viewed items does not matter for the cache
     b = client.get(f"/v1/recommendations?items={','.join(map(str, items[::-1]))}&k=8").json
     assert b["source"] == "cache" and b["items"] == a["items"]
-    # independent: the session folded in like a user's history (sum of the item vectors), inner
-    # product against every item, ties by id
+    # independent: the session folded in like a user's history (sum of the items' query vectors:
+    # EASE's U, PureSVD's item vectors), inner product against every item vector, ties by id
     bundle = app.extensions["hybridserve"].engine.snapshot.models["recommender"].bundle
     vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
-    q = vecs[bundle.item_index(items)].sum(axis=0)
+    q = np.asarray(bundle.queries, dtype=np.float64)[bundle.item_index(items)].sum(axis=0)
     sims = vecs @ q
     sims[bundle.item_index(items)] = -np.inf
     sims[bundle.item_support < bundle.min_support] = -np.inf  # as similar items: enough support only
@@ -213,7 +213,7 @@ def test_session_of_precomputed_items_comes_from_the_snapshot(env, workspace):
         assert b["source"] == "live" and a["source"] in ("precomputed", "live"), url
         assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]], url
         np.testing.assert_allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=2e-6)
-        sims = vecs @ vecs[bundle.item_index(items)].sum(axis=0)
+        sims = vecs @ np.asarray(bundle.queries, dtype=np.float64)[bundle.item_index(items)].sum(axis=0)
         sims[bundle.item_index(items)] = -np.inf
         sims[bundle.item_support < bundle.min_support] = -np.inf
         want = bundle.item_ids[np.lexsort((np.arange(len(sims)), -sims))[:k]]

@@ -70,7 +70,7 @@ def test_similar_items_equal_brute_force(snap):
         i = int(np.searchsorted(bundle.item_ids, row.item_id))
         drop = rare.copy()
         drop[i] = True  # itself excluded
-        order, sims = _brute_force(vecs, vecs[i], drop, k)
+        order, sims = _brute_force(vecs, np.asarray(bundle.queries, np.float64)[i], drop, k)  # EASE: U_i . V_j
         np.testing.assert_array_equal(np.asarray(row.neighbor_ids), bundle.item_ids[order])
         np.testing.assert_allclose(np.asarray(row.scores), sims, rtol=1e-4, atol=1e-5)
 
@@ -92,22 +92,29 @@ def test_predictions_equal_model_predict(snap):
 
 
 def test_user_recs_exclude_seen_and_equal_brute_force(snap):
-    """User vectors are the user's history folded in (the sum of its item vectors); recommendations
-    are the unseen items by inner product, ties by id."""
+    """User vectors are the user's history folded in (the sum of its items' query vectors, each
+    weighted by its recency, batch.train.history_weights); recommendations are the unseen items with
+    at least the minimum support by inner product, ties by id."""
     store, sid, bundle, settings, root = snap
     recs = store.read_table(sid, "user_recs").to_pandas()
     inter = pd.read_parquet(root / "inputs" / "interactions.parquet")
     seen = inter.groupby("user_id")["item_id"].apply(set)
     vecs = np.asarray(bundle.item_vecs, dtype=np.float64)
+    query = np.asarray(bundle.queries, dtype=np.float64)
+    half_life = bundle.meta["method"]["history_half_life"]
+    rare = np.asarray(bundle.item_support) < bundle.min_support
     assert len(recs) > 0
     for row in recs.itertuples():
         ids = list(row.item_ids)
         assert len(ids) == settings["batch.k_max"]
         assert not set(ids) & seen[row.user_id]
-        history = np.searchsorted(bundle.item_ids, sorted(seen[row.user_id]))
-        drop = np.zeros(len(vecs), bool)
+        mine = inter[inter.user_id == row.user_id].sort_values(["ts", "item_id"])
+        history = np.searchsorted(bundle.item_ids, mine["item_id"].to_numpy())
+        newer = np.arange(len(history))[::-1]  # the newest interaction has none newer
+        weight = 0.5 ** (newer / half_life) if half_life > 0 else np.ones(len(history))
+        drop = rare.copy()
         drop[history] = True
-        order, sims = _brute_force(vecs, vecs[history].sum(axis=0), drop, len(ids))
+        order, sims = _brute_force(vecs, weight @ query[history], drop, len(ids))
         np.testing.assert_array_equal(ids, bundle.item_ids[order])
         np.testing.assert_allclose(np.asarray(row.scores), sims, rtol=1e-4, atol=1e-4)
 

@@ -4,7 +4,8 @@ and sessions -- as one model kind, with the vectorised query functions that answ
 The batch job calls these with thousands of queries at a time, the API with one, so batch and live
 answers agree by construction. Functions take and return arrays; ids outside the bundle map to index
 -1 and are the caller's to reject. Every list is ordered by (score desc, item id asc), exactly, in
-batch and live alike. The vectors are trained by batch.train (PureSVD) or supplied by the user.
+batch and live alike. The vectors are trained by batch.train (EASE factored, or PureSVD) or supplied by
+the user.
 """
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ LOG = logging.getLogger(__name__)
 # Files of a saved bundle (in the recommender's folder of a snapshot, and of the trained-model cache).
 _ARRAYS = ("item_ids", "user_ids", "item_vecs", "user_vecs", "item_support", "seen_indptr", "seen_items",
            "group_of", "group_indptr", "group_items")
+# The query side of a model whose scores are x_u U V^T with U != V (EASE factored): (m, d), or
+# (0, d) when queries use the item vectors themselves (PureSVD, supplied vectors). Bundles saved
+# before it existed have no such file and read as the latter.
+_QUERY_FILE = "query_vecs.npy"
 _INDEX_FILE = "items.faiss"
 _META_FILE = "meta.json"
-BUNDLE_FILES = tuple(f"{a}.npy" for a in _ARRAYS) + (_INDEX_FILE, _META_FILE)
+BUNDLE_FILES = tuple(f"{a}.npy" for a in _ARRAYS) + (_QUERY_FILE, _INDEX_FILE, _META_FILE)
 
 # Extra candidate groups asked of FAISS beyond what is kept, so exact re-scoring decides the cut.
 _MARGIN = 8
@@ -52,7 +57,9 @@ class ModelBundle:
     interactions per item; seen_indptr (n+1,) int64 + seen_items (nnz,) int32: CSR of each user's items,
     sorted. Tie groups: items whose vectors (and similar-item eligibility) are byte-identical share one
     row of the FAISS index: group_of (m,) int32, group_indptr (G+1,) int64 + group_items (m,) int32 the
-    members of each group in id order.
+    members of each group in id order. query_vecs (m, d) float32 or None: what an item contributes
+    to a query (a similar-items query, a session, a folded-in user) when that differs from what it
+    is searched by (EASE's B ~ U V^T: queries sum rows of U, the index holds V); None: item_vecs.
     """
 
     item_ids: np.ndarray
@@ -68,11 +75,16 @@ class ModelBundle:
     index: Any
     meta: dict[str, Any] = field(default_factory=dict)
     search: SearchFn | None = None  # the kNN kernel over group vectors; defaults to the FAISS index
+    query_vecs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_users, n_items = len(self.user_ids), len(self.item_ids)
         if self.item_vecs.shape[0] != n_items or self.user_vecs.shape[0] != n_users:
             raise ValueError("vectors do not match the id arrays")
+        if self.query_vecs is not None and len(self.query_vecs) == 0:
+            self.query_vecs = None
+        if self.query_vecs is not None and self.query_vecs.shape != self.item_vecs.shape:
+            raise ValueError("query_vecs must have the item vectors' shape")
         if self.seen_indptr.shape != (n_users + 1,):
             raise ValueError("seen_indptr must have n_users + 1 entries")
         if self.group_of.shape != (n_items,) or self.group_items.shape != (n_items,):
@@ -88,7 +100,8 @@ class ModelBundle:
         if self.search is None:
             index = self.index  # not self: a closure over self would be a reference cycle
             self.search = lambda q, k, params=None: index.search(q, k, params=params)
-        # Similar items only among items with enough support: a FAISS selector over the groups
+        # Similar items, user and session recommendations only among items with enough support (one
+        # rule for every list: a rare item's vector is noise): a FAISS selector over the groups
         # (groups never mix eligible and ineligible items), so the cut is exact inside the search.
         eligible = self.item_support[self._group_rep] >= self.min_support
         self._n_eligible = int(self._group_size[eligible].sum())  # items a similar list can hold
@@ -133,6 +146,11 @@ class ModelBundle:
             q = np.ascontiguousarray(np.column_stack([q, np.zeros(len(q), np.float32)]), dtype=np.float32)
         return self.search(q, k, params) if params is not None else self.search(q, k)
 
+    @property
+    def queries(self) -> np.ndarray:
+        """(m, d): each item's query-side vector (query_vecs, else the item vectors)."""
+        return self.item_vecs if self.query_vecs is None else self.query_vecs
+
     def group_vecs(self) -> np.ndarray:
         """(G, d) float32: the vectors the FAISS index holds, one per tie group."""
         return np.ascontiguousarray(self.item_vecs[self._group_rep])
@@ -171,12 +189,13 @@ class ModelBundle:
         iidx (n,) item indices -> (ids (n, k) int64, scores (n, k) float32), padded with -1 / nan.
         """
         iidx = np.asarray(iidx, dtype=np.int64)
-        q = np.ascontiguousarray(self.item_vecs[iidx])
+        q = np.ascontiguousarray(self.queries[iidx])
         idx, scores = self._candidates(q, k + 1, k + 1, params=self._similar_params)
         return self._finish(idx, scores, idx == iidx[:, None], k)
 
     def recommend(self, uidx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unseen items for each user, by inner product of the user's vector with the item vectors.
+        """Unseen items for each user, by inner product of the user's vector with the item vectors,
+        only items with at least meta["min_support"] interactions (as similar items).
 
         uidx (n,) -> (ids (n, k) int64, scores (n, k) float32), padded with -1 / nan. The search
         depth depends on the bundle and k alone, so one query and a batch agree.
@@ -184,7 +203,7 @@ class ModelBundle:
         uidx = np.asarray(uidx, dtype=np.int64)
         q = np.ascontiguousarray(self.user_vecs[uidx])
         need = k + self.max_seen
-        idx, scores = self._candidates(q, need, need)
+        idx, scores = self._candidates(q, need, need, params=self._similar_params)
         return self._finish(idx, scores, self.seen_mask(uidx, idx), k)
 
     def recommend_for_items(self, item_lists: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +216,7 @@ class ModelBundle:
         lists = [np.asarray(lst, dtype=np.int64) for lst in item_lists]
         indptr = np.concatenate([[0], np.cumsum([len(lst) for lst in lists])]).astype(np.int64)
         flat = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        q = fold_in(self.item_vecs, indptr, flat, self.metric)
+        q = fold_in(self.queries, indptr, flat, self.metric)
         longest = max((len(lst) for lst in lists), default=0)
         idx, scores = self._candidates(q, k + longest, k + longest, params=self._similar_params)
         given = np.full((len(lists), max(longest, 1)), -2, dtype=np.int64)
@@ -233,7 +252,7 @@ class ModelBundle:
         complete = lengths == self._n_eligible - own
         if not complete.any() and (lengths < depth).any():
             return None  # a short list that is not the whole catalogue: nothing to bound with
-        raw = fold_in(self.item_vecs, np.array([0, m], dtype=np.int64), given, "ip")
+        raw = fold_in(self.queries, np.array([0, m], dtype=np.int64), given, "ip")
         norm = float(np.linalg.norm(raw))
         if norm == 0.0:
             return None
@@ -315,6 +334,8 @@ class ModelBundle:
         folder.mkdir(parents=True, exist_ok=True)
         for name in _ARRAYS:
             save_array(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+        query = self.query_vecs if self.query_vecs is not None else np.zeros((0, self.item_vecs.shape[1]), np.float32)
+        save_array(folder / _QUERY_FILE, np.ascontiguousarray(query))
         faiss.write_index(self.index, str(folder / _INDEX_FILE))
         (folder / _META_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True))
 
@@ -329,17 +350,20 @@ class ModelBundle:
         # plain ndarray views of the maps: indexing a np.memmap costs microseconds of subclass bookkeeping
         arrays = {name: np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None))
                   for name in _ARRAYS}
+        query = folder / _QUERY_FILE
+        query_vecs = np.asarray(np.load(query, mmap_mode="r" if mmap else None)) if query.is_file() else None
         meta = json.loads((folder / _META_FILE).read_text())
         index = read_index(folder / _INDEX_FILE, meta.get("index", ""), mmap)
         set_search_params(index, meta)
-        return cls(**arrays, index=index, meta=meta)
+        return cls(**arrays, index=index, meta=meta, query_vecs=query_vecs)
 
     @classmethod
     def from_vectors(cls, item_ids: np.ndarray, item_vecs: np.ndarray,
                      index_builder: Callable[[np.ndarray], tuple[Any, dict[str, Any]]],
                      user_ids: np.ndarray | None = None, user_vecs: np.ndarray | None = None,
                      item_support: np.ndarray | None = None, seen_indptr: np.ndarray | None = None,
-                     seen_items: np.ndarray | None = None, meta: dict[str, Any] | None = None) -> "ModelBundle":
+                     seen_items: np.ndarray | None = None, meta: dict[str, Any] | None = None,
+                     query_vecs: np.ndarray | None = None) -> "ModelBundle":
         """A bundle from vectors: tie groups computed, the index built over one vector per group by
         ``index_builder((G, d) float32) -> (FAISS index, meta entries such as "index" and
         "search_params", and "mips_pad" when it indexed mips_pad(vectors))``. Missing parts default
@@ -361,7 +385,7 @@ class ModelBundle:
         return cls(item_ids=item_ids, user_ids=user_ids, item_vecs=item_vecs, user_vecs=user_vecs,
                    item_support=np.asarray(item_support, np.int64), seen_indptr=seen_indptr, seen_items=seen_items,
                    group_of=group_of, group_indptr=group_indptr, group_items=group_items,
-                   index=index, meta=meta)
+                   index=index, meta=meta, query_vecs=query_vecs)
 
 
 
@@ -372,7 +396,7 @@ def ann_recall(bundle: ModelBundle, iidx: np.ndarray, k: int) -> float:
     reaches the exact k-th score: among tied scores (every candidate of a zero-vector item, an
     item without interactions) which ids exact search keeps is arbitrary, and counting ids read a
     near-perfect index as far worse (docs/performance.md)."""
-    q = np.ascontiguousarray(bundle.item_vecs[np.asarray(iidx)])
+    q = np.ascontiguousarray(bundle.queries[np.asarray(iidx)])
     groups = bundle.group_vecs()
     k = min(k, len(groups))
     if len(q) == 0 or k == 0:

@@ -47,16 +47,19 @@ def mips_pad(vecs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.column_stack([vecs, extra]))
 
 
-def fold_in(item_vecs: np.ndarray, indptr: np.ndarray, items: np.ndarray, metric: str) -> np.ndarray:
-    """Query vectors from histories: (m, d) item vectors and a CSR of item indices (n+1,) / (nnz,) ->
-    (n, d) float32. Inner product: the sum of the history's vectors (PureSVD's x_u V); cosine: their
-    normalised mean. User vectors and session queries both come from here."""
+def fold_in(item_vecs: np.ndarray, indptr: np.ndarray, items: np.ndarray, metric: str,
+            weights: np.ndarray | None = None) -> np.ndarray:
+    """Query vectors from histories: (m, d) item (query-side) vectors and a CSR of item indices (n+1,) /
+    (nnz,) -> (n, d) float32. Inner product: the (``weights``-weighted, (nnz,) float32) sum of the
+    history's vectors (PureSVD's x_u V, EASE's x_u U); cosine: their normalised mean. User vectors and
+    session queries both come from here (sessions unweighted)."""
     n = len(indptr) - 1
-    if n == 1 and len(items):  # one history (a session on the request path): no sparse matrix to build
+    if n == 1 and len(items) and weights is None:  # one session on the request path: no sparse matrix to build
         q = np.add.reduce(np.asarray(item_vecs)[np.asarray(items, np.int64)], axis=0, dtype=np.float32)[None]
         return normalise(q) if metric == "cosine" else q
-    x = sparse.csr_matrix((np.ones(len(items), dtype=np.float32), np.asarray(items, np.int64),
-                           np.asarray(indptr, np.int64)), shape=(n, item_vecs.shape[0]))
+    w = np.ones(len(items), dtype=np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+    x = sparse.csr_matrix((w, np.asarray(items, np.int64), np.asarray(indptr, np.int64)),
+                          shape=(n, item_vecs.shape[0]))
     q = np.asarray(x @ np.asarray(item_vecs, dtype=np.float32), dtype=np.float32)
     return normalise(q) if metric == "cosine" else q
 

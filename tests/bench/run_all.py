@@ -178,6 +178,10 @@ def summary(results_dir: Path = RESULTS) -> str:
                  _row("quality, MovieLens 100K: NDCG@10 vs most-popular",
                       f"{rk['ndcg_at_10_vs_most_popular']:.2f}x ({rk['model']['ndcg_at_10']:.3f} vs "
                       f"{rk['most_popular']['ndcg_at_10']:.3f})", ">= 1.5x", rk["ndcg_at_10_vs_most_popular"] >= 1.5),
+                 *[_row(f"quality, MovieLens 100K: {label}@10 vs EASE (lambda 250)",
+                        f"{rk[f'{m}_vs_ease']:.3f}x ({rk['model'][m]:.3f} vs {rk['ease'][m]:.3f})", ">= 1.0x (aim 1.05x)",
+                        rk[f"{m}_vs_ease"] >= 1.0)
+                   for label, m in (("recall", "recall_at_10"), ("NDCG", "ndcg_at_10")) if f"{m}_vs_ease" in rk],
                  _row("quality, MovieLens 100K: 5-fold RMSE (bias baseline)",
                       f"{rt['model']['rmse']:.4f} ({rt['bias']['rmse']:.4f})", "<= 0.93", rt["model"]["rmse"] <= 0.93),
                  _row("quality, MovieLens 100K: famous movies' top-10 similar items with < 20 ratings",
