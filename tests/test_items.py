@@ -2,6 +2,7 @@
 search (GET /v1/items?q=) and ?fields=title,genres on list answers (on the hit path for hits)."""
 from __future__ import annotations
 
+import shutil
 import unicodedata
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from batch.inputs import read_movielens_100k
-from conftest import ML100K
+from conftest import ML100K, make_settings
 from serving.catalogue import Catalogue
 from serving.snapshot import LoadedSnapshot, catalogue
 from serving.store import Store
@@ -39,9 +40,14 @@ def _brute_search(ids, titles, popularity, q: str, limit: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def app_env(published):
-    """(fast app, Flask-only app, store, snapshot id) on the published store (read only)."""
-    root, settings, first = published
+def app_env(published, tmp_path_factory):
+    """(fast app, Flask-only app, store, snapshot id) on a copy of the published store: the apps' request
+    logs flush into their store on close, and the published one is shared by every test."""
+    src, _, first = published
+    root = tmp_path_factory.mktemp("items")
+    shutil.copytree(src / "inputs", root / "inputs")
+    shutil.copytree(src / "store", root / "store", symlinks=True)
+    settings, _ = make_settings(root)
     settings = settings.replace(**{f"serving__{k}": v for k, v in SERVING.items()})
     clock = Clock(pd.Timestamp(first.manifest["created_at"]).timestamp() + 10.0)
     fast = create_app(settings, clock=clock, background=False)
