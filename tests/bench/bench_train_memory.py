@@ -59,9 +59,10 @@ def run(sizes=SIZES, out_dir=None) -> dict:
         print(f"{users:>9,} users {items:>8,} items {interactions:>11,} interactions: train peak RSS "
               f"{train_mb:8,.0f} MB in {train_s:6.1f} s ({row['bytes_per_interaction']:.0f} B per interaction)",
               flush=True)
-    result = {"sizes": rows, "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-              "command": "python tests/bench/bench_train_memory.py"}
-    write_result("train_memory", result, out_dir)
+        # Written after each size: the largest sizes take long, and a run stopped there keeps the rest.
+        result = {"sizes": rows, "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+                  "command": "python tests/bench/bench_train_memory.py"}
+        write_result("train_memory", result, out_dir)
     return result
 
 
