@@ -43,10 +43,10 @@ class Reloader:
             current = self.snapshot.id if self.snapshot else None
             if target is None:
                 if current is None:
-                    self.last_error = f"no snapshot published in {self.store.root} ({pointer_problem})"
+                    self.last_error = f"no snapshot published in {self.store.url} ({pointer_problem})"
                     self._fall_back_to_model()
                 elif self.last_error is None or not self.last_error.startswith(pointer_problem):
-                    self.last_error = f"{pointer_problem} in {self.store.root}; still serving {current}"
+                    self.last_error = f"{pointer_problem} in {self.store.url}; still serving {current}"
                     LOG.error("%s", self.last_error)
                 return False
             if target == current:
