@@ -185,3 +185,38 @@ def test_a_corrupt_object_is_refused_by_the_copy(s3, tables, tmp_path):
         LoadedSnapshot.load(store, first)
     assert not (tmp_path / "srv" / "snapshots" / first).exists()  # nothing half-copied kept
     assert [p.name for p in (tmp_path / "srv" / "snapshots").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_server_retries_a_copy_the_store_could_not_serve(s3, s3_published, tmp_path):
+    """The store going away mid-copy is not the snapshot's fault: the next reload copies it again
+    (a corrupt snapshot, in contrast, waits for CURRENT to move)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from serving.reloader import Reloader
+    _, settings, first = s3_published
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    store = Store(settings["paths.store"], cache_dir=tmp_path / "srv",
+                  storage_options={"endpoint_url": f"http://127.0.0.1:{port}"})
+    copy = store.local_snapshot
+
+    def cut_off(sid, checksums=True):
+        server.stop()  # the endpoint goes away between reading CURRENT and copying
+        return copy(sid, checksums)
+
+    store.local_snapshot = cut_off
+    reloader = Reloader(store)
+    assert reloader.reload() is False and reloader.snapshot is None
+    assert "Could not connect" in reloader.last_error and first.snapshot_id in reloader.last_error
+    store.local_snapshot = copy
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        assert reloader.reload() is True and reloader.snapshot.id == first.snapshot_id
+    finally:
+        server.stop()

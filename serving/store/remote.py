@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -86,8 +87,11 @@ class ObjectStore(Store):
     remote = True
 
     def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, replica: str | None = None):
         self.url = os.fspath(url).rstrip("/")
+        # The request log's prefix of this machine: replicas never write the same names, and the
+        # batch job reads every prefix (requests/**).
+        self.replica = re.sub(r"[^A-Za-z0-9._-]", "_", replica or socket.gethostname()) or "replica"
         self.storage_options = dict(storage_options or {})
         self.fs, self.base = filesystem(self.url, self.storage_options)
         self.bucket = self.base.split("/", 1)[0]
@@ -352,9 +356,9 @@ class ObjectStore(Store):
 
     # --- the request log ----------------------------------------------------------
     def append_segment(self, table: pa.Table, name: str, write_table: Callable[..., None] = pq.write_table) -> str:
-        """One PUT per segment: a reader sees all of it or none."""
+        """One PUT per segment, under this replica's prefix: a reader sees all of it or none."""
         self.requests_dir.mkdir(parents=True, exist_ok=True)
-        rel = f"{layout.REQUESTS}/{layout.SEGMENT_PREFIX}{name}.parquet"
+        rel = f"{layout.REQUESTS}/{self.replica}/{layout.SEGMENT_PREFIX}{name}.parquet"
         local = self.requests_dir / f".up-{name}.parquet"
         write_parquet_atomic(table, local, write_table)
         try:
