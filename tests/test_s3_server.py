@@ -92,6 +92,12 @@ def test_two_replicas_move_to_a_new_snapshot_with_no_failed_request(s3, s3_publi
             ready = json.loads(conn.getresponse().read())
             conn.close()
             assert ready["snapshot"] == new and ready["current"] == new, ready
+            conn = http.client.HTTPConnection("127.0.0.1", r.port, timeout=10)
+            conn.request("GET", "/metrics")
+            served = [line for line in conn.getresponse().read().decode().splitlines()
+                      if line.startswith("hybridserve_snapshot_served{")]
+            conn.close()
+            assert served and all(line.endswith(" 1.0") == (f'snapshot="{new}"' in line) for line in served), served
         time.sleep(0.3)
     finally:
         for c in clients:
