@@ -16,7 +16,7 @@ import duckdb
 
 from batch.requestlog import log_files, requests_select
 from serving.errors import HybridServeError, SnapshotError
-from serving.store import TABLES, Store
+from serving.store import TABLES, Store, layout
 
 LOG = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def record_pending(store: Store, run: dict[str, Any]) -> Path:
+def record_pending(store: Store, run: dict[str, Any]) -> Path | str:
     """Leave a run record for the next catalog update (used directly by a run that found the lock taken).
     Written as ``<name>.json.tmp`` then renamed: a reader sees a whole record or none."""
     return store.write_pending(f"{run['run_id']}-{os.getpid()}.json", json.dumps(run, default=str).encode())
@@ -45,8 +45,8 @@ def recover_pending(store: Store) -> list[str]:
     """Finish the records of runs killed while renaming theirs: a complete ``*.json.tmp`` becomes the
     ``.json`` it was going to be; a partial one is removed (record_run rebuilds that run's record from
     its snapshot's manifest). Files of a writer that is still alive (pid in the name) are left alone."""
-    done = []
-    if not store.pending_runs_dir.is_dir():
+    done: list[str] = []
+    if store.remote or not store.pending_runs_dir.is_dir():  # an object is written whole by one PUT
         return done
     for tmp in sorted(store.pending_runs_dir.glob("*.json.tmp")):
         pid = tmp.name.removesuffix(".json.tmp").rsplit("-", 1)[-1]
@@ -116,9 +116,10 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
     except OSError as exc:
         LOG.warning("run record not kept in pending-runs: %s: %s", exc.filename, exc.strerror)
     kept = f"run recorded in {pending}" if pending else "a published run's record is rebuilt from its manifest"
-    ingested: list[Path] = []
+    ingested: list[str] = []
     try:
-        con = duckdb.connect(str(store.catalog_path))
+        store.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+        con = store.connect_sql(str(store.catalog_path))
     except duckdb.Error as exc:
         why = str(exc).splitlines()[0]
         if "lock" in why.lower():
@@ -128,21 +129,33 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
     try:
         con.execute(_RUNS_DDL)
         con.execute("BEGIN TRANSACTION")
-        ingested = sorted(store.pending_runs_dir.glob("*.json")) if store.pending_runs_dir.is_dir() else []
-        for path in ingested:
-            rec = json.loads(path.read_text())
+        try:
+            records = store.pending_records()
+        except OSError as exc:  # the store unreachable: this run's record still reaches the catalog
+            LOG.warning("pending run records not read: %s", exc)
+            records = []
+            if pending is not None:
+                _insert(con, run, run["run_id"])
+        for name, data in records:
+            rec = json.loads(data)
             run_id = rec.get("run_id")
             if rec.get("status") == "locked":  # a run that never started: keep its own id distinct
-                run_id = f"{run_id}-locked-{path.stem.rsplit('-', 1)[-1]}"
+                run_id = f"{run_id}-locked-{name.removesuffix('.json').rsplit('-', 1)[-1]}"
             _insert(con, rec, run_id)
+            ingested.append(name)
         if pending is None:  # not kept on disk, but the catalog takes it
             _insert(con, run, run["run_id"])
         known = {r[0] for r in con.execute("SELECT run_id FROM runs").fetchall()}
         manifests = {}
-        for sid in store.snapshot_ids():
+        try:
+            retained = store.snapshot_ids()
+        except OSError as exc:
+            LOG.warning("snapshots not listed: %s", exc)
+            retained = []
+        for sid in retained:
             try:
                 manifests[sid] = store.read_manifest(sid)
-            except SnapshotError:
+            except (SnapshotError, OSError):
                 continue
         parents = {m.get("parent") for m in manifests.values()}
         for sid, m in manifests.items():
@@ -152,13 +165,17 @@ def record_run(store: Store, run: dict[str, Any]) -> str | None:
         con.execute("COMMIT")
         _refresh_views(con, store)
     except (duckdb.Error, OSError) as exc:
-        why = str(exc).splitlines()[0] if isinstance(exc, duckdb.Error) else f"{exc.filename}: {exc.strerror}"
+        why = (str(exc).splitlines()[0] if isinstance(exc, duckdb.Error) or exc.filename is None
+               else f"{exc.filename}: {exc.strerror}")
         LOG.warning("catalog not updated (%s); %s by the next run", why, kept)
         return why
     finally:
         con.close()
-    for path in ingested:  # only these: a locked run may have added one meanwhile
-        path.unlink(missing_ok=True)
+    for name in ingested:  # only these: a locked run may have added one meanwhile
+        try:
+            store.remove_pending(name)
+        except OSError as exc:  # ingested again next time: INSERT OR REPLACE keeps one row
+            LOG.warning("pending run record %s not removed: %s", name, exc)
     return None
 
 
@@ -166,7 +183,7 @@ def _refresh_views(con: duckdb.DuckDBPyConnection, store: Store) -> None:
     current = store.current_id()
     for table in TABLES:
         if current is not None:
-            path = str(store.table_path(current, table).resolve())
+            path = store.table_url(current, table)
             con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(path)})")
         paths = store.table_paths(table)  # each retained snapshot's file, in whichever format it was written
         if paths:
@@ -209,8 +226,9 @@ def _model_views(con: duckdb.DuckDBPyConnection, store: Store, retained: list[st
 
 def refresh_views(store: Store) -> bool:
     """Refresh the views only (after a rollback); False when the catalog is held elsewhere."""
+    store.catalog_path.parent.mkdir(parents=True, exist_ok=True)  # an object store's cache folder, maybe new
     try:
-        con = duckdb.connect(str(store.catalog_path))
+        con = store.connect_sql(str(store.catalog_path))
     except duckdb.IOException:
         LOG.warning("catalog %s is held by another process; views refresh next run", store.catalog_path)
         return False
@@ -228,20 +246,42 @@ _READ_STATEMENTS = (duckdb.StatementType.SELECT,)
 _BATCH_ROWS = 2048  # rows DuckDB hands over at a time while the printed rows are gathered
 
 
+def view_files(store: Store) -> tuple[list[str], list[str]]:
+    """(every file the catalog's views read, the request log's segments): the retained snapshots'
+    tables and registered models' predictions, and the segments -- regular files only, as SQL names
+    them (``s3://...`` on object storage). Nothing else: no model artifact, FAISS index or vectors."""
+    from batch.models import table_files
+    tables: list[str] = []
+    manifests = {}
+    for sid in store.snapshot_ids():
+        try:
+            manifests[sid] = store.read_manifest(sid)
+        except SnapshotError:
+            continue
+        tables += [store.table_url(sid, t) for t in TABLES]
+    for name in sorted({n for m in manifests.values() for n in (m.get("models") or {}) if n != "rating"}):
+        tables += table_files(store, name, manifests)
+    segments = log_files(store).paths  # the schema seed and the whole, regular segments
+    regular = [f for f in dict.fromkeys(tables + segments) if store.is_regular(f)]
+    return regular, [f for f in segments if f in regular]
+
+
 def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     """The catalog for ad-hoc SQL, read-only at the engine level.
 
     ``read_only`` alone still lets a query write files (COPY TO, EXPORT DATABASE), attach other
     databases and read any file on the machine. So external access is switched off, except for the
-    two folders the catalog's views read (the snapshots' and the request log's Parquet), and the
-    configuration is locked so that no statement can switch it back on. DuckDB's allowed
-    directories also admit writes, which is why :func:`query` accepts only reading statements.
+    very files the catalog's views read (``view_files``: regular files only, so a FIFO planted in the
+    store cannot block a query where no deadline reaches it), and the configuration is locked so that
+    no statement can switch it back on. On object storage the store's own filesystem is registered on
+    this connection and DuckDB never loads an extension. DuckDB's allowed paths also admit writes,
+    which is why :func:`query` accepts only reading statements.
     """
-    readable = [str(d.resolve()) + os.sep for d in (store.snapshots_dir, store.requests_dir)]
-    con = duckdb.connect(str(store.catalog_path), read_only=True,
-                         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    readable, _ = view_files(store)
+    con = store.connect_sql(str(store.catalog_path), read_only=True)
     try:
-        con.execute("SET allowed_directories = $dirs", {"dirs": readable})
+        con.execute("SET allowed_directories = []")
+        con.execute("SET allowed_paths = $paths", {"paths": readable})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     except BaseException:
@@ -271,7 +311,7 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
         raise FileNotFoundError(store.catalog_path)
     try:
         con = open_readonly(store)
-    except duckdb.Error as exc:
+    except (duckdb.Error, OSError) as exc:
         raise HybridServeError(f"sql: {store.catalog_path}: {_first_line(exc)}") from None
     fired = threading.Event()
 
@@ -321,8 +361,8 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
         raise HybridServeError(f"sql: stopped after {time_limit_ms} ms (batch.sql_time_limit_ms, or "
                                f"--time-limit-ms)") from None
     except duckdb.PermissionException as exc:
-        raise HybridServeError(f"sql: refused: {_first_line(exc)} (only the store's snapshots/ and requests/ "
-                               f"folders are readable)") from None
+        raise HybridServeError(f"sql: refused: {_first_line(exc)} (only the tables of the store's snapshots "
+                               f"and its request-log segments are readable)") from None
     except duckdb.Error as exc:
         raise HybridServeError(f"sql: {_first_line(exc)}") from None
     finally:

@@ -32,7 +32,7 @@ from batch.requestlog import RequestLogFiles, log_files
 from batch.evaluate import train_and_evaluate
 from batch.train import training_key
 from batch.validate import validate
-from serving.errors import Abandoned, HybridServeError, InputError, StoreLockedError, ValidationFailed
+from serving.errors import Abandoned, HybridServeError, InputError, StorageError, StoreLockedError, ValidationFailed
 from serving.models.base import Lists, Model
 from serving.models.rating import MODEL_FILES as RATING_FILES
 from serving.models.rating import RatingModel
@@ -347,6 +347,12 @@ def run(settings: Settings, retrain: bool = False, force: bool = False, crash_at
                                            "error": str(exc), "retrained": False})
         except OSError as write_error:
             LOG.warning("record of the locked run not kept: %s: %s", write_error.filename, write_error.strerror)
+        raise
+    except StorageError as exc:  # the store unreachable or refusing: the catalog (a local file) records it
+        started = now()
+        catalog.record_run(store, {"run_id": f"run-{started:%Y%m%d-%H%M%S-%f}", "status": "failed",
+                                   "started_at": started.isoformat(), "ended_at": now().isoformat(),
+                                   "error": str(exc), "retrained": False})
         raise
     try:
         return _run_locked(store, settings, retrain, force, crash_at, now, should_stop, progress)

@@ -66,8 +66,11 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def table_glob(store: Store, name: str) -> str:
-    return str(store.snapshots_dir.resolve() / "*" / layout.model_table_file(name))
+def table_files(store: Store, name: str, manifests: dict[str, dict]) -> list[str]:
+    """Model ``name``'s predictions in every retained snapshot that has them (regular files only)."""
+    urls = [store.model_table_url(sid, name) for sid, m in sorted(manifests.items())
+            if layout.model_table_file(name) in (m.get("files") or {})]
+    return [u for u in urls if store.is_regular(u)]
 
 
 def catalog_views(store: Store, manifests: dict[str, dict]) -> list[tuple[str, str]]:
@@ -77,12 +80,16 @@ def catalog_views(store: Store, manifests: dict[str, dict]) -> list[tuple[str, s
     views = []
     names = sorted({n for m in manifests.values() for n in (m.get("models") or {}) if n != layout.RATING})
     for name in names:
+        files = table_files(store, name, manifests)
+        if not files:
+            continue
+        listed = "[" + ", ".join(map(_sql_str, files)) + "]"
         views.append((f"all_predictions_{name}",
                       f"SELECT regexp_extract(filename, '/snapshots/([^/]+)/', 1) AS snapshot, * EXCLUDE (filename) "
-                      f"FROM read_parquet({_sql_str(table_glob(store, name))}, filename = true, union_by_name = true)"))
+                      f"FROM read_parquet({listed}, filename = true, union_by_name = true)"))
     for name in (manifests.get(current, {}).get("models") or {}) if current else ():
-        path = store.model_table_path(current, name)
-        views.append((f"predictions_{name}", f"SELECT * FROM read_parquet({_sql_str(str(path.resolve()))})"))
+        url = store.model_table_url(current, name)
+        views.append((f"predictions_{name}", f"SELECT * FROM read_parquet({_sql_str(url)})"))
     return views
 
 

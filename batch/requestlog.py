@@ -51,7 +51,7 @@ class RequestLogFiles:
         query: each file is then tried alone, the ones that fail are skipped, and the query runs again."""
         if not self.paths:
             return None
-        con = duckdb.connect()
+        con = self.store.connect_sql()  # on object storage, with the store's filesystem registered
         try:
             try:
                 return con.execute(sql, [self.paths, *params]).df()
@@ -102,6 +102,9 @@ def log_files(store: Store, quarantine: bool = False) -> RequestLogFiles:
     as a whole Parquet file (``_whole``). ``quarantine``: move an unreadable one out of the way (a batch run, holding the
     store lock); a read-only reader (``batch sql``) only skips it."""
     out = RequestLogFiles(store, [], quarantine=quarantine)
+    if store.remote:  # objects: each written whole by one PUT; a damaged inside is found by frame()
+        out.paths = [str(u) for u in store.log_files()]
+        return out
     for path in store.log_files():
         try:
             _whole(path)

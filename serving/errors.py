@@ -23,6 +23,18 @@ class SnapshotError(HybridServeError):
     """A snapshot that is missing, incomplete or fails its checks."""
 
 
+class StorageError(HybridServeError, OSError):
+    """Object storage unreachable, refusing or failing (no credentials, no bucket, access denied, an
+    upload cut off). An OSError too: whoever tolerates a full disk tolerates this the same way."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "storage error"
+
+
+class PublishConflict(SnapshotError):
+    """CURRENT moved between reading it and replacing it: another publisher won the compare-and-swap."""
+
+
 class StoreLockedError(HybridServeError):
     """Another process holds a lock in the store."""
 

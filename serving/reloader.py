@@ -7,7 +7,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from serving.errors import SnapshotError
+from serving.errors import SnapshotError, StorageError
 from serving.models.rating import RatingModel
 from serving.models.recommender import ModelBundle
 from serving.snapshot import LoadedSnapshot
@@ -43,10 +43,10 @@ class Reloader:
             current = self.snapshot.id if self.snapshot else None
             if target is None:
                 if current is None:
-                    self.last_error = f"no snapshot published in {self.store.root} ({pointer_problem})"
+                    self.last_error = f"no snapshot published in {self.store.url} ({pointer_problem})"
                     self._fall_back_to_model()
                 elif self.last_error is None or not self.last_error.startswith(pointer_problem):
-                    self.last_error = f"{pointer_problem} in {self.store.root}; still serving {current}"
+                    self.last_error = f"{pointer_problem} in {self.store.url}; still serving {current}"
                     LOG.error("%s", self.last_error)
                 return False
             if target == current:
@@ -59,7 +59,8 @@ class Reloader:
             try:
                 snap = LoadedSnapshot.load(self.store, target, checksums=self.verify_checksums)
             except Exception as exc:  # whatever is wrong with it, one path: refuse, count, keep serving
-                self._refused = target
+                # an object store out of reach is retried next interval; a bad snapshot waits for CURRENT
+                self._refused = None if isinstance(exc, StorageError) else target
                 reason = exc if isinstance(exc, (SnapshotError, OSError)) else f"{type(exc).__name__}: {exc}"
                 self.last_error = f"snapshot {target} refused: {reason}"
                 self.counts["reload_failures"] += 1
@@ -79,7 +80,12 @@ class Reloader:
 
     def _fall_back_to_model(self) -> None:
         """No valid snapshot: serve live from the newest trained model in the store, if any."""
-        for folder in self.store.trained_models():
+        try:
+            folders = self.store.trained_models()
+        except OSError as exc:  # an object store out of reach: nothing to fall back to this time
+            LOG.warning("no trained model to serve live from: %s", exc)
+            return
+        for folder in folders:
             try:
                 bundle = ModelBundle.load(folder / layout.RECOMMENDER)
                 rating = RatingModel.load(folder / layout.RATING, layout.RATING, {})

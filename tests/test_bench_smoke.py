@@ -185,3 +185,13 @@ def test_search_benchmark_small(tmp_path):
     assert saved["items"] == 600 and set(saved["search_by_kind"]) == {"prefix", "substring", "no match"}
     assert r["search"]["requests"] == sum(k["requests"] for k in r["search_by_kind"].values()) > 100
     assert 0 < r["search"]["p50_ms"] <= r["search"]["p99_ms"] and r["item_by_id"]["requests"] == r["search"]["requests"]
+
+
+def test_s3_publish_benchmark_small(tmp_path):
+    """Both sides publish the same snapshot; the emulator runs in its own process."""
+    import bench_s3_publish
+    r = bench_s3_publish.run(items=2000, k_max=10, rounds=1, workdir=tmp_path / "work", out_dir=tmp_path)
+    saved = json.loads((tmp_path / "s3_publish.json").read_text())
+    assert saved["items"] == 2000 and saved["files"] == 6  # four tables, the vectors, the manifest
+    assert r["disk_s"] > 0 and r["s3_s"] > 0 and r["raw_put_s"] > 0
+    assert r["s3_vs_disk"] == r["s3_s"] / r["disk_s"]

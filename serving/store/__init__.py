@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from serving.errors import ConfigError, SnapshotError, StoreLockedError
 from serving.store import layout
-from serving.store.fs import filesystem, is_local
+from serving.store.fs import filesystem, is_local, is_remote_url
 from serving.store.layout import (FORMAT_VERSION, MANIFEST, REQUEST_LOG_SCHEMA, TABLE_SCHEMAS, TABLES)
 from serving.store.writer import (PUBLISH_STEPS, InjectedCrash, SnapshotWriter, describe_os_error, fsync_dir,
                                   naming, os_error_at, sha256_file, sha256_files, write_atomic,
@@ -81,16 +81,45 @@ def _regular(path: Path) -> bool:
         return False
 
 
-class Store:
-    """A store by URL (a local folder by default). Cheap to construct; touches nothing until asked."""
+def parse_manifest(data: bytes, where: object, snapshot_id: str) -> dict[str, Any]:
+    """A manifest's JSON, refused with a message when it is not one or names another snapshot."""
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{where}: manifest is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("id") != snapshot_id:
+        raise SnapshotError(f"{where}: manifest id does not match the folder")
+    return manifest
 
-    def __init__(self, url: str | os.PathLike):
+
+class Store:
+    """A store by URL (a local folder by default). Cheap to construct; touches nothing until asked.
+
+    ``Store("s3://bucket/prefix")`` is an object store (``remote.ObjectStore``): the same methods, with
+    a local cache folder for what must be local (staging, copies for memory-mapping, the catalog).
+    ``Store(url, storage_options)`` is all a process needs to rebuild it (a Dask worker does)."""
+
+    remote = False
+
+    def __new__(cls, url: str | os.PathLike, *args: Any, **kwargs: Any) -> "Store":
+        if cls is Store and is_remote_url(url):
+            from serving.store.remote import ObjectStore
+            return super().__new__(ObjectStore)
+        return super().__new__(cls)
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+                 cache_dir: str | os.PathLike | None = None):
         self.url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
         self.fs, base = filesystem(self.url)
         if not is_local(self.fs):
-            raise ConfigError(f"paths.store: {self.url}: only local folders are stores so far "
-                              "(docs/limitations.md)")
+            raise ConfigError(f"paths.store: {self.url}: not a store URL (a local folder, file://... or "
+                              "s3://bucket/prefix)")
         self.root = Path(base)
+
+    @property
+    def writer_class(self) -> type[SnapshotWriter]:
+        return SnapshotWriter
 
     # --- layout -----------------------------------------------------------------
     @property
@@ -134,9 +163,38 @@ class Store:
         """A contract table of a snapshot (in its model's folder; at the top in format 2)."""
         return self.snapshot_dir(snapshot_id) / layout.table_file(table, self.format_of(snapshot_id))
 
+    def table_url(self, snapshot_id: str, table: str) -> str:
+        """A contract table of a snapshot as SQL reads it (an absolute path; ``s3://...`` on S3)."""
+        return str(self.table_path(snapshot_id, table).resolve())
+
+    def model_table_url(self, snapshot_id: str, name: str) -> str:
+        """A registered model's predictions as SQL reads them."""
+        return str(self.model_table_path(snapshot_id, name).resolve())
+
     def table_paths(self, table: str) -> list[str]:
-        """This table in every retained snapshot (for SQL across versions), as absolute paths."""
-        return [str(self.table_path(sid, table).resolve()) for sid in self.snapshot_ids()]
+        """This table in every retained snapshot (for SQL across versions), as SQL reads them."""
+        return [self.table_url(sid, table) for sid in self.snapshot_ids()]
+
+    def is_regular(self, url: str) -> bool:
+        """Whether ``url`` (as SQL reads it) is a regular file, not a link, FIFO or device: a FIFO would
+        block the reader in open(), where no deadline can reach it."""
+        path = Path(url)
+        return path.is_file() and not path.is_symlink()
+
+    def connect_sql(self, database: str = ":memory:", read_only: bool = False, config: dict[str, Any] | None = None):
+        """A DuckDB connection that reads this store: never installs or loads an extension (nothing is
+        downloaded); on an object store, the store's own fsspec filesystem is registered on it."""
+        import duckdb
+        con = duckdb.connect(database, read_only=read_only,
+                             config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                     **(config or {})})
+        if not is_local(self.fs):
+            con.register_filesystem(self.fs)
+        return con
+
+    def has_requests(self) -> bool:
+        """Whether the request log has any segment (the schema seed counts: SQL over it works)."""
+        return self.requests_dir.is_dir() and any(self.requests_dir.rglob("*.parquet"))
 
     def model_dir(self, snapshot_id: str, name: str = layout.RECOMMENDER) -> Path:
         """The folder of model ``name`` in a snapshot (format 2 kept the built-in two in ``model/``)."""
@@ -257,6 +315,15 @@ class Store:
         write_atomic(path, data, before_replace)
         return path
 
+    def pending_records(self) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every whole run record waiting for the catalog, oldest name first."""
+        if not self.pending_runs_dir.is_dir():
+            return []
+        return [(p.name, p.read_bytes()) for p in sorted(self.pending_runs_dir.glob("*.json"))]
+
+    def remove_pending(self, name: str) -> None:
+        (self.pending_runs_dir / name).unlink(missing_ok=True)
+
     # --- reading ----------------------------------------------------------------
     def read_current(self) -> tuple[str | None, str]:
         """(CURRENT's snapshot id, "") or (None, what is wrong with the pointer)."""
@@ -284,14 +351,10 @@ class Store:
     def read_manifest(self, snapshot_id: str, base: Path | None = None) -> dict[str, Any]:
         path = (base or self.snapshot_dir(snapshot_id)) / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise SnapshotError(f"{path}: no such snapshot") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SnapshotError(f"{path}: manifest is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("id") != snapshot_id:
-            raise SnapshotError(f"{path}: manifest id does not match the folder")
-        return manifest
+        return parse_manifest(data, path, snapshot_id)
 
     def verify(self, snapshot_id: str, checksums: bool = True) -> dict[str, Any]:
         """Check that every file the manifest lists exists with its size (and sha256). Returns the manifest."""
@@ -352,7 +415,7 @@ class Store:
         taken = set(self.snapshot_ids())
         while new_snapshot_id(now) in taken:  # two runs within one microsecond (a fixed clock in tests)
             now += timedelta(microseconds=1)
-        return SnapshotWriter(self, new_snapshot_id(now), crash_at=crash_at)
+        return self.writer_class(self, new_snapshot_id(now), crash_at=crash_at)
 
     def set_current(self, snapshot_id: str, before_replace: Callable[[], None] | None = None) -> None:
         if not (self.snapshot_dir(snapshot_id) / MANIFEST).is_file():
@@ -397,11 +460,14 @@ class Store:
         for sid in ids:
             if sid in keep_ids:
                 continue
-            self._discard(self.snapshot_dir(sid))
+            self._remove_snapshot(sid)
             removed.append(sid)
         if removed:
             LOG.info("retention removed %s", ", ".join(removed))
         return removed
+
+    def _remove_snapshot(self, snapshot_id: str) -> None:
+        self._discard(self.snapshot_dir(snapshot_id))
 
     def clean_temp(self) -> list[str]:
         """Remove leftovers of interrupted publishes, model saves and prunes: ``snapshots/.tmp-*``,

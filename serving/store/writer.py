@@ -157,9 +157,11 @@ class SnapshotWriter:
     Publish order: model files and tables -> manifest (with checksums) -> fsync -> rename -> CURRENT.
     """
 
+    steps = PUBLISH_STEPS
+
     def __init__(self, store: "Store", snapshot_id: str, crash_at: str | None = None, create: bool = True):
-        if crash_at is not None and crash_at not in PUBLISH_STEPS:
-            raise ValueError(f"crash_at must be one of {PUBLISH_STEPS}")
+        if crash_at is not None and crash_at not in self.steps:
+            raise ValueError(f"crash_at must be one of {self.steps}")
         self.store, self.id, self.crash_at = store, snapshot_id, crash_at
         self.tmp = store.snapshots_dir / f"{layout.TMP_PREFIX}{snapshot_id}"
         if create:
@@ -169,10 +171,14 @@ class SnapshotWriter:
     @classmethod
     def reopen(cls, store: "Store", snapshot_id: str) -> "SnapshotWriter":
         """The snapshot ``snapshot_id`` being written, from another process (a precompute worker)."""
-        writer = cls(store, snapshot_id, create=False)
-        if not writer.tmp.is_dir():
+        writer = store.writer_class(store, snapshot_id, create=False)
+        if not writer.exists():
             raise SnapshotError(f"{writer.tmp}: no snapshot {snapshot_id} being written")
         return writer
+
+    def exists(self) -> bool:
+        """Whether this snapshot is being written (its folder is there)."""
+        return self.tmp.is_dir()
 
     @property
     def row_counts(self) -> dict[str, int]:

@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
                     error_log_interval_s=settings["serving.error_log_interval_s"],
                     cache_max_bytes=int(settings["serving.cache_max_mb"] * 1024 * 1024), shared=shared,
                     max_waiting=settings["serving.live_max_waiting"])
-    engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc())
+    engine.reloader.on_snapshot = lambda snap: (metrics.snapshot_created.set(snap.created_at), metrics.reloads.inc(),
+                                                metrics.serving(snap.id))
     engine.reloader.on_failure = lambda _msg: metrics.reload_failures.inc()
     engine.on_stale = lambda kind: metrics.stale.labels(kind).inc()
     engine.on_live = metrics.live

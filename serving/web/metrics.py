@@ -55,6 +55,11 @@ class Metrics:
         self.snapshot_created = Gauge("hybridserve_snapshot_created_timestamp_seconds",
                                       "Creation time of the snapshot being served", registry=r,
                                       multiprocess_mode="max")
+        # Which snapshot each worker serves (1; 0 for the one it swapped out): replicas on an object
+        # store say which copy they run. A pid label per worker in multiprocess mode ("liveall").
+        self.snapshot_served = Gauge("hybridserve_snapshot_served", "The snapshot this worker serves (1)",
+                                     ["snapshot"], registry=r, multiprocess_mode="liveall")
+        self._served: str | None = None
         self.requestlog_failures = Counter("hybridserve_requestlog_flush_failures", "Failed request-log flushes",
                                            registry=r)
         # One sample per worker process (pid label in multiprocess mode): what gc.freeze() hid at start.
@@ -63,6 +68,13 @@ class Metrics:
         self._children: dict = {}  # (endpoint, source, status) or a live kind -> children
         self.requestlog_dropped = Counter("hybridserve_requestlog_dropped_rows",
                                           "Request-log rows dropped to bound memory", registry=r)
+
+    def serving(self, snapshot_id: str) -> None:
+        """This worker now serves ``snapshot_id``."""
+        if self._served is not None and self._served != snapshot_id:
+            self.snapshot_served.labels(self._served).set(0)
+        self.snapshot_served.labels(snapshot_id).set(1)
+        self._served = snapshot_id
 
     def observe(self, endpoint: str, source: str, status: int, seconds: float) -> None:
         """Count one request and its latency (labelled children cached: labels() is slow per call)."""

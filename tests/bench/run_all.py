@@ -26,6 +26,7 @@ import bench_models  # noqa: E402
 import bench_modes  # noqa: E402
 import bench_quality  # noqa: E402
 import bench_search  # noqa: E402
+import bench_s3_publish  # noqa: E402
 import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
@@ -169,6 +170,12 @@ def summary(results_dir: Path = RESULTS) -> str:
                  _row("memory added per extra server worker (PSS)",
                       f"{s['extra_worker_mb']:,.0f} MB = {s['extra_worker_share_of_snapshot']:.0%} of the snapshot",
                       "<= 25%", s["extra_worker_share_of_snapshot"] <= 0.25)]
+    p = load("s3_publish")
+    if p:
+        rows.append(_row(f"publish a {p['items']:,}-item snapshot ({p['snapshot_mb']:,.0f} MB) to the S3 emulator vs "
+                         f"local disk (a raw put of the same bytes: {p['emulator_share_of_s3']:.0%} of the S3 time)",
+                         f"{p['s3_vs_disk']:.2f}x ({p['s3_s']:.1f} s vs {p['disk_s']:.1f} s)", "<= 3x",
+                         p["s3_vs_disk"] <= 3))
     q = load("recommender_quality")
     if q:
         rk, rt, sim = q["ranking"], q["rating"], q["similar_items"]
@@ -205,6 +212,7 @@ PARTS = {
     "fleet": lambda: bench_fleet.run(),
     "modes": lambda: bench_modes.run(rounds=5),
     "snapshot": lambda: bench_snapshot.run(),
+    "s3": lambda: bench_s3_publish.run(),
     "quality": lambda: bench_quality.run(),
     "models": lambda: bench_models.run(),
     "search": lambda: bench_search.run(),
@@ -228,6 +236,7 @@ def main(quick: bool = False, only: str = "") -> None:
         bench_snapshot.run(items=20_000, workers=2, workdir=work / "snapshot", out_dir=out)
         bench_front.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work, out_dir=out,
                         n_paths=300)
+        bench_s3_publish.run(items=20_000, rounds=1, workdir=work / "s3_publish", out_dir=out)
         bench_quality.run(out_dir=out, folds=2)
         bench_models.run(items=3000, users=1000, interactions=30_000, seconds=2, rounds=1, workdir=work / "models",
                          out_dir=out, live_n=300, grid_steps=101)
@@ -245,6 +254,7 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_fleet.run()
     bench_snapshot.run()
+    bench_s3_publish.run()
     bench_quality.run()
     bench_models.run()
     bench_search.run()
