@@ -30,7 +30,9 @@ class Clock:
 
 
 SERVING = {"max_age_s": 3600.0, "cache_ttl_s": 60.0, "cache_size": 1000, "k_limit": 500, "session_max_items": 5,
-           "cors_origins": "https://shop.example", "log_flush_interval_s": 0.0, "log_flush_rows": 100000}
+           "cors_origins": "https://shop.example", "log_flush_interval_s": 0.0, "log_flush_rows": 100000,
+           # tests below send up to 8 identical misses at once: more than live_max_waiting lets wait by default
+           "live_max_waiting": 16}
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from serving.snapshot import LoadedSnapshot
 from serving.web.app import create_app
 from serving.web.fastpath import HitPath
 from serving.store import Store
@@ -37,13 +38,26 @@ def _hits(store, sid) -> list[str]:
         urls += [f"/v1/predictions?user_id={u}&item_id={i}", f"/v1/predictions?item_id={i}&user_id={u}"]
     hot = int(sim["item_id"].iloc[0])
     # sessions of precomputed items whose lists prove the answer (checked in the test that uses them)
-    a, b = (int(i) for i in sim["item_id"].iloc[:2])
+    a, b = _provable_pair(store, sid, [int(i) for i in sim["item_id"].iloc[:30]])
     urls += [f"/v1/recommendations?items={a}&k=5", f"/v1/recommendations?items={a},{b}&k=5",
              f"/v1/recommendations?items={b},{a}&k=3"]
     urls += [f"/v1/items/{hot}/similar?k=05", f"/v1/items/0{hot}/similar?k=5"]  # leading zeros: same key
     # k left out: parse.DEFAULT_K, still a hit
     return urls + [f"/v1/items/{hot}/similar", f"/v1/users/{recs['user_id'].iloc[0]}/recommendations",
                    f"/v1/recommendations?items={a}"]
+
+
+def _provable_pair(store, sid, items: list[int]) -> tuple[int, int]:
+    """Two precomputed items whose similar lists prove the sessions (a), (a, b) at k=5 and (b, a) at k=3:
+    which pairs do depends on the trained vectors, so the snapshot is asked, not assumed."""
+    rec = LoadedSnapshot.load(store, sid).models["recommender"]
+    for a in items:
+        if rec.stored("session", ((a,),), 5) is None:
+            continue
+        for b in items:
+            if b != a and rec.stored("session", ((a, b),), 5) is not None and rec.stored("session", ((b, a),), 3) is not None:
+                return a, b
+    raise AssertionError(f"no two of {items} have similar lists that prove a session answer")
 
 
 def _others(store, sid) -> list[str]:
