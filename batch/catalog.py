@@ -266,7 +266,7 @@ def view_files(store: Store) -> tuple[list[str], list[str]]:
     return regular, [f for f in segments if f in regular]
 
 
-def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
+def open_readonly(store: Store, readable: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """The catalog for ad-hoc SQL, read-only at the engine level.
 
     ``read_only`` alone still lets a query write files (COPY TO, EXPORT DATABASE), attach other
@@ -277,7 +277,8 @@ def open_readonly(store: Store) -> duckdb.DuckDBPyConnection:
     this connection and DuckDB never loads an extension. DuckDB's allowed paths also admit writes,
     which is why :func:`query` accepts only reading statements.
     """
-    readable, _ = view_files(store)
+    if readable is None:  # ``readable``: view_files' first list, when the caller listed them already
+        readable, _ = view_files(store)
     con = store.connect_sql(str(store.catalog_path), read_only=True)
     try:
         con.execute("SET allowed_directories = []")
@@ -310,7 +311,8 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
     if not store.catalog_path.is_file():
         raise FileNotFoundError(store.catalog_path)
     try:
-        con = open_readonly(store)
+        readable, segments = view_files(store)  # listed once: a damaged segment is warned of once
+        con = open_readonly(store, readable)
     except (duckdb.Error, OSError) as exc:
         raise HybridServeError(f"sql: {store.catalog_path}: {_first_line(exc)}") from None
     fired = threading.Event()
@@ -330,7 +332,7 @@ def query(store: Store | str | os.PathLike, sql: str, max_rows: int = 1000, time
             raise HybridServeError(f"sql: refused: only reading statements are allowed (SELECT, WITH, FROM, "
                                    f"VALUES, DESCRIBE, SHOW, SUMMARIZE), got {kind.name}")
         # The request log as it is now, damaged and planted files left out (a TEMP view shadows the stored one).
-        con.execute(f"CREATE OR REPLACE TEMP VIEW requests AS {requests_select(log_files(store).paths)}")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW requests AS {requests_select(segments)}")
         timer.start()
         rel = con.sql(sql)
         cols = list(rel.columns)
