@@ -39,15 +39,7 @@ RARE_BELOW = 20
 
 def most_popular(train: pd.DataFrame, user_ids: np.ndarray, k: int) -> np.ndarray:
     """(n, k) ids: the most-interacted items in ``train`` (ties by id), each user's seen items excluded."""
-    counts = train.groupby("item_id").size()
-    ranked = counts.index.to_numpy()[np.lexsort((counts.index.to_numpy(), -counts.to_numpy()))]
-    seen = train.groupby("user_id")["item_id"].apply(lambda s: set(s.tolist()))
-    out = np.full((len(user_ids), k), -1, dtype=np.int64)
-    for r, uid in enumerate(user_ids):
-        s = seen.get(uid, set())
-        top = [i for i in ranked[:k + len(s)].tolist() if i not in s][:k]
-        out[r, :len(top)] = top
-    return out
+    return rank_by_item_score(train, train.groupby("item_id").size(), user_ids, k)
 
 
 def rank_by_item_score(train: pd.DataFrame, score: pd.Series, user_ids: np.ndarray, k: int) -> np.ndarray:
