@@ -110,19 +110,21 @@ def test_models_benchmark_small(tmp_path):
 
 
 def test_server_benchmark_small(tmp_path, workspace):
-    """The server benchmark end to end on a tiny catalogue, granian and its floor (nginx, Redis and the
-    former gunicorn worker come with make bench), Python load generator: slow clients stall nothing."""
+    """The server benchmark end to end on a tiny catalogue, granian (8 app threads and 1) and its floor
+    (nginx, Redis and the former gunicorn worker come with make bench), Python load generator: slow
+    clients stall nothing."""
     import bench_server
+    names = ("granian", "granian_floor", "granian_1thread")
     r = bench_server.run(seconds=0.5, rounds=1, loadgen="python", workdir=tmp_path / "work", out_dir=tmp_path,
-                         servers=("granian", "granian_floor"), n_paths=50, config=workspace[2])
+                         servers=names, n_paths=50, config=workspace[2])
     saved = json.loads((tmp_path / "server.json").read_text())
-    assert saved["servers"] == ["granian", "granian_floor"] and saved["paths"] == 50
+    assert saved["servers"] == list(names) and saved["paths"] == 50
     assert saved["body_bytes_median"] > 100
-    for name in ("granian", "granian_floor"):  # the floor answered the same bytes (checked at start) under load
+    for name in names:  # the floor answered the same bytes (checked at start) under load
         for key in ("at_16", "at_1"):
             assert r[name][key]["requests"] > 0 and r[name][key]["non_2xx"] == 0
             assert r[name][key]["cpu_us_per_request"] >= 0
-    assert r["granian_vs_granian_floor_rps"] > 0
+    assert r["granian_vs_granian_floor_rps"] > 0 and r["granian_vs_granian_1thread_cpu"] > 0
     slow = r["slow_clients"]["granian"]
     assert slow["at_16"]["requests"] > 0 and r["slow_clients_granian_failed"] == 0
     assert slow["trickling_dropped_by_server"] == 0  # 0.5 s runs: well inside the header timeout

@@ -116,6 +116,33 @@ def test_metrics_and_request_log_rows_are_the_same(pair):
     assert counts(fast) == counts(slow) and any('source="precomputed"' in line for line in counts(fast))
 
 
+def test_hits_are_counted_in_memory_and_flushed_to_prometheus(pair):
+    fast, slow, clock, store, sid = pair
+    metrics = fast.extensions["hybridserve"].metrics
+    hits = [u for u in _hits(store, sid) if u.startswith("/v1/items/")]
+    client = fast.test_client()
+    for url in hits:
+        assert client.get(url).json["source"] == "precomputed"
+
+    def counted(name: str, **labels) -> float:  # the Prometheus series as they stand, nothing flushed
+        return metrics.registry.get_sample_value(name, {"endpoint": "similar_items", **labels}) or 0.0
+
+    series = {"source": "precomputed", "status": "200"}
+    assert counted("hybridserve_requests_total", **series) == 0.0  # counted in memory only, so far
+    metrics.flush_hits()
+    assert counted("hybridserve_requests_total", **series) == len(hits)
+    assert counted("hybridserve_fast_path_requests_total") == len(hits)
+    assert 0 < counted("hybridserve_fast_path_seconds_total") < 1.0
+    assert counted("hybridserve_request_latency_seconds_count", source="precomputed") == 0.0  # Flask's only
+    client.get(hits[0])
+    fast.extensions["hybridserve"].close()  # a worker that stops adds what it counted since
+    assert counted("hybridserve_requests_total", **series) == len(hits) + 1
+    client.get(hits[0])
+    line = next(x for x in client.get("/metrics").text.splitlines()  # a scrape adds them first
+                if x.startswith('hybridserve_fast_path_requests_total{endpoint="similar_items"}'))
+    assert float(line.split()[-1]) == len(hits) + 2
+
+
 def test_revalidation_and_stale_answers_go_through_flask_once(pair):
     fast, slow, clock, store, sid = pair
     url = _hits(store, sid)[1]

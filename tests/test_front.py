@@ -20,6 +20,7 @@ from batch.job import run
 from batch.tools.demo import ApiServer, http_get as get
 from conftest import make_settings
 from serving.store import Store
+from serving.web.metrics import HIT_FLUSH_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 from bench_front import Front, nginx_binary  # noqa: E402
@@ -48,7 +49,9 @@ def front(tmp_path_factory, published):
 
 
 def _origin_requests(api) -> float:
-    """Requests the API answered (its /metrics, which counts none of its own)."""
+    """Requests the API answered (its /metrics, which counts none of its own), once every worker has
+    added the hits it counted in memory (within HIT_FLUSH_S)."""
+    time.sleep(2 * HIT_FLUSH_S)
     _, _, body = get(api.base + "/metrics")
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                if line.startswith("hybridserve_requests_total{"))

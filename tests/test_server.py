@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from batch.tools.demo import ApiServer, free_port, http_get as get
 from batch.job import run
+from serving.web.metrics import HIT_FLUSH_S
 from serving.engine import Engine
 from serving.store import Store
 from conftest import make_settings
@@ -105,10 +106,15 @@ def test_endpoints_metrics_across_workers_and_the_listen_address(shared):
     # (answered by either) counts them all.
     for _ in range(40):
         get(f"{base}/v1/items/{sim.item_id.iloc[1]}/similar?k=2")
+    # each worker adds the hits it counted in memory to its series within HIT_FLUSH_S
+    time.sleep(2 * HIT_FLUSH_S)
     text = get(f"{base}/metrics")[2].decode()
     line = next(x for x in text.splitlines()
                 if x.startswith('hybridserve_requests_total{endpoint="similar_items",source="precomputed",status="200"}'))
     assert float(line.split()[-1]) == 41.0
+    fast = sum(float(x.split()[-1]) for x in text.splitlines()
+               if x.startswith('hybridserve_fast_path_requests_total{endpoint="similar_items"}'))
+    assert fast == 41.0  # every plain hit was answered below Flask
     assert "hybridserve_snapshot_age_seconds" in text
     per_worker = _per_worker_requests(prom)
     assert sorted(per_worker) == _worker_pids(srv.proc.pid)

@@ -17,7 +17,7 @@ from serving.settings import Settings, load_settings
 from serving.store import Store
 from serving.web import api
 from serving.web.fastpath import HitPath, cors_headers_for
-from serving.web.metrics import Metrics
+from serving.web.metrics import HIT_FLUSH_S, Metrics
 from serving.web.parse import Limits
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Services:
             self._reloader.join(timeout=5)
         self.engine.close()
         self.requestlog.close()
+        self.metrics.flush_hits()
 
 
 def create_app(settings: Settings | None = None, clock: Callable[[], float] = time.time,
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
         services._reloader = threading.Thread(target=_reload_loop, args=(engine, settings, services._stop),
                                               name="snapshot-reload", daemon=True)
         services._reloader.start()
+        threading.Thread(target=_flush_hits_loop, args=(metrics, services._stop), name="metrics-hits",
+                         daemon=True).start()
         # Flush the request log when the process ends. atexit is not enough: a server's worker started by
         # multiprocessing with fork (granian's) leaves through os._exit, which skips atexit; it does end
         # its main thread and then join the non-daemon threads, this one among them.
@@ -128,6 +131,12 @@ def _close_after_main(services: Services) -> None:
     """Wait for the main thread to end (a worker that drained its connections), then flush."""
     threading.main_thread().join()
     services.close()
+
+
+def _flush_hits_loop(metrics: Metrics, stop: threading.Event) -> None:
+    """Add the hits counted in memory to Prometheus every HIT_FLUSH_S (serving.web.metrics)."""
+    while not stop.wait(HIT_FLUSH_S):
+        metrics.flush_hits()
 
 
 def _reload_loop(engine: Engine, settings: Settings, stop: threading.Event) -> None:

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from serving.engine import PRECOMPUTED, Answer, remaining_s
+from serving.engine import Answer, remaining_s
 from serving.errors import HybridServeError
 from serving.web import parse, render
-from serving.web.api import record
+from serving.web.api import record_hit
 from serving.web.parse import Lookup
 
 _ID = r"([0-9]{1,19})"
@@ -35,8 +35,8 @@ _PLAIN = {"list": re.compile(rf"(?:{_K}(?:&{_FIELDS})?|{_FIELDS}(?:&{_K})?)?"),
           "session": re.compile(rf"items=[0-9]{{1,19}}(?:,[0-9]{{1,19}})*(?:&{_K})?(?:&{_FIELDS})?")}
 _JSON = ("Content-Type", "application/json")
 # Request headers that change the answer or belong to a preflight: Flask handles those requests.
-_FLASK_HEADERS = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
-                  "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
+_IF_NONE_MATCH, _PREFLIGHT, _PREFLIGHT_PRIVATE = ("HTTP_IF_NONE_MATCH", "HTTP_ACCESS_CONTROL_REQUEST_METHOD",
+                                                  "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK")
 
 
 class _NotAHit(Exception):
@@ -98,12 +98,13 @@ class HitPath:
             headers += self.cors_headers(environ.get("HTTP_ORIGIN"))
         start_response("200 OK", headers)
         self.answered += 1
-        record(self.svc, hit.endpoint, PRECOMPUTED, 200, time.perf_counter() - t0, hit.log)
+        record_hit(self.svc, hit.endpoint, time.perf_counter() - t0, hit.log)
         return [data]
 
     def _hit(self, environ: dict) -> tuple[Rendered, float, float] | None:
         """(rendered hit, freshness left, now) for a plain precomputed hit; None for anything else."""
-        if environ.get("REQUEST_METHOD") != "GET" or any(h in environ for h in _FLASK_HEADERS):
+        if (environ.get("REQUEST_METHOD") != "GET" or _IF_NONE_MATCH in environ or _PREFLIGHT in environ
+                or _PREFLIGHT_PRIVATE in environ):
             return None
         path, query = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
         if len(path) + len(query) > self.max_url:

@@ -6,6 +6,7 @@ are right across worker processes.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 from serving.store.layout import LOOKUP_ENDPOINTS as LOOKUPS
 # what per_model() counts for each model
 PER_MODEL = ("computed", "deadline", "busy", "error", "stale_deadline", "stale_busy", "stale_error")
+# How often each worker adds the hits it counted in memory to its Prometheus series (Metrics.hit)
+HIT_FLUSH_S = 0.25
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -29,8 +32,19 @@ class Metrics:
         r = self.registry
         self.requests = Counter("hybridserve_requests", "Requests answered", ["endpoint", "source", "status"],
                                 registry=r)
-        self.latency = Histogram("hybridserve_request_latency_seconds", "Time in the app per request",
+        self.latency = Histogram("hybridserve_request_latency_seconds", "Time in the app per request (but the "
+                                 "hits answered below Flask: hybridserve_fast_path_*)",
                                  ["endpoint", "source"], buckets=_BUCKETS, registry=r)
+        # The hit path's own series, counted in this worker's memory and added to the ones above in
+        # batches (flush_hits): a multiprocess-mode increment writes a memory-mapped file under a lock,
+        # three of them per hit cost as much as the rest of the hit (docs/server.md).
+        self.fast_hits = Counter("hybridserve_fast_path_requests", "Precomputed hits answered below Flask "
+                                 "(also in hybridserve_requests_total)", ["endpoint"], registry=r)
+        self.fast_seconds = Counter("hybridserve_fast_path_seconds", "Time in the app of the hits answered "
+                                    "below Flask (mean: rate of this over hybridserve_fast_path_requests_total)",
+                                    ["endpoint"], registry=r)
+        self._hits: dict[str, list] = {}  # endpoint -> [hits, seconds] not yet added
+        self._hits_lock = threading.Lock()
         self.live_seconds = Counter("hybridserve_live_compute_seconds", "Thread CPU seconds in live model/FAISS work",
                                     ["endpoint"], registry=r)
         self.stale = Counter("hybridserve_stale_precomputed", "Precomputed answers too old to serve (computed live)",
@@ -86,6 +100,26 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def hit(self, endpoint: str, seconds: float) -> None:
+        """Count one hit answered below Flask (precomputed, 200) in memory; ``flush_hits`` adds the
+        counts to Prometheus (every HIT_FLUSH_S, and before this worker renders its metrics)."""
+        with self._hits_lock:
+            pending = self._hits.get(endpoint)
+            if pending is None:
+                self._hits[endpoint] = [1, seconds]
+            else:
+                pending[0] += 1
+                pending[1] += seconds
+
+    def flush_hits(self) -> None:
+        """Add the hits counted in memory to their Prometheus series (one increment per series)."""
+        with self._hits_lock:
+            pending, self._hits = self._hits, {}
+        for endpoint, (n, seconds) in pending.items():
+            self.requests.labels(endpoint, "precomputed", "200").inc(n)
+            self.fast_hits.labels(endpoint).inc(n)
+            self.fast_seconds.labels(endpoint).inc(seconds)
+
     def live(self, kind: str, cpu_s: float, model: str | None = None) -> None:
         """Count one live computation of ``model`` and add its thread CPU time to ``kind``'s (the
         labelled children cached, as in ``observe``)."""
@@ -108,7 +142,9 @@ class Metrics:
             self.live_refused.labels(model, why).inc()
 
     def _registry(self) -> CollectorRegistry:
-        """The series of every worker (multiprocess mode) or of this app."""
+        """The series of every worker (multiprocess mode) or of this app; this worker's hits first
+        flushed (the other workers' are at most HIT_FLUSH_S behind)."""
+        self.flush_hits()
         if multiprocess():
             registry = CollectorRegistry()
             MultiProcessCollector(registry)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from batch.tools.demo import ApiServer, free_port, http_get  # noqa: E402
+from serving.web.metrics import HIT_FLUSH_S  # noqa: E402
 
 CONF = REPO / "config" / "nginx.conf"
 NGINX = "/usr/sbin/nginx"
@@ -223,7 +224,9 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
 
 
 def _origin_lookups(base: str) -> float:
-    """Lookups the API counted (hybridserve_requests_total, similar items): the front's misses."""
+    """Lookups the API counted (hybridserve_requests_total, similar items): the front's misses, once
+    every worker has added the hits it counted in memory (within HIT_FLUSH_S)."""
+    time.sleep(2 * HIT_FLUSH_S)
     _, _, body = http_get(base + "/metrics")
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                if line.startswith('hybridserve_requests_total{endpoint="similar_items"'))

@@ -6,7 +6,9 @@
   every answer already cached in Redis;
 - the former production setup: gunicorn 27 with the project's own loop worker (loop_worker.py);
 - granian's floor: an app that only looks the bytes up in a dict (floor_wsgi_app.py), same granian
-  settings: what granian costs per request here, whatever the app does.
+  settings: what granian costs per request here, whatever the app does;
+- hybridserve on granian with one app thread per worker (`serving.blocking_threads = 1`): what the
+  default's pool of app threads (a request waiting for a live answer holds one) costs the hits.
 
 Each gets the same precomputed paths (wrk, 16 keep-alive connections and 1), in alternating short
 runs; medians are reported. Then slow clients: 50 connections trickling a header line every 0.5 s and
@@ -47,7 +49,7 @@ from loadgen import LOADGENS  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.store import Store  # noqa: E402
 
-SERVERS = ("granian", "nginx", "fastapi_redis", "gunicorn_loop", "granian_floor")
+SERVERS = ("granian", "nginx", "fastapi_redis", "gunicorn_loop", "granian_floor", "granian_1thread")
 _NGINX_CONF = """
 worker_processes {workers};
 {user}
@@ -278,6 +280,8 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
             started["gunicorn_loop"] = start_loop_worker(cfg, workers)
         if "granian_floor" in servers:
             started["granian_floor"] = start_granian_floor(root / "floor", bodies, workers)
+        if "granian_1thread" in servers:
+            started["granian_1thread"] = ApiServer(cfg, env={"HYBRIDSERVE_SERVING_BLOCKING_THREADS": "1"}).start()
         for name, srv in started.items():  # the same bytes from every server (granian's age_s moves on)
             status, _, body = http_get(srv.base + paths[0])
             same = json.loads(body) | {"age_s": 0} == json.loads(bodies[paths[0]]) | {"age_s": 0}
@@ -317,7 +321,8 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     g = result["granian"]["at_16"]["runs"]
     ratios = {}
     for name, key in (("nginx", "granian_vs_nginx"), ("fastapi_redis", "granian_vs_fastapi_redis"),
-                      ("gunicorn_loop", "granian_vs_gunicorn_loop"), ("granian_floor", "granian_vs_granian_floor")):
+                      ("gunicorn_loop", "granian_vs_gunicorn_loop"), ("granian_floor", "granian_vs_granian_floor"),
+                      ("granian_1thread", "granian_vs_granian_1thread")):
         if name in result:
             other = result[name]["at_16"]["runs"]
             for unit, per_round in (("rps", [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(g, other)]),

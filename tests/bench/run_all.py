@@ -146,6 +146,11 @@ def summary(results_dir: Path = RESULTS) -> str:
                      _row("server: one connection's hit p99, granian vs loop worker",
                           f"{v['granian_p99_1_ms']:.2f} ms vs {v['gunicorn_loop_p99_1_ms']:.2f} ms", "not worse",
                           v["granian_p99_1_ms"] <= v["gunicorn_loop_p99_1_ms"])]
+        if "granian_vs_granian_1thread_rps" in v:  # what the pool of app threads costs the hits
+            rows.append("| server: granian hits with the default 8 app threads per worker vs 1 "
+                        "(serving.blocking_threads), req/s at 16 | "
+                        f"{v['granian_vs_granian_1thread_rps']:.2f}x" + spread("granian_vs_granian_1thread_rps") +
+                        " | (the cost of not stalling on a slow model) | - |")
         rows.append(_row("server: hits at 16 with 50 trickling + 50 half-sent connections open: p99, failed or reset",
                          f"{v['slow_clients_granian_p99_ms']:.2f} ms, {v['slow_clients_granian_failed']}",
                          "< 50 ms, 0", v["slow_clients_granian_p99_ms"] < 50 and v["slow_clients_granian_failed"] == 0))
