@@ -60,17 +60,26 @@ class BadRequest(HybridServeError):
 
 
 class Unavailable(HybridServeError):
-    """Nothing loaded to answer from yet (HTTP 503)."""
+    """Nothing loaded to answer from yet (HTTP 503). ``retry_after``: what the answer's Retry-After
+    header says ("reload": the reload interval, when a new snapshot is looked for; None: no header)."""
+
+    retry_after: str | int | None = "reload"
 
 
 class ModelFailed(Unavailable):
     """A registered model raised while predicting (HTTP 503 naming the model; other models keep serving)."""
+
+    retry_after = None  # no reason to think it will not raise again soon
 
 
 class DeadlineExceeded(Unavailable):
     """A live answer not ready within its model's deadline (HTTP 503 naming the model and the deadline;
     the computation goes on and may still fill the cache)."""
 
+    retry_after = 1  # the computation goes on: its result is likely in the cache by then
+
 
 class Busy(Unavailable):
     """A model's live queue is full (HTTP 503 naming the model); its computations already queued go on."""
+
+    retry_after = 1

@@ -1,6 +1,7 @@
 """The lookup API through Flask's test client, on a real published snapshot, with an injected clock."""
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
@@ -470,6 +471,8 @@ def test_worker_without_a_valid_snapshot_starts_and_serves_live(workspace):
     r = c2.get("/v1/items/1/similar?k=3")
     assert r.status_code == 503 and r.mimetype == "application/problem+json"
     assert "CURRENT missing" in r.json["detail"]
+    # when a snapshot may be there: the next time the worker looks for one
+    assert r.headers["Retry-After"] == str(max(1, math.ceil(settings["serving.reload_interval_s"])))
     assert c2.get("/readyz").status_code == 503
 
 

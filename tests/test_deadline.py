@@ -147,6 +147,7 @@ def test_past_its_deadline_a_model_gets_503_naming_it_and_a_late_result_fills_th
     status, headers, body = _json(url)
     assert status == 503 and headers["Content-Type"] == "application/problem+json"
     assert body["detail"] == "model 'gated' did not answer within its deadline of 700 ms; try again shortly"
+    assert headers["Retry-After"] == "1"  # its computation goes on and fills the cache
     _block(gate)
     _wait_for(gate / "released-0.75", "the computation the 503 left behind")
     time.sleep(0.2)  # it has let go; now it hands its result to the cache (live results live 5 s)
@@ -184,6 +185,7 @@ def test_a_stale_precomputed_answer_is_served_marked_stale_when_live_misses_or_f
         # ... and 503 naming the model where nothing was precomputed
         status, headers, body = _json(f"{srv.base}/v1/models/gated/predict?x=2&y=0.875")
         assert status == 503 and "model 'gated' failed to predict" in body["detail"]
+        assert "Retry-After" not in headers  # nothing says it will stop raising soon
     finally:
         (gate / "raise").unlink()
     counted = _json(f"{srv.base}/readyz")[2]["models"]["gated"]

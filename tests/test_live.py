@@ -184,6 +184,7 @@ def test_past_live_max_waiting_a_request_is_refused_at_once(workspace):
         refused = app.test_client().get(f"/v1/predictions?user_id={u2}&item_id={i2}")
         assert refused.status_code == 503 and refused.json["detail"] == (
             "model 'rating' is busy: 1 requests of this worker are waiting for live answers already; try again shortly")
+        assert refused.headers["Retry-After"] == "1"
         release.set()
         t.join(30)
         assert out["first"].status_code == 200 and out["first"].json["source"] == "live"

@@ -3,9 +3,10 @@ input, 404 unknown id or model, 503 nothing to answer from or a model that faile
 unexpected is a 500 with nothing of it shown."""
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from serving.errors import BadRequest, Busy, DeadlineExceeded, ModelFailed, NotFound, Unavailable
@@ -30,7 +31,13 @@ def register(app: Flask) -> None:
     @app.errorhandler(NotFound)
     @app.errorhandler(Unavailable)
     def _domain(exc):
-        return problem(STATUS[type(exc)], str(exc))
+        resp = problem(STATUS[type(exc)], str(exc))
+        retry = getattr(exc, "retry_after", None)
+        if retry == "reload":  # no snapshot yet: the next look for one
+            retry = max(1, math.ceil(current_app.extensions["hybridserve"].settings["serving.reload_interval_s"]))
+        if retry is not None:
+            resp.headers["Retry-After"] = str(retry)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

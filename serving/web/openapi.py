@@ -12,6 +12,13 @@ def _problem(description: str) -> dict[str, Any]:
             "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
 
 
+def _unavailable(description: str) -> dict[str, Any]:
+    """A 503 problem with its Retry-After (serving.web.errors)."""
+    return {**_problem(description), "headers": {"Retry-After": {
+        "description": "Seconds to wait: 1 past a deadline or with a queue full, the reload interval with no "
+                       "snapshot; absent when the model raised", "schema": {"type": "integer"}}}}
+
+
 def _ok(schema: str, description: str) -> dict[str, Any]:
     return {"description": description,
             "headers": {"Cache-Control": {"schema": {"type": "string"},
@@ -61,7 +68,7 @@ def _model_paths(specs, errors, ok) -> dict[str, Any]:
                           "400": _problem("An unknown, repeated, missing, mistyped or out-of-domain input: the "
                                           "detail names it and what was expected"),
                           "404": errors["404"], "405": errors["405"], "414": errors["414"],
-                          "503": _problem("No snapshot loaded, or the model failed, missed its deadline or "
+                          "503": _unavailable("No snapshot loaded, or the model failed, missed its deadline or "
                                           "is busy (the detail names it and the deadline)")}}}
     return paths
 
@@ -96,7 +103,7 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
                               "the detail says which"),
               "404": _problem("Unknown user or item"), "405": _problem("Only GET is allowed (see Allow)"),
               "414": _problem("URL longer than serving.max_url_bytes"),
-              "503": _problem("No snapshot or model loaded yet, or the live answer failed, missed its "
+              "503": _unavailable("No snapshot or model loaded yet, or the live answer failed, missed its "
                               "model's deadline or found its queue full (the detail names the model)")}
     lookup_errors = ("400", "404", "405", "414", "503")
     provenance = {
