@@ -52,6 +52,7 @@ LOCK_EXPIRY_S = 300.0
 # all files uploaded but not the manifest, the manifest uploaded and CURRENT about to move.
 REMOTE_PUBLISH_STEPS = ("write", "manifest", "upload", "uploaded", "current")
 VERIFIED = ".verified"   # marks a complete, verified local copy of a snapshot
+FETCHED = ".fetched"     # marks a worker's copy of a snapshot being written (removed after the run)
 COMPLETE = ".complete"   # written last into a trained model's folder on the store
 KEEP_COPIES = 2
 
@@ -538,6 +539,11 @@ class ObjectLock:
         self.etag = None
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class ObjectSnapshotWriter(SnapshotWriter):
     """A snapshot written in the local cache folder, published to the bucket: files, manifest, CURRENT.
 
@@ -550,6 +556,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
     def __init__(self, store: ObjectStore, snapshot_id: str, crash_at: str | None = None, create: bool = True):
         super().__init__(store, snapshot_id, crash_at, create)
         self.prefix = f"{layout.SNAPSHOTS}/{snapshot_id}"
+        self._shared: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime) when share() uploaded it
 
     def exists(self) -> bool:
         if self.tmp.is_dir():
@@ -558,9 +565,12 @@ class ObjectSnapshotWriter(SnapshotWriter):
             return bool(self.store._find(self.prefix))
 
     def share(self) -> None:
-        """Upload the staged models so far, for precompute workers that do not share this machine's disk."""
+        """Upload the staged models so far, for precompute workers that do not share this machine's disk.
+        Publish does not upload them again unless they changed since."""
+        files = [p for p in self._files() if self._shared.get(p) != _stamp(p)]
         with self.store.remote(f"write {self.prefix}"):
-            self.store._upload([(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in self._files()])
+            self.store._upload([(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in files])
+        self._shared.update({p: _stamp(p) for p in files})
 
     def local_folder(self) -> Path:
         if self.tmp.is_dir():
@@ -569,12 +579,21 @@ class ObjectSnapshotWriter(SnapshotWriter):
         try:
             with self.store.remote(f"copy {self.prefix}"):
                 rels = [r for r in self.store._find(self.prefix) if r.startswith(layout.MODELS + "/")]
+                if not rels:
+                    raise SnapshotError(f"{self.store.remote_url(self.prefix)}: no staged models: the job did not "
+                                        "share the snapshot being written")
                 self.store._download(self.prefix, rels, staging)
+            (staging / FETCHED).touch()
             with contextlib.suppress(OSError):  # another worker of this machine got there first
                 os.replace(staging, self.tmp)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.tmp
+
+    def drop_local_copy(self) -> None:
+        """Remove the copy ``local_folder()`` fetched on a worker's machine (never the job's own folder)."""
+        if (self.tmp / FETCHED).is_file():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def write_part(self, model: str, table: str, part: int, data: pa.Table) -> str:  # type: ignore[override]
         buf = io.BytesIO()
@@ -620,7 +639,8 @@ class ObjectSnapshotWriter(SnapshotWriter):
         store.verify_dir(self.tmp, self.id, checksums=False)
         if check is not None:
             check(self.tmp)
-        pairs = [(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in files]
+        pairs = [(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in files
+                 if self._shared.get(p) != _stamp(p)]  # what share() uploaded is there already
         half = len(pairs) // 2
         with store.remote(f"upload snapshot {self.id}"):
             store._upload(pairs[:half])
