@@ -573,7 +573,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
     def share(self) -> None:
         """Upload the staged models so far, for precompute workers that do not share this machine's disk.
         Publish does not upload them again unless they changed since."""
-        self._send_written()
+        self.send_written()
         with self.store.remote(f"write {self.prefix}"):
             self._settle()
 
@@ -588,7 +588,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
         self.store._upload([(path, self._rel(path))])
         return digest
 
-    def _send_written(self) -> None:
+    def send_written(self) -> None:
         """Start uploading every file written so far that is not on its way yet (or changed since its
         upload finished). Nothing is listed before the manifest, so these objects are invisible until
         publish; abort waits for them, then removes them."""
@@ -620,9 +620,9 @@ class ObjectSnapshotWriter(SnapshotWriter):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def write_table(self, table: str, data: pa.Table) -> None:
-        self._send_written()  # what the model kinds and the job wrote before: under way while this one compresses
+        self.send_written()  # what the model kinds and the job wrote before: under way while this one compresses
         super().write_table(table, data)
-        self._send_written()
+        self.send_written()
 
     def local_folder(self) -> Path:
         if self.tmp.is_dir():
