@@ -543,9 +543,10 @@ class ObjectLock:
         self.etag = None
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a file rewritten since it was sent: a file replaced by a rename has another inode."""
     st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class ObjectSnapshotWriter(SnapshotWriter):
@@ -560,8 +561,8 @@ class ObjectSnapshotWriter(SnapshotWriter):
     def __init__(self, store: ObjectStore, snapshot_id: str, crash_at: str | None = None, create: bool = True):
         super().__init__(store, snapshot_id, crash_at, create)
         self.prefix = f"{layout.SNAPSHOTS}/{snapshot_id}"
-        # file -> (its (size, mtime) when sent, the future of its sha256 and upload)
-        self._sent: dict[Path, tuple[tuple[int, int], Future]] = {}
+        # file -> (its stamp when sent, the future of its sha256 and upload)
+        self._sent: dict[Path, tuple[tuple[int, int, int], Future]] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def exists(self) -> bool:
