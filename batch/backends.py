@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import faiss
 from tqdm import tqdm
 
-from batch.precompute import Part, Staged, forget, staged_models
+from batch.precompute import Part, Staged, release, staged_models
 from serving.errors import ConfigError, HybridServeError
 from serving.store import Store
 from serving.store.fs import is_local
@@ -39,6 +39,9 @@ class LocalBackend:
     """The parts in this process, in order, with a progress bar in a terminal."""
 
     name = "local"
+
+    def prepare(self, writer) -> None:
+        """Nothing to share: the parts run in this process, which wrote the staged models."""
 
     def map(self, fn: Callable[[Staged, Part], Any], staged: Staged, parts: Sequence[Part], desc: str = "") -> list:
         return [fn(staged, part) for part in tqdm(parts, desc=desc, unit="part", disable=None, leave=False)]
@@ -87,7 +90,7 @@ def _plugin_class():
             LOG.info("worker %s: models of snapshot %s loaded", worker.address, self.staged.snapshot)
 
         def teardown(self, worker) -> None:
-            forget(self.staged)
+            release(self.staged)
 
     return StagedModels
 
@@ -153,6 +156,12 @@ class DaskBackend:
                                   f"read the local store {store.url} (paths.store): use a store they share (s3://...)")
         LOG.info("dask: %s, %d workers; dashboard %s", address or "LocalCluster",
                  len(self.client.scheduler_info(n_workers=-1)["workers"]), self.client.dashboard_link)
+
+    def prepare(self, writer) -> None:
+        """Make the staged models readable where the workers run, before any part is mapped: on object
+        storage they are uploaded into the snapshot being written (a worker on another machine cannot
+        read this machine's cache folder); a local store's workers read its folder in place."""
+        writer.share()
 
     def _for_workers(self, staged: Staged) -> Staged:
         """The descriptor as a worker reads it: a local store by its absolute path (a worker's working

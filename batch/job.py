@@ -399,6 +399,8 @@ def _run_locked(store, settings, retrain, force, crash_at, now, should_stop, pro
             registered = registered_models.stage(writer.model_folder, settings.models)
             entries = _entries(trained, registered, k_max)
             staged = Staged(store.url, writer.id, entries)
+            writer.send_written()  # on object storage the models go up while the keys are chosen and answered
+            backend.prepare(writer)  # the workers load them from the store, wherever they run
         checkpoint("select")
         with stages("select"):
             log = popularity.read_request_counts(store, started, settings["batch.decay_half_life_hours"],

@@ -80,6 +80,14 @@ def forget(staged: Staged) -> None:
         _cache.pop((staged.store, staged.snapshot), None)
 
 
+def release(staged: Staged) -> None:
+    """Drop a finished snapshot's models from this worker process, and the copy of them it fetched to
+    its machine's cache folder (a worker elsewhere than the job keeps no copy of every run)."""
+    forget(staged)
+    store = Store(staged.store)
+    store.writer_class(store, staged.snapshot, create=False).drop_local_copy()
+
+
 def precompute_part(staged: Staged, part: Part) -> int:
     """Answer one part with its model's vectorised answer and write it as a Parquet part. Returns its rows.
     A retried part writes the same file again (whole or not at all)."""

@@ -3,12 +3,16 @@ rows as the local backend bit for bit, OpenMP capped per worker thread, retries,
 mid-run, and the failures an operator meets (a scheduler that cannot read the store, one that cannot
 be reached), each one line, CURRENT unchanged, the run recorded.
 
-One cluster serves the module; the job reaches it as an existing scheduler on this machine.
+One cluster serves the module; the job reaches it as an existing scheduler on this machine. Its
+workers start as if on another machine: their own cache folder, and AWS variables that are not the
+store's (an endpoint nothing listens on), so a run on S3 works only if the job shares the staged
+snapshot through the bucket and hands the workers its credentials.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -25,16 +29,29 @@ from batch.job import run  # noqa: E402
 from batch.precompute import Part, Staged, partitions  # noqa: E402
 from serving.errors import ConfigError  # noqa: E402
 from serving.store import Store  # noqa: E402
+from serving.store.remote import ObjectSnapshotWriter  # noqa: E402
 
 from conftest import make_settings  # noqa: E402
 from dask_tasks import always_fail, fail_first_attempt, kill_worker_once, omp_threads  # noqa: E402
 
 import numpy as np  # noqa: E402
+import s3fs  # noqa: E402
+
+
+WORKER_ENV = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "not-the-stores",
+              "AWS_SECRET_ACCESS_KEY": "not-the-stores"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c:
+def worker_cache(tmp_path_factory) -> Path:
+    """The workers' own cache folder (XDG_CACHE_HOME): not the job's, as on another machine."""
+    return tmp_path_factory.mktemp("worker-cache")
+
+
+@pytest.fixture(scope="module")
+def cluster(worker_cache):
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  env={**WORKER_ENV, "XDG_CACHE_HOME": str(worker_cache)}) as c:
         yield c
 
 
@@ -86,6 +103,55 @@ def test_dask_writes_the_same_snapshot_as_local_bit_for_bit(workspace, cluster):
                                                  ("predictions", size * batch.job.PREDICTIONS_PER_RANKED)))
     assert len({t["key"] for t in tasks}) == expected
     assert len({t["worker"] for t in tasks}) == 2  # both workers took parts
+
+
+def _worker_env(staged: Staged, part: Part) -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+
+def test_dask_on_s3_workers_read_and_write_the_bucket_bit_for_bit(s3, s3_published, tmp_path, cluster,
+                                                                    worker_cache):
+    """paths.store = s3://...: workers that see neither the job's cache folder nor its credentials
+    load the staged models from the bucket and write their parts there; the snapshot is the local
+    backend's, every file bit for bit."""
+    root, _, first = s3_published
+    shutil.copytree(root / "inputs", tmp_path / "inputs")
+    from conftest import copy_bucket
+    settings, _ = copy_bucket(s3_published[1]["paths.store"], tmp_path,
+                              batch={"backend": "dask", "dask_scheduler": cluster.scheduler_address,
+                                     "dask_timeout_s": 20.0})
+    store = Store(settings["paths.store"])
+    raw = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    # The first run saw no traffic; lookups other tests made on its bucket since were logged there, and
+    # would change which keys are popular.
+    logged = [k for k in raw.find(f"{store.base}/requests") if k.rsplit("/", 1)[-1].startswith("seg-")]
+    if logged:
+        raw.rm(logged)
+    shared: list[list[str]] = []
+    share = ObjectSnapshotWriter.share
+
+    def spy(writer):  # what the bucket holds of the snapshot being written when the workers start
+        share(writer)
+        shared.append(sorted(writer.store._find(writer.prefix)))
+
+    with pytest.MonkeyPatch.context() as mp, distributed.Client(cluster, set_as_default=False) as client, \
+            distributed.get_task_stream(client) as stream:
+        mp.setattr(ObjectSnapshotWriter, "share", spy)
+        result = run(settings)
+        env = client.run(_worker_env, None, None)
+    assert result.status == "published" and store.current_id() == result.snapshot_id
+    assert _files(store, result.snapshot_id) == _files(store, first.snapshot_id)
+    assert len(shared) == 1 and shared[0] and all(r.startswith("models/") for r in shared[0])
+    tasks = [t for t in stream.data if str(t["key"]).startswith(f"precompute-{result.snapshot_id}-")]
+    assert tasks and len({t["worker"] for t in tasks}) == 2
+    # The workers got the store's endpoint and credentials from the job, not their own.
+    job = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    assert list(env.values()) == [job, job] and job["AWS_ENDPOINT_URL"] != WORKER_ENV["AWS_ENDPOINT_URL"]
+    # They fetched the staged models into their own cache folder, and removed that copy after the run.
+    fetched = list(worker_cache.glob("hybridserve/*/snapshots/*"))
+    assert (worker_cache / "hybridserve").is_dir() and not fetched, fetched
+    prefix = f"{store.base}/snapshots/{result.snapshot_id}"
+    assert not [k for k in raw.find(prefix) if "/parts/" in k]  # the parts were assembled, then removed
 
 
 # --- OpenMP per worker thread ---------------------------------------------------------------------

@@ -220,3 +220,27 @@ def test_a_server_retries_a_copy_the_store_could_not_serve(s3, s3_published, tmp
         assert reloader.reload() is True and reloader.snapshot.id == first.snapshot_id
     finally:
         server.stop()
+
+
+def test_files_uploaded_as_written_are_sent_again_if_changed_and_aborted_whole(s3, tables, tmp_path):
+    """Each file goes up in the background once written; a file rewritten after it was sent reaches
+    the bucket as it is at publish (its manifest checksum too), and an aborted snapshot leaves no
+    object behind once its uploads in flight have landed."""
+    url = f"s3://{new_bucket('bg')}/store"
+    store = Store(url, cache_dir=tmp_path / "w")
+    raw, base = _raw(), url.removeprefix("s3://")
+    writer = _small_writer(store, tables)
+    sent = writer._settle()
+    assert {p.relative_to(writer.tmp).as_posix() for p in sent} == {layout.table_file(t) for t in layout.TABLES}
+    extra = writer.model_folder(layout.RECOMMENDER) / "extra.bin"
+    extra.write_bytes(b"first")
+    writer.write_table("items", tables["items"])  # sends extra.bin
+    writer._settle()
+    extra.write_bytes(b"second, longer")  # changed after it was sent
+    sid = writer.publish(_manifest())["id"]
+    rel = f"{layout.model_folder(layout.RECOMMENDER)}/extra.bin"
+    assert raw.cat_file(f"{base}/snapshots/{sid}/{rel}") == b"second, longer"
+    assert LoadedSnapshot.load(Store(url, cache_dir=tmp_path / "srv"), sid).id == sid  # checksums agree
+    aborted = _small_writer(store, tables)
+    aborted.abort()
+    assert not raw.exists(f"{base}/snapshots/{aborted.id}") and store.current_id() == sid

@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,7 +44,7 @@ from serving.errors import HybridServeError, PublishConflict, SnapshotError, Sto
 from serving.store import Store, _checked_shape, layout, parse_manifest
 from serving.store.fs import filesystem
 from serving.store.layout import CURRENT, MANIFEST, REQUEST_LOG_SCHEMA
-from serving.store.writer import SnapshotWriter, write_parquet_atomic
+from serving.store.writer import SnapshotWriter, sha256_file, sha256_files, write_parquet_atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -52,8 +53,12 @@ LOCK_EXPIRY_S = 300.0
 # all files uploaded but not the manifest, the manifest uploaded and CURRENT about to move.
 REMOTE_PUBLISH_STEPS = ("write", "manifest", "upload", "uploaded", "current")
 VERIFIED = ".verified"   # marks a complete, verified local copy of a snapshot
+FETCHED = ".fetched"     # marks a worker's copy of a snapshot being written (removed after the run)
 COMPLETE = ".complete"   # written last into a trained model's folder on the store
 KEEP_COPIES = 2
+# Files uploaded at once while a snapshot is written; s3fs sends a large file's parts concurrently
+# within each (its max_concurrency, 10 parts of 50 MiB by default).
+UPLOAD_FILES = 4
 
 
 def _cache_root(url: str) -> Path:
@@ -538,6 +543,12 @@ class ObjectLock:
         self.etag = None
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What tells a file rewritten since it was sent: a file replaced by a rename has another inode."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 class ObjectSnapshotWriter(SnapshotWriter):
     """A snapshot written in the local cache folder, published to the bucket: files, manifest, CURRENT.
 
@@ -550,6 +561,9 @@ class ObjectSnapshotWriter(SnapshotWriter):
     def __init__(self, store: ObjectStore, snapshot_id: str, crash_at: str | None = None, create: bool = True):
         super().__init__(store, snapshot_id, crash_at, create)
         self.prefix = f"{layout.SNAPSHOTS}/{snapshot_id}"
+        # file -> (its stamp when sent, the future of its sha256 and upload)
+        self._sent: dict[Path, tuple[tuple[int, int, int], Future]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def exists(self) -> bool:
         if self.tmp.is_dir():
@@ -558,9 +572,58 @@ class ObjectSnapshotWriter(SnapshotWriter):
             return bool(self.store._find(self.prefix))
 
     def share(self) -> None:
-        """Upload the staged models so far, for precompute workers that do not share this machine's disk."""
+        """Upload the staged models so far, for precompute workers that do not share this machine's disk.
+        Publish does not upload them again unless they changed since."""
+        self.send_written()
         with self.store.remote(f"write {self.prefix}"):
-            self.store._upload([(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in self._files()])
+            self._settle()
+
+    # --- uploads in the background: the bytes travel while the next table is computed and compressed
+    def _rel(self, path: Path) -> str:
+        return f"{self.prefix}/{path.relative_to(self.tmp).as_posix()}"
+
+    def _hash_and_put(self, path: Path) -> str:
+        """One file's sha256 and its upload (s3fs: one PUT, or a multipart upload of concurrent parts
+        for a large file), read while the file is still in the page cache."""
+        digest = sha256_file(path)
+        self.store._upload([(path, self._rel(path))])
+        return digest
+
+    def send_written(self) -> None:
+        """Start uploading every file written so far that is not on its way yet (or changed since its
+        upload finished). Nothing is listed before the manifest, so these objects are invisible until
+        publish; abort waits for them, then removes them."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=UPLOAD_FILES, thread_name_prefix=f"upload-{self.id}")
+        for path in self._files():
+            sent = self._sent.get(path)
+            if sent is not None and (not sent[1].done() or sent[0] == _stamp(path)):
+                continue  # under way (a change is caught by _settle), or there unchanged
+            self._sent[path] = (_stamp(path), self._pool.submit(self._hash_and_put, path))
+
+    def _settle(self) -> dict[Path, str]:
+        """Wait for every upload under way (raising the first failure); the sha256 of each file that is
+        on the bucket as it is now. A file changed after it was sent is forgotten, to be sent again."""
+        digests = {}
+        for path, (stamp, future) in list(self._sent.items()):
+            digest = future.result()
+            if path.is_file() and _stamp(path) == stamp:
+                digests[path] = digest
+            else:
+                del self._sent[path]
+        return digests
+
+    def _stop_sending(self) -> None:
+        """Cancel uploads not started and wait for those in flight (one landing after the prefix was
+        removed would leave objects behind)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def write_table(self, table: str, data: pa.Table) -> None:
+        self.send_written()  # what the model kinds and the job wrote before: under way while this one compresses
+        super().write_table(table, data)
+        self.send_written()
 
     def local_folder(self) -> Path:
         if self.tmp.is_dir():
@@ -569,12 +632,21 @@ class ObjectSnapshotWriter(SnapshotWriter):
         try:
             with self.store.remote(f"copy {self.prefix}"):
                 rels = [r for r in self.store._find(self.prefix) if r.startswith(layout.MODELS + "/")]
+                if not rels:
+                    raise SnapshotError(f"{self.store.remote_url(self.prefix)}: no staged models: the job did not "
+                                        "share the snapshot being written")
                 self.store._download(self.prefix, rels, staging)
+            (staging / FETCHED).touch()
             with contextlib.suppress(OSError):  # another worker of this machine got there first
                 os.replace(staging, self.tmp)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.tmp
+
+    def drop_local_copy(self) -> None:
+        """Remove the copy ``local_folder()`` fetched on a worker's machine (never the job's own folder)."""
+        if (self.tmp / FETCHED).is_file():
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def write_part(self, model: str, table: str, part: int, data: pa.Table) -> str:  # type: ignore[override]
         buf = io.BytesIO()
@@ -602,9 +674,10 @@ class ObjectSnapshotWriter(SnapshotWriter):
         with store.remote(f"delete {self.prefix}/{layout.PARTS}"), contextlib.suppress(FileNotFoundError):
             if store._find(f"{self.prefix}/{layout.PARTS}"):
                 store.fs.rm(store.key(f"{self.prefix}/{layout.PARTS}"), recursive=True)
-        from serving.store.writer import sha256_files
+        with store.remote(f"upload snapshot {self.id}"):
+            sent = self._settle()  # hashed as they were uploaded
         files = list(self._files())
-        digests = sha256_files(files)
+        digests = {**sha256_files([p for p in files if p not in sent]), **sent}
         parent, etag = store.current_and_etag()  # the CAS below expects exactly this CURRENT
         manifest = dict(manifest)
         manifest.update({
@@ -620,7 +693,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
         store.verify_dir(self.tmp, self.id, checksums=False)
         if check is not None:
             check(self.tmp)
-        pairs = [(p, f"{self.prefix}/{p.relative_to(self.tmp).as_posix()}") for p in files]
+        pairs = [(p, self._rel(p)) for p in files if p not in sent]  # the rest is on the bucket already
         half = len(pairs) // 2
         with store.remote(f"upload snapshot {self.id}"):
             store._upload(pairs[:half])
@@ -640,6 +713,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
             with contextlib.suppress(Exception):
                 store._remove_snapshot(self.id)
             raise
+        self._stop_sending()
         (self.tmp / VERIFIED).touch()  # the local copy is the one just hashed and uploaded
         shutil.rmtree(store.snapshot_dir(self.id), ignore_errors=True)
         os.replace(self.tmp, store.snapshot_dir(self.id))
@@ -648,6 +722,7 @@ class ObjectSnapshotWriter(SnapshotWriter):
 
     def abort(self) -> None:
         """The local folder, and on the bucket whatever of this snapshot is there without a manifest."""
+        self._stop_sending()
         shutil.rmtree(self.tmp, ignore_errors=True)
         with contextlib.suppress(Exception):
             try:

@@ -190,6 +190,17 @@ class SnapshotWriter:
         local store's own temporary folder)."""
         return self.tmp
 
+    def send_written(self) -> None:
+        """Start sending the files written so far to where the snapshot is published, in the background:
+        nothing to send for a folder, which is written in place."""
+
+    def share(self) -> None:
+        """Make the staged models readable by precompute workers on other machines: nothing to do for a
+        folder, whose workers are on this machine (the Dask backend refuses any other)."""
+
+    def drop_local_copy(self) -> None:
+        """Remove a worker's copy of this snapshot: a folder's workers read it in place, so none."""
+
     def _maybe_crash(self, step: str) -> None:
         if self.crash_at == step:
             raise InjectedCrash(f"injected crash at {step}")
