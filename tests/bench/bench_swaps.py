@@ -184,6 +184,8 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 200_000, s
     saved = {k: os.environ.get(k) for k in [*env_keys, "XDG_CACHE_HOME"]}
     os.environ.update(env_keys)
     servers: list[ApiServer] = []
+    ctx = multiprocessing.get_context("spawn")
+    halt, pool = ctx.Event(), None
     try:
         bucket = f"swaps-{uuid.uuid4().hex[:8]}"
         raw = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
@@ -210,10 +212,9 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 200_000, s
             s.start(timeout=300)
         watch = Watch(current, servers, workers)
         watch.start()
-        ctx = multiprocessing.get_context("spawn")
-        halt, results = ctx.Event(), ctx.Queue()
-        pool = ctx.Process(target=client_pool, args=([s.port for s in servers], paths, per_replica, rate,
-                                                           halt, results))
+        results = ctx.Queue()
+        pool = ctx.Process(target=client_pool,
+                           args=([s.port for s in servers], paths, per_replica, rate, halt, results))
         pool.start()
         t_load = time.time()
         time.sleep(dwell_s)
@@ -235,6 +236,11 @@ def run(items: int = 20_000, users: int = 10_000, interactions: int = 200_000, s
         watch.halt.set()
         watch.join(10)
     finally:
+        halt.set()  # a publish that failed must not leave the clients running
+        if pool is not None and pool.is_alive():
+            pool.join(60)
+            if pool.is_alive():
+                pool.terminate()
         codes = [s.stop() for s in servers]
         moto.stop()
         for k, v in saved.items():
