@@ -178,6 +178,16 @@ def test_summary_reports_the_fleet_ratio(tmp_path):
             "shared Redis tier (without: 1.30x) | 1.000x | <= 1.05x | yes |") in text
 
 
+def test_summary_reports_the_swaps_verdict(tmp_path):
+    import run_all
+    (tmp_path / "fleet_swaps.json").write_text(json.dumps(
+        {"replicas": 2, "requests": 12345, "failed": 0, "reload_interval_s": 0.5, "every_replica_moved_every_time": True,
+         "swaps": [{}, {}, {}], "time_to_move_s": {"min": 0.61, "max": 2.04}}))
+    text = run_all.summary(tmp_path)
+    assert ("| fleet: failed requests across 3 snapshot swaps under load on S3 (2 replicas, 12,345 requests; "
+            "CURRENT moved -> every replica serving it: 0.6-2.0 s at reload_interval_s 0.5) | 0 | 0 | yes |") in text
+
+
 def test_search_benchmark_small(tmp_path):
     """The search-as-you-type benchmark end to end on a tiny catalogue: every request answered 200."""
     import bench_search

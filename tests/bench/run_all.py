@@ -29,6 +29,7 @@ import bench_search  # noqa: E402
 import bench_s3_publish  # noqa: E402
 import bench_server  # noqa: E402
 import bench_snapshot  # noqa: E402
+import bench_swaps  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
 
@@ -97,6 +98,16 @@ def summary(results_dir: Path = RESULTS) -> str:
                          f"{f['local_computations_per_missed_key']:.2f}x)",
                          f"{f['shared_computations_per_missed_key']:.3f}x", "<= 1.05x",
                          f["shared_computations_per_missed_key"] <= 1.05))
+    sw = load("fleet_swaps")
+    if sw:
+        t = sw["time_to_move_s"]
+        moved = (f"CURRENT moved -> every replica serving it: {t['min']:.1f}-{t['max']:.1f} s"
+                 if t["min"] is not None else "no replica moved")
+        rows.append(_row(f"fleet: failed requests across {len(sw['swaps'])} snapshot swaps under load on S3 "
+                         f"({sw['replicas']} replicas, {sw['requests']:,} requests; {moved} at reload_interval_s "
+                         f"{sw['reload_interval_s']})",
+                         f"{sw['failed']}", "0", sw["failed"] == 0 and sw["every_replica_moved_every_time"]
+                         and len(sw["swaps"]) >= 3))
     md = load("models")
     if md:
         lv, g = md["live"], md["grid"]
@@ -215,6 +226,7 @@ PARTS = {
     "server": lambda: bench_server.run(),
     "front": lambda: bench_front.run(),
     "fleet": lambda: bench_fleet.run(),
+    "swaps": lambda: bench_swaps.run(),
     "modes": lambda: bench_modes.run(rounds=5),
     "snapshot": lambda: bench_snapshot.run(),
     "s3": lambda: bench_s3_publish.run(),
@@ -258,6 +270,7 @@ def main(quick: bool = False, only: str = "") -> None:
     bench_modes.run(coverage=0.99, name="serving_modes_coverage_099", plots=False)
     bench_modes.run(order="random", name="serving_modes_random_order", plots=False)
     bench_fleet.run()
+    bench_swaps.run()
     bench_snapshot.run()
     bench_s3_publish.run()
     bench_quality.run()
