@@ -281,3 +281,22 @@ def test_a_snapshot_swap_needs_no_reload(page, server):
     page.locator("#search-results li button.title").first.click()
     expect(page.locator("#similar-meta")).to_contain_text(f"snapshot {second}")
     assert page.errors == []
+
+
+def test_a_503_is_shown_as_the_api_words_it(page, tmp_path):
+    """A server with no snapshot yet (an empty store) answers 503: after its three retries the page
+    shows the API's own detail where the similar items would be, and no console error of its own."""
+    settings, cfg = make_settings(tmp_path)
+    srv = ApiServer(cfg, workers=1).start(ready_path="/healthz")  # /readyz is 503 until a snapshot exists
+    try:
+        answer = _api(srv, "/v1/items/1/similar?k=10&fields=title,genres")
+        assert answer["status"] == 503 and answer["detail"]
+        page.goto(f"{srv.base}/?item=1")
+        error = page.locator("#similar-meta .error")
+        expect(error).to_have_text(f"503 {answer['title']}: {answer['detail']}")
+        expect(error).to_have_attribute("role", "alert")
+        assert page.locator("#similar li").count() == 0
+        expect(page.locator("#item .error")).to_contain_text(answer["detail"])
+        assert _unhandled(page.errors, "503") == []
+    finally:
+        srv.stop()
