@@ -28,13 +28,14 @@ $(VENV)/.installed: pyproject.toml config/constraints.txt
 install: $(VENV)/.installed
 
 # What the suite drives for real, from Debian's packages: chromium (the page, through Playwright's
-# executable_path: no browser download), nginx (the caching front), redis-server (the shared live tier).
-TEST_TOOLS := chromium nginx redis-server
+# executable_path: no browser download), nginx (the caching front), redis-server (the shared live tier),
+# curl (the HTTP/2 client of tests/test_http2.py).
+TEST_TOOLS := chromium nginx redis-server curl
 test-tools:
 	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || test -x /usr/sbin/$$t || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium nginx-light redis-server; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium nginx-light redis-server curl; \
 	fi
 
 test: install test-tools

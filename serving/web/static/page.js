@@ -21,7 +21,7 @@ function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
 
 // GET path -> {body, ms}. A network failure or a 502/503/504 is retried with backoff; any other
 // answer is final. Throws ApiError whose message is the API's own detail (problem+json) or a
-// readable sentence.
+// readable sentence. opts.early: {t0, resp}, a fetch of this path already under way (its first try).
 async function api(path, opts = {}) {
   let last = null;
   for (let attempt = 0; attempt <= RETRIES; attempt++) {
@@ -29,10 +29,11 @@ async function api(path, opts = {}) {
       setStatus(`retrying (${attempt}/${RETRIES})...`);
       await sleep(Math.min(2000, 250 * 2 ** (attempt - 1)));
     }
-    const t0 = performance.now();
+    const early = attempt === 0 ? opts.early : null;
+    const t0 = early ? early.t0 : performance.now();
     let resp;
     try {
-      resp = await fetch(path, { signal: opts.signal, headers: { Accept: "application/json" } });
+      resp = await (early ? early.resp : fetch(path, { signal: opts.signal, headers: { Accept: "application/json" } }));
     } catch (e) {
       if (e.name === "AbortError") throw e;
       last = new ApiError(0, "the server did not answer (network error)");
@@ -171,9 +172,12 @@ function openItem(id) {
   writeUrl();
   const shown = state.item;
   $("item").replaceChildren();
+  // the first item's similar items were asked for by index.html, before this script arrived
+  const early = window.firstSimilar && window.firstSimilar.id === shown ? window.firstSimilar : null;
+  window.firstSimilar = null;
   const similar = (async () => {
     try {
-      const { body, ms } = await api(`v1/items/${encodeURIComponent(shown)}/similar?k=10&${FIELDS}`);
+      const { body, ms } = await api(`v1/items/${encodeURIComponent(shown)}/similar?k=10&${FIELDS}`, { early });
       if (state.item !== shown) return;
       showMeta("similar-meta", body, ms);
       showList("similar", body.items);
