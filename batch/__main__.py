@@ -149,7 +149,7 @@ def evaluate(obj: _Ctx, out: str | None, folds: int) -> None:
 
 
 @cli.command()
-@click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged.")
+@click.option("--retrain", is_flag=True, help="Train even if the inputs are unchanged, and choose the method (train.method auto) again.")
 @click.option("--force", is_flag=True, help="Publish even if row counts fell past batch.max_row_drop, or the "
               "config does not register a model the live snapshot serves (it is dropped).")
 @click.option("--progress/--no-progress", default=None,
@@ -168,6 +168,12 @@ def run(obj: _Ctx, retrain: bool, force: bool, progress: bool | None) -> None:
     click.echo(f"published snapshot {result.snapshot_id} (model {m['model_version']}, "
                f"{'retrained' if m['retrained'] else 'model reused'})")
     click.echo("rows: " + ", ".join(f"{k} {v:,}" for k, v in m["row_counts"].items()))
+    method = (m.get("evaluation") or {}).get("method") or {}
+    if method.get("method"):
+        how = {"setting": "pinned by train.method", "default": "the default (nothing to validate on)"}.get(
+            method.get("chosen_by"), "the earlier choice on validation, reused" if method.get("reused")
+            else "chosen on validation in this training")
+        click.echo(f"method: {method['method']} ({how})")
     registered = _model_rows(m)
     if registered:
         click.echo("registered models: " + ", ".join(f"{k} {v:,} rows" for k, v in registered.items()))

@@ -227,20 +227,20 @@ def holdout_report(interactions: pd.DataFrame, items: pd.DataFrame, settings: Se
 
 
 def train_and_evaluate(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
-                       supplied: dict[str, Vectors | None] | None = None
-                       ) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
+                       supplied: dict[str, Vectors | None] | None = None,
+                       previous: dict[str, Any] | None = None) -> tuple[ModelBundle, RatingModel, dict[str, Any]]:
     """What the batch job trains: evaluate on the per-user temporal hold-out (``holdout_report``), then
     fit the recommender and the rating model that ship on all interactions (batch.train).
 
     The method (train.method 'auto') is chosen once, on a validation split cut from the hold-out's
     training part, and used for both models: the hold-out's test users never take part in the
-    choice, and the shipped model carries it (the trained-model cache then keeps it for every run
-    on the same inputs and settings)."""
+    choice, and the shipped model carries it. ``previous``, the choice the last model carries, is
+    reused instead while the inputs have not changed materially (batch.train.choose_again)."""
     lohi = (float(interactions["rating"].min()), float(interactions["rating"].max()))
     method = None
     if not (supplied or {}).get("items"):
         train, _ = temporal_split(interactions, settings["train.holdout_share"])
-        method = resolve_method(train, items, settings)
+        method = resolve_method(train, items, settings, previous)
     evaluation = holdout_report(interactions, items, settings, supplied, method)
     LOG.info("evaluation: %s", evaluation)
     return (train_bundle(interactions, items, settings, supplied, method),

@@ -113,7 +113,8 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
         bundle = ModelBundle.load(folder / layout.RECOMMENDER)
         rating = RatingModel.load(folder / layout.RATING, layout.RATING, {})
         return Trained(bundle, rating, folder, bundle.meta.get("evaluation", {}), False)
-    bundle, rating, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings, supplied)
+    bundle, rating, evaluation = train_and_evaluate(inputs.interactions, inputs.items, settings, supplied,
+                                                    None if retrain else _previous_choice(store, live))
     version = f"{key}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     bundle.meta.update(model_version=version, training_key=key, inputs_fingerprint=inputs.fingerprint,
                        evaluation=evaluation)
@@ -128,6 +129,17 @@ def obtain_model(store: Store, inputs: Inputs, settings: Settings, retrain: bool
             raise _faiss_os_error(exc) or exc
 
     return Trained(bundle, rating, store.save_trained(key, save), evaluation, True)
+
+
+def _previous_choice(store: Store, live: str | None) -> dict[str, Any] | None:
+    """The method choice the live snapshot's recommender carries (reused while the inputs have not
+    changed materially), or None."""
+    if live is None:
+        return None
+    try:
+        return ModelBundle.read_meta(store.model_dir(live)).get("method") or None
+    except (OSError, ValueError):
+        return None
 
 
 def supplied_vectors(inputs: Inputs, settings: Settings) -> dict[str, Vectors | None]:

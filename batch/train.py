@@ -308,11 +308,58 @@ def choose_method(interactions: pd.DataFrame, items: pd.DataFrame, settings: Set
                            "users": int(len(users)), "candidates": rows}}
 
 
-def resolve_method(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings) -> dict[str, Any]:
-    """The method to train: chosen on validation (train.method 'auto') or as pinned."""
-    if settings["train.method"] == "auto":
-        return choose_method(interactions, items, settings)
-    return pinned_method(settings, len(items))
+# Settings a choice on validation depends on (beside the inputs): a change in any of them chooses again.
+CHOICE_KEYS = ("train.method", "train.ease_max_items", "train.dim", "train.popularity_damping",
+               "train.similar_min_support", "train.holdout_share", "train.eval_users", "train.seed")
+
+
+def choice_basis(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings) -> dict[str, Any]:
+    """What a choice is made on: the sizes of the inputs and a key of the settings it depends on."""
+    key = json.dumps({"code": TRAINING_CODE_VERSION, **{k: settings[k] for k in CHOICE_KEYS}}, sort_keys=True)
+    return {"items": int(len(items)), "users": int(interactions["user_id"].nunique()),
+            "interactions": int(len(interactions)), "settings": hashlib.sha256(key.encode()).hexdigest()[:16]}
+
+
+def choose_again(previous: dict[str, Any] | None, basis: dict[str, Any], settings: Settings) -> str | None:
+    """Why a choice on validation must be made again instead of reusing ``previous`` (an earlier
+    resolve_method result, with its "basis"), or None to reuse it. Sizes are compared with the inputs
+    the choice was made on, not the last run's, so slow growth adds up to a new choice too."""
+    if not previous or previous.get("chosen_by") != "validation" or "basis" not in previous:
+        return "no earlier choice on validation"
+    was = previous["basis"]
+    if was.get("settings") != basis["settings"]:
+        return "a setting the choice depends on changed"
+    limit = settings["train.ease_max_items"]
+    if (was["items"] <= limit) != (basis["items"] <= limit):
+        return f"the catalogue crossed train.ease_max_items ({limit:,} items)"
+    share = settings["train.revalidate_change"]
+    for name in ("items", "users", "interactions"):
+        change = abs(basis[name] - was[name]) / max(1, was[name])
+        if change > share:
+            return (f"{name} changed by {change:.0%} since the choice ({was[name]:,} -> {basis[name]:,}; "
+                    f"train.revalidate_change {share:.0%})")
+    return None
+
+
+def resolve_method(interactions: pd.DataFrame, items: pd.DataFrame, settings: Settings,
+                   previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method to train: as pinned (no validation), or chosen on validation (train.method 'auto'),
+    where ``previous`` (the choice the last model carries) is reused while the inputs have not
+    changed materially since it was made (choose_again)."""
+    if settings["train.method"] != "auto":
+        return pinned_method(settings, len(items))
+    basis = choice_basis(interactions, items, settings)
+    why = choose_again(previous, basis, settings)
+    if why is None:
+        LOG.info("method: reusing the choice made on %s items, %s users, %s interactions (%s): %s",
+                 f"{previous['basis']['items']:,}", f"{previous['basis']['users']:,}",
+                 f"{previous['basis']['interactions']:,}", previous.get("chosen_at", "earlier"),
+                 {k: v for k, v in previous.items() if k in ("method", "ease_lambda_scale", "history_half_life")})
+        # the scale, not the lambda it gave on the earlier data: the penalty follows the data's density
+        return {**{k: v for k, v in previous.items() if k != "ease_lambda"}, "reused": True}
+    LOG.info("method: choosing on a validation split (%s)", why)
+    return {**choose_method(interactions, items, settings), "basis": basis,
+            "chosen_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reused": False}
 
 
 def fit_biases(uidx, iidx, ratings, n_users, n_items, reg, iterations=10):

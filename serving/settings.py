@@ -62,6 +62,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train", "ease_max_items", 5_000, "Largest catalogue EASE is trained for (its item x item matrix is dense: "
             "memory and time grow as items^2 and items^3); above it auto uses svd and method = 'ease' is refused",
             minimum=2),
+    Setting("train", "revalidate_change", 0.25, "auto: the method chosen on validation is reused by later trainings "
+            "until the items, users or interactions differ from those it was chosen on by more than this share "
+            "(or a setting it depends on changes, or run --retrain); 0 = choose again at every training",
+            minimum=0.0),
     Setting("train", "ease_lambda", 250.0, "EASE ridge penalty when train.method = 'ease' (auto chooses it on validation)",
             minimum=0.0),
     Setting("train", "history_half_life", 0.0, "With a pinned method: a user's interaction weighs half as much in their "

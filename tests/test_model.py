@@ -92,6 +92,44 @@ def test_exact_ties_batch_equals_live_and_brute_force():
         np.testing.assert_array_equal(one[0], bundle.item_ids[_brute(vecs @ q, drop, k)])
 
 
+def test_user_search_depth_follows_the_users_own_history_not_the_longest():
+    """A user's search asks for k + their own history (rounded up to a power of two) + the margin:
+    one user who has seen 2,000 items must not make every other query ask for 2,000 candidates
+    (the live p99 it cost); answers stay exact, batch and single alike."""
+    rng = np.random.default_rng(5)
+    n_items, d = 3000, 8
+    vecs = rng.normal(size=(n_items, d)).astype(np.float32)
+    counts = np.array([2000, 3, 5, 12, 1])
+    seen = [np.sort(rng.choice(n_items, c, replace=False)).astype(np.int32) for c in counts]
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    items = np.concatenate(seen)
+
+    def flat(g):
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(g)
+        return index, {"index": "Flat", "search_params": {}}
+    bundle = ModelBundle.from_vectors(np.arange(n_items, dtype=np.int64), vecs, flat,
+                                      user_ids=np.arange(len(counts), dtype=np.int64),
+                                      user_vecs=fold_in(vecs, indptr, items, "ip"), seen_indptr=indptr,
+                                      seen_items=items)
+    asked = []
+    index = bundle.index
+    bundle.search = lambda q, k, params=None: (asked.append((len(q), k)), index.search(q, k, params=params))[1]
+    k = 10
+    for u in range(1, len(counts)):
+        asked.clear()
+        one, _ = bundle.recommend(np.array([u]), k)
+        assert asked == [(1, k + int(2 ** np.ceil(np.log2(counts[u]))) + 8)]
+        drop = np.zeros(n_items, bool)
+        drop[seen[u]] = True
+        np.testing.assert_array_equal(one[0], _brute(vecs.astype(np.float64) @ bundle.user_vecs[u], drop, k))
+    asked.clear()
+    batch, _ = bundle.recommend(np.arange(len(counts)), k)
+    assert sorted(asked) == sorted((1, k + b + 8) for b in (2048, 4, 8, 16, 1))  # one search per depth
+    for u in range(len(counts)):
+        np.testing.assert_array_equal(batch[u], bundle.recommend(np.array([u]), k)[0][0])
+
+
 def test_tie_groups_split_on_eligibility_and_number_by_first_row():
     v = np.array([[1, 0], [0, 1], [1, 0], [1, 0], [0, 1]], np.float32)
     group_of, indptr, members = tie_groups(v, np.array([True, True, True, False, True]))

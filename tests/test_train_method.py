@@ -8,6 +8,7 @@ import pytest
 
 import batch.train
 from batch.evaluate import ease_reference, evaluate, ranking_metrics, temporal_split
+from batch.inputs import INTERACTIONS
 from batch.job import run
 from batch.train import choose_method, ease_factors, history_weights, train_bundle
 from conftest import make_settings
@@ -159,3 +160,44 @@ def test_the_choice_is_cached_with_the_trained_model(workspace, monkeypatch):
     assert calls == [] and not again.manifest["retrained"]
     method = first.manifest["evaluation"]["method"]
     assert method["chosen_by"] == "validation" and method["method"] in ("ease", "svd")
+
+
+def test_a_scheduled_run_reuses_the_choice_until_the_inputs_change_materially(workspace, monkeypatch):
+    """New inputs retrain, but the method chosen on validation is reused while the inputs stay within
+    train.revalidate_change of those it was chosen on; --retrain or a material change chooses again,
+    and a pinned method never validates."""
+    root, settings, _, first = workspace
+    calls = []
+    real = batch.train.choose_method
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(batch.train, "choose_method", counting)
+    path = root / "inputs" / INTERACTIONS
+    full = pd.read_parquet(path)
+
+    def keep(share):  # a day's change to the inputs: a new fingerprint, so a new training
+        full.iloc[:int(len(full) * share)].to_parquet(path, index=False)
+
+    keep(0.99)
+    again = run(settings)
+    chosen = first.manifest["evaluation"]["method"]
+    method = again.manifest["evaluation"]["method"]
+    assert again.manifest["retrained"] and calls == []
+    assert method["reused"] and method["basis"] == chosen["basis"]
+    assert {k: method[k] for k in ("method", "history_half_life")} == {k: chosen[k] for k in ("method", "history_half_life")}
+
+    keep(0.98)
+    run(settings, retrain=True)  # the user asks
+    assert calls == [1]
+
+    calls.clear()
+    keep(0.70)  # 30% fewer interactions than the choice was made on: above train.revalidate_change (25%)
+    moved = run(settings)
+    assert calls == [1] and not moved.manifest["evaluation"]["method"]["reused"]
+
+    calls.clear()
+    keep(0.69)
+    pinned = run(settings.replace(train__method="svd"))
+    assert calls == [] and pinned.manifest["evaluation"]["method"]["chosen_by"] == "setting"
