@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
         loadgen: str = "wrk", workdir: Path | None = None, out_dir: Path | None = None, rounds: int = 3) -> dict:
     measure = LOADGENS[loadgen]
     cfg, settings, store = prepare(items, users, interactions, workdir)
+    load_start = list(os.getloadavg())
     sid = store.current_id()
     manifest = store.read_manifest(sid)
     bundle = ModelBundle.load(store.model_dir(sid))
@@ -146,6 +148,8 @@ def run(items: int = 100_000, users: int = 50_000, interactions: int = 1_000_000
     print(f"hit path / minimal route requests/s: {result['hit_vs_minimal_rps']:.2f} (target >= 0.8); "
           f"with CORS off {result['hit_no_cors_vs_minimal_rps']:.2f}; "
           f"{result['items']:,} items, index {result['index']}, {workers} granian workers, {loadgen}")
+    result["load_average"] = {"start": load_start, "end": list(os.getloadavg())}
+    print("load average at start %.1f, at end %.1f" % (load_start[0], result["load_average"]["end"][0]))
     write_result("api_latency", result, out_dir)
     return result
 
