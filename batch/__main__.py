@@ -288,7 +288,9 @@ def schedule(obj: _Ctx) -> None:
 
 @cli.command()
 @click.option("--requests", default=3000, show_default=True, help="GET requests per replay.")
-@click.option("--concurrency", default=8, show_default=True, help="Requests in flight at once.")
+@click.option("--concurrency", default=6, show_default=True,
+              help="Requests in flight at once (the default, serving.live_max_waiting, keeps any live miss from being "
+                   "refused as busy whichever worker its connection lands on).")
 @click.pass_obj
 def demo(obj: _Ctx, requests: int, concurrency: int) -> None:
     """The whole loop on the sample: batch, the API server, replay, batch again, replay, SQL."""

@@ -237,7 +237,7 @@ def _wait_for_log_rows(store: Store, rows: int, timeout: float = 60.0) -> int:
         time.sleep(0.2)
 
 
-def demo(settings: Settings, config: Path | None, requests: int = 3000, concurrency: int = 8,
+def demo(settings: Settings, config: Path | None, requests: int = 3000, concurrency: int = 6,
          echo=click.echo) -> dict:
     """The loop, in a store of its own emptied first: what it prints depends only on the settings,
     except for times, ids, the port, and which worker's cache answered a repeated live request."""
