@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,62 @@ def copy_bucket(url: str, root: Path, **overrides):
     keys = fs.find(src)
     fs.copy(keys, [f"{bucket}/store/{k[len(src) + 1:]}" for k in keys])  # concurrent server-side copies
     return make_settings(root, paths={"store": f"s3://{bucket}/store"}, **overrides)
+
+
+# --- the browser: Playwright driving Debian's chromium (nothing downloads a browser build) ----------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: make test-tools installs Debian's (Playwright downloads no browser here)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+# The browser's own paint times, in ms after navigation start: when the first title of a list (page.js
+# marks it with the Element Timing attribute) and when anything at all was first painted.
+_PAINTS = """async (list) => {
+  const seen = await new Promise((done) => {
+    new PerformanceObserver((entries, obs) => { obs.disconnect(); done(entries.getEntries()); })
+      .observe({ type: "element", buffered: true });
+    setTimeout(() => done([]), 2000);
+  });
+  const shown = seen.find((e) => e.identifier === list);
+  const first = performance.getEntriesByName("first-paint")[0];
+  return { list: shown ? shown.renderTime || shown.loadTime : null, first: first ? first.startTime : null,
+           fetched: performance.getEntriesByType("resource").filter((r) => r.name.includes("/similar?")).length };
+}"""
+
+
+def paint_times(page, list_id: str) -> dict:
+    """{"list": ms, "first": ms, "fetched": requests for similar items} of a loaded page."""
+    return page.evaluate(_PAINTS, list_id)
+
+
+def first_paints(browser, url: str, list_id: str, loads: int) -> dict:
+    """Median paint times (of the list, and of the page's first paint) over ``loads`` fresh loads (a new context each: nothing cached), with a one-line
+    page's first paint in the same browser between them (the browser's own floor)."""
+    lists, firsts, floors, fetched = [], [], [], 0
+    for _ in range(loads):
+        for target in (url, "data:text/html,<!doctype html><link rel=icon href='data:,'><p>floor</p>"):
+            context = browser.new_context(viewport={"width": 390, "height": 844})
+            page = context.new_page()
+            page.goto(target)
+            if target is url:
+                page.locator(f"#{list_id} li button.title").first.wait_for()
+                times = paint_times(page, list_id)
+                lists.append(times["list"])
+                firsts.append(times["first"])
+                fetched += times["fetched"]
+            else:
+                page.wait_for_function("performance.getEntriesByName('first-paint').length > 0")
+                floors.append(page.evaluate("performance.getEntriesByName('first-paint')[0].startTime"))
+            context.close()
+    return {"median": statistics.median(lists), "max": max(lists), "first": statistics.median(firsts),
+            "floor": statistics.median(floors),
+            "fetched": fetched, "loads": loads}

@@ -2,10 +2,12 @@
 (serving.web.errors); metrics and the request log are written once per request (``record``)."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from flask import Blueprint, Flask, Response, current_app, g, request
 
 from serving.engine import PRECOMPUTED
@@ -118,9 +120,45 @@ def page():
     """The page: a browser view of the API (serving.page)."""
     if not services().settings["serving.page"]:
         raise NotFound("no page here: serving.page is off (an API-only deployment)")
-    # a few KB read whole (a streamed file would hold its handle until a client closes the response)
-    return Response((STATIC / "index.html").read_bytes(), mimetype="text/html",
+    template, parts = _page_template()
+    resp = Response(template.render(first=_first_answer(), **parts), mimetype="text/html",
                     headers={"Cache-Control": "no-cache"})
+    resp.add_etag()  # no-cache: a browser asks again each time, and a 304 answers if nothing changed
+    return resp.make_conditional(request)
+
+
+# what a precomputed answer put in the page can hold that would end its <script> early ("</script>",
+# "<!--" in a title): JSON's own escapes of them, valid inside any JSON string
+_SCRIPT_ESCAPES = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"))
+
+
+def _first_answer() -> str | None:
+    """The similar items of the page's ``?item=`` as ``GET /v1/items/<id>/similar?k=10&fields=title,genres``
+    answers them, when that is a fresh precomputed hit (counted and logged as that request): the page
+    shows them in its first paint, with no request to wait for. None otherwise (the page asks the API,
+    which computes a miss live or words the error)."""
+    item, hits = request.args.get("item", ""), services().hits
+    if not item.isascii() or not item.isdigit() or hits is None:
+        return None
+    body = hits.answer(f"/v1/items/{item}/similar", "k=10&fields=title,genres")
+    if body is None:
+        return None
+    for char, escape in _SCRIPT_ESCAPES:
+        body = body.replace(char, escape)
+    return body.decode("utf-8")
+
+
+@functools.cache
+def _page_template() -> tuple[jinja2.Template, dict[str, str]]:
+    """index.html (a jinja2 template, as Flask renders them) and the page.css and page.js it takes in:
+    one document, so the page's first paint waits for no other request. Read once per process."""
+    parts = {name: (STATIC / f"page.{name}").read_text(encoding="utf-8") for name in ("css", "js")}
+    for name, text in parts.items():
+        if f"</{'style' if name == 'css' else 'script'}" in text.lower():
+            raise RuntimeError(f"{STATIC / f'page.{name}'}: must not contain the tag that would end it in index.html")
+    template = jinja2.Template((STATIC / "index.html").read_text(encoding="utf-8"), undefined=jinja2.StrictUndefined,
+                               keep_trailing_newline=True)
+    return template, parts
 
 
 @bp.get("/v1/items/<item_id>")

@@ -32,6 +32,7 @@ class Services:
     limits: Limits
     _stop: threading.Event
     _reloader: threading.Thread | None = None
+    hits: HitPath | None = None  # precomputed hits rendered and counted (serving.web.fastpath)
 
     def close(self) -> None:
         """Stop background work and flush the request log (worker exit, tests)."""
@@ -82,9 +83,8 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     requestlog.on_drop = metrics.requestlog_dropped.inc
     engine.reload()  # a worker with no valid snapshot still starts; /readyz says why
 
-    # the page at / (api.page) and its files under /static/, unless serving.page is off
-    app = Flask("serving.web", static_folder=api.STATIC if settings["serving.page"] else None,
-                static_url_path="/static")
+    # the page at / (api.page: one document, its CSS and JS put in), unless serving.page is off
+    app = Flask("serving.web", static_folder=None)
     app.json.sort_keys = False
     limits = Limits(settings["serving.k_limit"], settings["serving.session_max_items"])
     services = Services(settings, engine, requestlog, metrics, limits, threading.Event())
@@ -94,9 +94,11 @@ def create_app(settings: Settings | None = None, clock: Callable[[], float] = ti
     if origins:  # empty: no CORS (a same-origin deployment saves its cost on every response)
         CORS(app, resources={r"/v1/*": {"origins": origins}}, **cors)
     api.register(app)
+    # the hit path: below Flask unless serving.fast_path is off; the page asks it for its first answer
+    services.hits = HitPath(app.wsgi_app, services,
+                            cors_headers_for(app, {**cors, "origins": origins}) if origins else None)
     if settings["serving.fast_path"]:
-        app.wsgi_app = HitPath(app.wsgi_app, services,  # type: ignore[method-assign]
-                               cors_headers_for(app, {**cors, "origins": origins}) if origins else None)
+        app.wsgi_app = services.hits  # type: ignore[method-assign]
 
     if background:
         requestlog.start()

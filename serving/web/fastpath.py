@@ -101,6 +101,17 @@ class HitPath:
         record_hit(self.svc, hit.endpoint, time.perf_counter() - t0, hit.log)
         return [data]
 
+    def answer(self, path: str, query: str) -> bytes | None:
+        """The body of ``GET path?query`` when it is a plain, fresh precomputed hit, counted and logged
+        as one (the page puts its first answer in itself with this); None for anything else."""
+        t0 = time.perf_counter()
+        found = self._hit({"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query})
+        if found is None:
+            return None
+        hit, _, now = found
+        record_hit(self.svc, hit.endpoint, time.perf_counter() - t0, hit.log)
+        return hit.head + render.render_age(hit.computed_at, now)
+
     def _hit(self, environ: dict) -> tuple[Rendered, float, float] | None:
         """(rendered hit, freshness left, now) for a plain precomputed hit; None for anything else."""
         if (environ.get("REQUEST_METHOD") != "GET" or _IF_NONE_MATCH in environ or _PREFLIGHT in environ

@@ -149,8 +149,16 @@ def document(k_limit: int, session_max_items: int, models=()) -> dict[str, Any]:
             "/v1/items": get("Items whose title contains q", "searchItems", [search_q, search_limit], "ItemSearch",
                              codes=("400", "405", "414", "503"), etag=False),
             "/": {"get": {"summary": "The page: a browser view of the API (serving.page)", "operationId": "page",
-                          "parameters": [],
+                          "parameters": [
+                              {"name": "item", "in": "query", "required": False, "schema": {"type": "string"},
+                               "description": "An item whose similar items the page opens with: when they are "
+                                              "precomputed, the page carries them (as GET /v1/items/{item_id}/"
+                                              "similar?k=10&fields=title,genres answers them); otherwise the page "
+                                              "asks for them. The page's other parameters (q, user, session, "
+                                              "model) are read by its script only"},
+                              {**inm, "description": "The ETag of the page as last received; 304 if unchanged"}],
                           "responses": {"200": {"description": "The page", "content": {"text/html": {}}},
+                                        "304": {"description": "Not modified (If-None-Match matched the ETag)"},
                                         "404": _problem("serving.page is off (an API-only deployment)"),
                                         "405": errors["405"], "414": errors["414"]}}},
             "/v1/predictions": get(

@@ -21,7 +21,7 @@ function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
 
 // GET path -> {body, ms}. A network failure or a 502/503/504 is retried with backoff; any other
 // answer is final. Throws ApiError whose message is the API's own detail (problem+json) or a
-// readable sentence. opts.early: {t0, resp}, a fetch of this path already under way (its first try).
+// readable sentence.
 async function api(path, opts = {}) {
   let last = null;
   for (let attempt = 0; attempt <= RETRIES; attempt++) {
@@ -29,11 +29,10 @@ async function api(path, opts = {}) {
       setStatus(`retrying (${attempt}/${RETRIES})...`);
       await sleep(Math.min(2000, 250 * 2 ** (attempt - 1)));
     }
-    const early = attempt === 0 ? opts.early : null;
-    const t0 = early ? early.t0 : performance.now();
+    const t0 = performance.now();
     let resp;
     try {
-      resp = await (early ? early.resp : fetch(path, { signal: opts.signal, headers: { Accept: "application/json" } }));
+      resp = await fetch(path, { signal: opts.signal, headers: { Accept: "application/json" } });
     } catch (e) {
       if (e.name === "AbortError") throw e;
       last = new ApiError(0, "the server did not answer (network error)");
@@ -71,8 +70,9 @@ function showMeta(target, body, ms) {
   const m = $(target);
   m.replaceChildren();
   if (!body) return;
+  // ms null: the answer came in the page itself (the server put it there)
   m.append(el("span", { class: `src ${body.source}` }, body.source),
-           ` · snapshot ${body.snapshot} · age ${Number(body.age_s).toFixed(1)} s · ${ms.toFixed(0)} ms`);
+           ` · snapshot ${body.snapshot} · age ${Number(body.age_s).toFixed(1)} s · ${ms === null ? "in the page" : `${ms.toFixed(0)} ms`}`);
 }
 
 function showError(target, err, listId) {
@@ -101,6 +101,9 @@ function itemRow(it) {
 function showList(listId, items) {
   const list = $(listId);
   list.replaceChildren(...items.map(itemRow));
+  // the browser's Element Timing: when the list's first title was painted (tests/test_page.py prints it)
+  const first = list.querySelector("button.title");
+  if (first) first.setAttribute("elementtiming", listId);
   if (!items.length) list.append(el("li", { class: "help" }, "nothing"));
 }
 
@@ -164,7 +167,14 @@ function onListKey(ev) {
 }
 
 // --- an item and its similar items ---------------------------------------------------------
-let firstSimilar = true;
+// The answer the server put in the page for its ?item= (a precomputed hit), taken once: {body} or null.
+function embeddedSimilar(id) {
+  const data = $("first-similar");
+  if (!data) return null;
+  data.remove();
+  const body = JSON.parse(data.textContent);
+  return String(body.item_id) === id ? { body, ms: null } : null;
+}
 
 // The similar items first (what the visitor came for), the item's own card beside them.
 function openItem(id) {
@@ -172,16 +182,12 @@ function openItem(id) {
   writeUrl();
   const shown = state.item;
   $("item").replaceChildren();
-  // the first item's similar items were asked for by index.html, before this script arrived
-  const early = window.firstSimilar && window.firstSimilar.id === shown ? window.firstSimilar : null;
-  window.firstSimilar = null;
   const similar = (async () => {
     try {
-      const { body, ms } = await api(`v1/items/${encodeURIComponent(shown)}/similar?k=10&${FIELDS}`, { early });
+      const { body, ms } = embeddedSimilar(shown) || await api(`v1/items/${encodeURIComponent(shown)}/similar?k=10&${FIELDS}`);
       if (state.item !== shown) return;
       showMeta("similar-meta", body, ms);
       showList("similar", body.items);
-      if (firstSimilar) { firstSimilar = false; performance.mark("similar-painted"); }
     } catch (e) { showError("similar-meta", e, "similar"); }
   })();
   const card = (async () => {
