@@ -173,6 +173,17 @@ def test_retention_rollback_and_snapshots_on_the_bucket(s3, tables, tmp_path):
         store.rollback(ids[0])
 
 
+def test_the_cache_folder_keeps_two_copies_and_one_lock(s3, tables, tmp_path):
+    """A replica that has served four snapshots holds the two newest copies and the one lock file its
+    workers copy under, nothing else (a lock file per snapshot once piled up)."""
+    url, store, first = _bucket_store(tmp_path, tables, "copies")
+    ids = [first] + [_small_writer(store, tables).publish(_manifest())["id"] for _ in range(3)]
+    replica = Store(url, cache_dir=tmp_path / "srv")
+    for sid in ids:
+        assert (replica.local_snapshot(sid) / layout.table_file("items")).is_file()
+    assert sorted(p.name for p in (tmp_path / "srv" / "snapshots").iterdir()) == sorted([".copy.lock", *ids[-2:]])
+
+
 def test_a_corrupt_object_is_refused_by_the_copy(s3, tables, tmp_path):
     url, _, first = _bucket_store(tmp_path, tables, "bad")
     key = f"{url.removeprefix('s3://')}/snapshots/{first}/{layout.table_file('items')}"
@@ -184,7 +195,7 @@ def test_a_corrupt_object_is_refused_by_the_copy(s3, tables, tmp_path):
     with pytest.raises(SnapshotError, match="checksum"):
         LoadedSnapshot.load(store, first)
     assert not (tmp_path / "srv" / "snapshots" / first).exists()  # nothing half-copied kept
-    assert [p.name for p in (tmp_path / "srv" / "snapshots").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "srv" / "snapshots").iterdir()] == [".copy.lock"]
 
 
 def test_a_server_retries_a_copy_the_store_could_not_serve(s3, s3_published, tmp_path):

@@ -56,6 +56,7 @@ VERIFIED = ".verified"   # marks a complete, verified local copy of a snapshot
 FETCHED = ".fetched"     # marks a worker's copy of a snapshot being written (removed after the run)
 COMPLETE = ".complete"   # written last into a trained model's folder on the store
 KEEP_COPIES = 2
+COPY_LOCK = ".copy.lock"  # in the cache's snapshots folder, held while a snapshot is copied into it
 # Files uploaded at once while a snapshot is written; s3fs sends a large file's parts concurrently
 # within each (its max_concurrency, 10 parts of 50 MiB by default).
 UPLOAD_FILES = 4
@@ -294,7 +295,9 @@ class ObjectStore(Store):
         if (folder / VERIFIED).is_file():
             return folder
         self.snapshots_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.snapshots_dir / f".{snapshot_id}.lock")):
+        # one lock file for every copy: filelock leaves its file behind (deleting it would race), so a
+        # file per snapshot piled up; the workers of one machine copy the same snapshot anyway
+        with FileLock(str(self.snapshots_dir / COPY_LOCK)):
             if (folder / VERIFIED).is_file():  # another worker copied it meanwhile
                 return folder
             manifest = self.read_manifest(snapshot_id)
