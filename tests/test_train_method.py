@@ -146,34 +146,35 @@ def test_evaluate_chooses_on_training_data_only(tmp_path, sample_frames, monkeyp
     assert rk["recall_at_10_vs_ease"] == pytest.approx(rk["model"]["recall_at_10"] / rk["ease"]["recall_at_10"])
 
 
-def test_the_choice_is_cached_with_the_trained_model(workspace, monkeypatch):
-    """A run on unchanged inputs reuses the model and the choice it carries: no validation again."""
-    _, settings, _, first = workspace
-    calls = []
+@pytest.fixture
+def choose_calls(monkeypatch) -> list[int]:
+    """batch.train.choose_method still chooses; the list gets one entry per call."""
+    calls: list[int] = []
     real = batch.train.choose_method
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
     monkeypatch.setattr(batch.train, "choose_method", counting)
+    return calls
+
+
+def test_the_choice_is_cached_with_the_trained_model(workspace, choose_calls):
+    """A run on unchanged inputs reuses the model and the choice it carries: no validation again."""
+    _, settings, _, first = workspace
+    calls = choose_calls
     again = run(settings)
     assert calls == [] and not again.manifest["retrained"]
     method = first.manifest["evaluation"]["method"]
     assert method["chosen_by"] == "validation" and method["method"] in ("ease", "svd")
 
 
-def test_a_scheduled_run_reuses_the_choice_until_the_inputs_change_materially(workspace, monkeypatch):
+def test_a_scheduled_run_reuses_the_choice_until_the_inputs_change_materially(workspace, choose_calls):
     """New inputs retrain, but the method chosen on validation is reused while the inputs stay within
     train.revalidate_change of those it was chosen on; --retrain or a material change chooses again,
     and a pinned method never validates."""
     root, settings, _, first = workspace
-    calls = []
-    real = batch.train.choose_method
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(batch.train, "choose_method", counting)
+    calls = choose_calls
     path = root / "inputs" / INTERACTIONS
     full = pd.read_parquet(path)
 
