@@ -16,7 +16,7 @@ import duckdb
 
 from batch.requestlog import log_files, requests_select
 from serving.errors import HybridServeError, SnapshotError
-from serving.store import TABLES, Store, layout
+from serving.store import TABLES, Store
 
 LOG = logging.getLogger(__name__)
 

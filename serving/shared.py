@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import numpy as np
 import orjson

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 import time
 from datetime import datetime, timezone
@@ -15,7 +14,6 @@ from batch.job import run
 from batch.popularity import read_request_counts, select
 from serving.web.app import create_app
 from serving.models.rating import RatingModel
-from serving.models.recommender import ModelBundle
 from serving.store import Store
 
 

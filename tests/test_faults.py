@@ -81,7 +81,7 @@ def test_full_disk_while_writing_a_snapshot_one_line_exit_1(workspace, capsys, m
 def test_full_disk_traceback_only_with_verbose(workspace):
     """The real process: one line by default; -v adds the traceback above it."""
     root, settings, cfg, _ = workspace
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, sys
         from serving.store import Store
         real_begin = Store.begin

@@ -7,7 +7,6 @@ import unicodedata
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 
 from batch.inputs import read_movielens_100k

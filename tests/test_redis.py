@@ -4,7 +4,6 @@ by itself after a restart. The tier's parts (encoding, keys, the lock) against t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import redis
 
 from batch.tools.demo import ApiServer, free_port, http_get as get
-from conftest import make_settings
 from serving.live import Live
 from serving.shared import SharedTier, decode, encode, redact
 from serving.store import Store

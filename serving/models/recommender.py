@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from serving.errors import NotFound
 from serving.models.base import Lists, Model, Plan, Query

@@ -90,7 +90,7 @@ def run(items: int = 100_000, users: int = 10_000, interactions: int = 300_000, 
                     "in_process_no_match_search_ms": round(scan_ms, 3), "load_average_before": os.getloadavg()[0]}
     with ApiServer(cfg, workers=1) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        timed(conn, [f"/v1/items?q=a&limit=8", f"/v1/items/{int(ids[0])}"] * 50)  # warm up
+        timed(conn, ["/v1/items?q=a&limit=8", f"/v1/items/{int(ids[0])}"] * 50)  # warm up
         by_kind, all_ms = {}, []
         for kind, qs in queries.items():
             ms = timed(conn, [f"/v1/items?q={urllib.parse.quote(q)}&limit=8" for q in qs])
