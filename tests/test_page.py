@@ -60,7 +60,8 @@ def test_the_page_can_be_turned_off(published, tmp_path):
 
 def _embedded(html: str) -> dict | None:
     """The answer the server put in the page (script#first-similar), parsed as JSON; None if absent."""
-    found = re.search(r'<script type="application/json" id="first-similar">(.*?)</script>', html, re.S)
+    found = re.search(r'<script type="application/json" id="first-similar" data-query="k=10&amp;fields=title,genres">'
+                      r'(.*?)</script>', html, re.S)
     return None if found is None else json.loads(found.group(1))
 
 
@@ -375,7 +376,7 @@ def test_hostile_titles_in_the_page_stay_text(page, sample_frames, tmp_path):
         embedded = _embedded(html)
         api = _api(srv, f"/v1/items/{hot}/similar?k=10&fields=title,genres")
         assert embedded is not None and embedded["items"] == api["items"]
-        raw = html.split('<script type="application/json" id="first-similar">', 1)[1].split("</script>", 1)[0]
+        raw = html.split('id="first-similar" data-query="k=10&amp;fields=title,genres">', 1)[1].split("</script>", 1)[0]
         assert "<" not in raw and ">" not in raw and "&" not in raw  # JSON's own \u003c, \u003e, \u0026
         page.goto(f"{srv.base}/?item={hot}")
         expect(page.locator("#similar li button.title")).to_have_text([x["title"] for x in api["items"]])

@@ -121,11 +121,15 @@ def page():
     if not services().settings["serving.page"]:
         raise NotFound("no page here: serving.page is off (an API-only deployment)")
     template, parts = _page_template()
-    resp = Response(template.render(first=_first_answer(), **parts), mimetype="text/html",
+    resp = Response(template.render(first=_first_answer(), first_query=FIRST_QUERY, **parts), mimetype="text/html",
                     headers={"Cache-Control": "no-cache"})
     resp.add_etag()  # no-cache: a browser asks again each time, and a 304 answers if nothing changed
     return resp.make_conditional(request)
 
+
+# the query of the similar items the page puts in itself; index.html names it beside them, and page.js
+# takes them only if it is the query it would send (otherwise it asks the API)
+FIRST_QUERY = "k=10&fields=title,genres"
 
 # what a precomputed answer put in the page can hold that would end its <script> early ("</script>",
 # "<!--" in a title): JSON's own escapes of them, valid inside any JSON string
@@ -133,14 +137,14 @@ _SCRIPT_ESCAPES = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"))
 
 
 def _first_answer() -> str | None:
-    """The similar items of the page's ``?item=`` as ``GET /v1/items/<id>/similar?k=10&fields=title,genres``
+    """The similar items of the page's ``?item=`` as ``GET /v1/items/<id>/similar?<FIRST_QUERY>``
     answers them, when that is a fresh precomputed hit (counted and logged as that request): the page
     shows them in its first paint, with no request to wait for. None otherwise (the page asks the API,
     which computes a miss live or words the error)."""
     item, hits = request.args.get("item", ""), services().hits
     if not item.isascii() or not item.isdigit() or hits is None:
         return None
-    body = hits.answer(f"/v1/items/{item}/similar", "k=10&fields=title,genres")
+    body = hits.answer(f"/v1/items/{item}/similar", FIRST_QUERY)
     if body is None:
         return None
     for char, escape in _SCRIPT_ESCAPES:

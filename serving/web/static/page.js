@@ -167,13 +167,16 @@ function onListKey(ev) {
 }
 
 // --- an item and its similar items ---------------------------------------------------------
-// The answer the server put in the page for its ?item= (a precomputed hit), taken once: {body} or null.
+const SIMILAR_QUERY = `k=10&${FIELDS}`;
+
+// The answer the server put in the page for its ?item= (a precomputed hit), taken once: {body} or null
+// (null too when it answered another item or another query than this script asks).
 function embeddedSimilar(id) {
   const data = $("first-similar");
   if (!data) return null;
   data.remove();
   const body = JSON.parse(data.textContent);
-  return String(body.item_id) === id ? { body, ms: null } : null;
+  return String(body.item_id) === id && data.dataset.query === SIMILAR_QUERY ? { body, ms: null } : null;
 }
 
 // The similar items first (what the visitor came for), the item's own card beside them.
@@ -184,7 +187,7 @@ function openItem(id) {
   $("item").replaceChildren();
   const similar = (async () => {
     try {
-      const { body, ms } = embeddedSimilar(shown) || await api(`v1/items/${encodeURIComponent(shown)}/similar?k=10&${FIELDS}`);
+      const { body, ms } = embeddedSimilar(shown) || await api(`v1/items/${encodeURIComponent(shown)}/similar?${SIMILAR_QUERY}`);
       if (state.item !== shown) return;
       showMeta("similar-meta", body, ms);
       showList("similar", body.items);
